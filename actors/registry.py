@@ -1,0 +1,310 @@
+"""The EngineRegistry actor: sole owner of every cached engine.
+
+It builds engines on a miss (one per key even when many callers miss at
+once: messages are handled one at a time), disposes them on request,
+eviction or shutdown, and after every change publishes an immutable
+snapshot that the facade reads on the hit path without a round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import pykka
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from app.errors import DriverNotInstalledError, EngineCreationError, EngineManagerError
+from messages.registry import (
+    BuildUncached,
+    CachedEngine,
+    DisposeAll,
+    DisposeDatabase,
+    EngineDisposed,
+    EnginePlan,
+    GetEngine,
+    GetStats,
+    PoolStatus,
+    RegistryStats,
+    RequestKey,
+    Sweep,
+)
+from messages.supervision import ChildExited
+
+log = logging.getLogger("enginehouse.registry")
+
+UrlPreparer = Callable[[EnginePlan], EnginePlan]
+"""Rewrites a plan before its engine is built (the SSH tunnel hook)."""
+
+
+class Snapshot:
+    """Where the registry publishes its cache: one attribute, replaced whole.
+
+    Readers take ``snapshot.entries`` once and look up in that mapping; the
+    registry never mutates a published mapping, it publishes a new one.
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: Mapping[RequestKey, CachedEngine] = MappingProxyType({})
+
+
+class EngineRegistry(pykka.ThreadingActor):
+    """Owns engines; see the module docstring."""
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        *,
+        max_engines: int,
+        supervisor: pykka.ActorRef[Any] | None = None,
+        name: str = "registry",
+        prepare: UrlPreparer | None = None,
+    ) -> None:
+        super().__init__()
+        self._snapshot = snapshot
+        self._max_engines = max_engines
+        self._supervisor = supervisor
+        self._name = name
+        self._prepare = prepare
+        self._entries: dict[str, CachedEngine] = {}
+        self._aliases: dict[RequestKey, str] = {}
+        self._listeners: dict[str, Callable[[Engine], None]] = {}
+        self._fingerprints: dict[int | str, str] = {}
+        self._uncached: weakref.WeakSet[Engine] = weakref.WeakSet()
+        self._counts = {"misses": 0, "created": 0, "evictions": 0, "disposals": 0, "uncached": 0}
+        self._handlers: dict[type, Callable[[Any], Any]] = {
+            GetEngine: self._get,
+            BuildUncached: self._build_uncached,
+            DisposeDatabase: self._dispose_database,
+            DisposeAll: self._dispose_all,
+            EngineDisposed: self._engine_disposed,
+            Sweep: self._sweep,
+            GetStats: self._stats,
+        }
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._publish()
+        log.info("registry started")
+
+    def on_stop(self) -> None:
+        self._dispose_all(DisposeAll())
+        log.info("registry stopped")
+
+    def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # State dies with the actor: give the engines' connections back first.
+        self._dispose_all(DisposeAll())
+        if self._supervisor is not None:
+            reason = f"{type(exc).__name__}: {exc}"
+            self._supervisor.tell(ChildExited(self._name, self.actor_urn, reason))
+
+    def on_receive(self, message: Any) -> Any:
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            # An unknown message is a bug in the sender: crash, let the supervisor restart us.
+            raise TypeError(f"unexpected message {type(message).__name__}")
+        return handler(message)
+
+    # -- handlers --------------------------------------------------------------
+
+    def _get(self, message: GetEngine) -> CachedEngine:
+        engine_key = self._aliases.get(message.key)
+        if engine_key is None:
+            engine_key = message.plan.engine_key
+            if engine_key not in self._entries:
+                self._forget_old_versions(message.plan)
+                self._counts["misses"] += 1
+                self._entries[engine_key] = self._cache(message.plan)
+                self._enforce_bound(self._max_engines)
+            self._aliases[message.key] = engine_key
+            self._publish()
+        entry = self._entries[engine_key]
+        entry.last_used = time.monotonic()
+        return entry
+
+    def _build_uncached(self, message: BuildUncached) -> Engine:
+        engine = self._build(message.plan)
+        self._uncached.add(engine)
+        self._counts["uncached"] += 1
+        return engine
+
+    def _dispose_database(self, message: DisposeDatabase) -> int:
+        keys = [k for k, e in self._entries.items() if e.plan.database_id == message.database_id]
+        for key in keys:
+            self._remove(key)
+        self._fingerprints.pop(message.database_id, None)
+        self._publish()
+        return len(keys)
+
+    def _dispose_all(self, message: DisposeAll) -> int:
+        keys = list(self._entries)
+        for key in keys:
+            self._remove(key)
+        for engine in list(self._uncached):
+            engine.dispose()
+        self._uncached.clear()
+        self._publish()
+        return len(keys)
+
+    def _engine_disposed(self, message: EngineDisposed) -> None:
+        entry = self._entries.get(message.engine_key)
+        if entry is not None and id(entry.engine) == message.engine_id:
+            log.info("engine of database %s disposed by its user", entry.plan.database_id)
+            self._remove(message.engine_key, dispose=False)
+            self._publish()
+
+    def _sweep(self, message: Sweep) -> int:
+        idle = [
+            key
+            for key, entry in self._entries.items()
+            if message.now - entry.last_used > message.idle_timeout
+        ]
+        for key in idle:
+            self._remove(key)
+            self._counts["evictions"] += 1
+        evicted = len(idle) + self._enforce_bound(message.max_engines)
+        if evicted:
+            log.info("evicted %d engines", evicted)
+            self._publish()
+        return evicted
+
+    def _stats(self, message: GetStats) -> RegistryStats:
+        now = time.monotonic()
+        return RegistryStats(
+            engines=tuple(_pool_status(entry, now) for entry in self._entries.values()),
+            misses=self._counts["misses"],
+            created=self._counts["created"],
+            evictions=self._counts["evictions"],
+            disposals=self._counts["disposals"],
+            uncached_created=self._counts["uncached"],
+        )
+
+    # -- internals -------------------------------------------------------------
+
+    def _cache(self, plan: EnginePlan) -> CachedEngine:
+        engine = self._build(plan)
+        ref = self.actor_ref
+        key, engine_id = plan.engine_key, id(engine)
+
+        def on_disposed(_: Engine) -> None:
+            try:
+                ref.tell(EngineDisposed(key, engine_id))
+            except pykka.ActorDeadError:
+                pass  # the registry that cached it is gone, and with it the entry
+
+        event.listen(engine, "engine_disposed", on_disposed)
+        self._listeners[key] = on_disposed
+        self._fingerprints[plan.database_id] = plan.fingerprint
+        log.info("created engine for database %s: %r", plan.database_id, plan)
+        return CachedEngine(engine=engine, plan=plan)
+
+    def _build(self, plan: EnginePlan) -> Engine:
+        if self._prepare is not None:
+            plan = self._prepare(plan)
+        try:
+            engine = create_engine(plan.url, **plan.kwargs)
+        except EngineManagerError:
+            raise
+        except (NoSuchModuleError, ImportError) as exc:
+            raise DriverNotInstalledError(
+                "create_engine",
+                f"driver {plan.url.drivername!r} is not installed ({_mask(exc, plan)})",
+                database_id=plan.database_id,
+            ) from None
+        except (ArgumentError, TypeError, ValueError) as exc:
+            raise EngineCreationError(
+                "create_engine", _mask(exc, plan), database_id=plan.database_id
+            ) from None
+        self._counts["created"] += 1
+        return engine
+
+    def _forget_old_versions(self, plan: EnginePlan) -> None:
+        """A changed spec (new fingerprint) retires that database's older engines now."""
+        previous = self._fingerprints.get(plan.database_id)
+        if previous is None or previous == plan.fingerprint:
+            return
+        stale = [
+            key
+            for key, entry in self._entries.items()
+            if entry.plan.database_id == plan.database_id
+            and entry.plan.fingerprint != plan.fingerprint
+        ]
+        for key in stale:
+            self._remove(key)
+        log.info("database %s changed: disposed %d old engines", plan.database_id, len(stale))
+
+    def _enforce_bound(self, max_engines: int) -> int:
+        excess = len(self._entries) - max_engines
+        if excess <= 0:
+            return 0
+        oldest = sorted(self._entries, key=lambda k: self._entries[k].last_used)[:excess]
+        for key in oldest:
+            self._remove(key)
+            self._counts["evictions"] += 1
+        return excess
+
+    def _remove(self, engine_key: str, *, dispose: bool = True) -> None:
+        entry = self._entries.pop(engine_key)
+        for alias in [a for a, k in self._aliases.items() if k == engine_key]:
+            del self._aliases[alias]
+        listener = self._listeners.pop(engine_key, None)
+        if listener is not None and event.contains(entry.engine, "engine_disposed", listener):
+            event.remove(entry.engine, "engine_disposed", listener)
+        if dispose:
+            entry.engine.dispose()
+        self._counts["disposals"] += 1
+
+    def _publish(self) -> None:
+        entries = {alias: self._entries[key] for alias, key in self._aliases.items()}
+        self._snapshot.entries = MappingProxyType(entries)
+
+
+def _pool_status(entry: CachedEngine, now: float) -> PoolStatus:
+    pool = entry.engine.pool
+
+    def read(name: str) -> int | None:
+        method = getattr(pool, name, None)
+        try:
+            return int(method()) if callable(method) else None
+        except Exception:  # a pool that cannot report this number
+            return None
+
+    plan = entry.plan
+    return PoolStatus(
+        database_id=plan.database_id,
+        catalog=plan.catalog,
+        schema=plan.schema,
+        user=plan.user,
+        url=entry.engine.url.render_as_string(hide_password=True),
+        pool_class=type(pool).__name__,
+        size=read("size"),
+        checked_in=read("checkedin"),
+        checked_out=read("checkedout"),
+        overflow=read("overflow"),
+        hits=_count_value(entry),
+        idle_seconds=round(now - entry.last_used, 3),
+    )
+
+
+def _count_value(entry: CachedEngine) -> int:
+    # itertools.count has no read accessor; its repr is "count(N)".
+    return int(repr(entry.hits)[6:-1])
+
+
+def _mask(exc: BaseException, plan: EnginePlan) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    password = plan.url.password
+    if password:
+        text = text.replace(str(password), "***")
+    return text

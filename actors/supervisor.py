@@ -1,0 +1,132 @@
+"""The Supervisor actor: starts children, restarts crashed ones under their policy.
+
+Children report a crash from ``on_failure`` with :class:`ChildExited`. A caller
+that found a child dead asks :class:`WhereIs`, which also notices deaths that
+were never reported (a failing ``on_start``). Either way the child is
+restarted once per death: the supervisor compares actor URNs. After the
+policy gives up, :class:`WhereIs` answers with ``ActorUnavailableError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from actors.policy import RestartLedger, RestartPolicy
+from app.errors import ActorUnavailableError
+from messages.supervision import (
+    ChildExited,
+    ChildStatus,
+    GetSupervisionStats,
+    StopChildren,
+    SupervisionStats,
+    WhereIs,
+)
+
+log = logging.getLogger("enginehouse.supervisor")
+
+ChildFactory = Callable[[pykka.ActorRef[Any]], pykka.ActorRef[Any]]
+"""Starts a child, given the supervisor's ref to report crashes to."""
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """How to (re)start one child."""
+
+    name: str
+    start: ChildFactory
+    policy: RestartPolicy
+
+
+class _Child:
+    def __init__(self, spec: ChildSpec, ref: pykka.ActorRef[Any]) -> None:
+        self.spec = spec
+        self.ref = ref
+        self.ledger = RestartLedger(spec.policy)
+        self.gave_up: str | None = None
+
+
+class Supervisor(pykka.ThreadingActor):
+    """One-for-one supervisor of named children."""
+
+    use_daemon_thread = True
+
+    def __init__(self, children: list[ChildSpec]) -> None:
+        super().__init__()
+        self._specs = children
+        self._children: dict[str, _Child] = {}
+        self._stopping = False
+
+    def on_start(self) -> None:
+        for spec in self._specs:
+            self._children[spec.name] = _Child(spec, spec.start(self.actor_ref))
+            log.info("started %s", spec.name)
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, WhereIs):
+            return self._where_is(message.name)
+        if isinstance(message, ChildExited):
+            return self._exited(message)
+        if isinstance(message, GetSupervisionStats):
+            return self._stats()
+        if isinstance(message, StopChildren):
+            return self._stop_children(message.timeout)
+        raise TypeError(f"unexpected message {type(message).__name__}")
+
+    def _where_is(self, name: str) -> pykka.ActorRef[Any]:
+        child = self._children.get(name)
+        if child is None:
+            raise ActorUnavailableError(f"no actor named {name!r}")
+        if not child.ref.is_alive():
+            self._restart(child, reason="found dead")
+        if child.gave_up is not None:
+            raise ActorUnavailableError(f"{name} is down: {child.gave_up}")
+        return child.ref
+
+    def _exited(self, message: ChildExited) -> None:
+        child = self._children.get(message.name)
+        if child is None or child.ref.actor_urn != message.urn:
+            return  # already restarted by a WhereIs
+        self._restart(child, reason=message.reason)
+
+    def _restart(self, child: _Child, reason: str) -> None:
+        if self._stopping or child.gave_up is not None:
+            return
+        if not child.spec.policy.should_restart(crashed=True):
+            child.gave_up = f"crashed ({reason}); restart type is temporary"
+            return
+        delay = child.ledger.next_delay()
+        if delay is None:
+            policy = child.spec.policy
+            child.gave_up = (
+                f"crashed {policy.max_restarts} times within {policy.period:g}s, "
+                f"last: {reason}"
+            )
+            log.error("giving up on %s: %s", child.spec.name, child.gave_up)
+            return
+        log.warning("restarting %s in %.3fs after: %s", child.spec.name, delay, reason)
+        # Backoff blocks only the supervisor; callers wait within their ask timeout.
+        time.sleep(delay)
+        child.ref = child.spec.start(self.actor_ref)
+
+    def _stats(self) -> SupervisionStats:
+        return SupervisionStats(
+            tuple(
+                ChildStatus(name, child.ref.is_alive(), child.ledger.restarts, child.gave_up)
+                for name, child in self._children.items()
+            )
+        )
+
+    def _stop_children(self, timeout: float) -> None:
+        self._stopping = True
+        for child in reversed(list(self._children.values())):
+            if child.ref.is_alive():
+                try:
+                    child.ref.stop(block=True, timeout=timeout)
+                except (pykka.ActorDeadError, pykka.Timeout):
+                    log.warning("%s did not stop within %.1fs", child.spec.name, timeout)

@@ -1,0 +1,79 @@
+"""``engines``: the process-wide default manager, started on first use.
+
+``engines.configure(...)`` sets its settings; a manager already running is
+shut down and the next call starts one with the new settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy.engine import Connection, Engine
+
+from app.manager import EngineManager
+from app.once import Once
+from app.settings import ManagerSettings
+from app.specs import DatabaseSpec
+from app.stats import ManagerStats
+
+
+class DefaultEngines:
+    """A lazily started :class:`EngineManager` with the same methods."""
+
+    def __init__(self) -> None:
+        self._settings: ManagerSettings | None = None
+        self._manager: EngineManager | None = None
+        self._version = 0
+        self._starts: Once[EngineManager] = Once()
+
+    def configure(self, **values: Any) -> None:
+        """Validate and keep settings for the default manager (restarting it if running)."""
+        self._settings = ManagerSettings.build(**values)
+        self._retire()
+
+    def manager(self) -> EngineManager:
+        """The running default manager, started now if need be."""
+        manager = self._manager
+        if manager is not None and not manager.closed:
+            return manager
+        version = self._version
+        timeout = self._settings.ask_timeout if self._settings else 30.0
+        return self._starts.run(version, lambda: self._create(version), timeout)
+
+    def get(self, database: DatabaseSpec, **request: Any) -> Engine:
+        return self.manager().get(database, **request)
+
+    @contextmanager
+    def connect(self, database: DatabaseSpec, **request: Any) -> Iterator[Connection]:
+        with self.manager().connect(database, **request) as connection:
+            yield connection
+
+    def dispose(self, database_id: int | str) -> int:
+        return self.manager().dispose(database_id)
+
+    def stats(self) -> ManagerStats:
+        return self.manager().stats()
+
+    def sweep(self) -> None:
+        self.manager().sweep()
+
+    def shutdown(self) -> None:
+        """Stop the default manager; the next call starts a new one."""
+        self._retire()
+
+    def _create(self, version: int) -> EngineManager:
+        manager = EngineManager(settings=self._settings or ManagerSettings.build())
+        if version == self._version:
+            self._manager = manager
+        return manager
+
+    def _retire(self) -> None:
+        old, self._manager = self._manager, None
+        self._version += 1
+        if old is not None:
+            old.shutdown()
+
+
+engines = DefaultEngines()

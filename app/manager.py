@@ -1,0 +1,305 @@
+"""The synchronous facade: ``EngineManager`` turns actor futures into plain calls.
+
+Callers never see an actor. A hit reads the registry's published snapshot
+(a dict lookup); a miss, a disposal or a stats call is one ask to an actor,
+always bounded by ``ask_timeout``. A dead actor is restarted by the
+supervisor and the call retried once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+from sqlalchemy.engine import Connection, Engine
+
+from actors import ChildSpec, EngineRegistry, Janitor, RestartPolicy, Snapshot, Supervisor
+from app import forking
+from app.errors import (
+    ActorTimeoutError,
+    ActorUnavailableError,
+    InvalidSpecError,
+    ManagerShutDownError,
+)
+from app.once import Once
+from app.plan import build_plan, request_key
+from app.settings import ManagerSettings, Mode
+from app.specs import DatabaseSpec
+from app.stats import ActorStats, EngineStats, ManagerStats
+from messages.janitor import Tick
+from messages.registry import (
+    BuildUncached,
+    CachedEngine,
+    DisposeDatabase,
+    GetEngine,
+    GetStats,
+    RegistryStats,
+    RequestKey,
+)
+from messages.supervision import GetSupervisionStats, StopChildren, SupervisionStats, WhereIs
+
+log = logging.getLogger("enginehouse.manager")
+
+
+@dataclass
+class _System:
+    """One incarnation of the actor system (a new one after each fork)."""
+
+    generation: int
+    snapshot: Snapshot
+    supervisor: pykka.ActorRef[Any]
+    refs: dict[str, pykka.ActorRef[Any]] = field(default_factory=dict)
+
+
+class EngineManager:
+    """Hands out SQLAlchemy engines, cached per key (SINGLETON) or fresh (NEW).
+
+    ``EngineManager(mode="singleton", idle_timeout=300, ...)`` takes the
+    settings of :class:`~app.settings.ManagerSettings` as keywords (or one
+    ``settings=`` object); unset ones come from ``ENGINEHOUSE_*`` variables.
+    """
+
+    def __init__(self, settings: ManagerSettings | None = None, **values: Any) -> None:
+        if settings is not None and values:
+            raise InvalidSpecError("settings", "give a settings object or keywords, not both")
+        self.settings = settings if settings is not None else ManagerSettings.build(**values)
+        self._new_mode = self.settings.mode is Mode.NEW
+        self._hits = itertools.count()
+        self._closed = False
+        self._starts: Once[_System] = Once()
+        self._system = self._start()
+        forking.track(self)
+        _live_managers.add(self)
+
+    # -- public API ------------------------------------------------------------
+
+    def get(
+        self,
+        database: DatabaseSpec,
+        *,
+        catalog: str | None = None,
+        schema: str | None = None,
+        source: str | None = None,
+        user: str | None = None,
+    ) -> Engine:
+        """The engine for ``database`` at ``catalog``/``schema`` as ``user``."""
+        system = self._live()
+        if not isinstance(database, DatabaseSpec):
+            raise InvalidSpecError("database", "must be a DatabaseSpec")
+        key = request_key(
+            database, self.settings, catalog=catalog, schema=schema, user=user, source=source
+        )
+        if self._new_mode:
+            plan = build_plan(database, key, self.settings)
+            engine: Engine = self._ask(system, "registry", BuildUncached(plan))
+            return engine
+        entry = system.snapshot.entries.get(key)
+        if entry is None:
+            entry = self._miss(system, database, key)
+        else:
+            next(self._hits)
+            next(entry.hits)
+            entry.last_used = time.monotonic()
+        return entry.engine
+
+    @contextmanager
+    def connect(
+        self,
+        database: DatabaseSpec,
+        *,
+        catalog: str | None = None,
+        schema: str | None = None,
+        source: str | None = None,
+        user: str | None = None,
+    ) -> Iterator[Connection]:
+        """A connection from :meth:`get`'s engine; in NEW mode the engine is disposed after."""
+        engine = self.get(database, catalog=catalog, schema=schema, source=source, user=user)
+        try:
+            with engine.connect() as connection:
+                yield connection
+        finally:
+            if self._new_mode:
+                engine.dispose()
+
+    def dispose(self, database_id: int | str) -> int:
+        """Dispose every engine of one database (all catalogs, schemas, users)."""
+        disposed: int = self._ask(self._live(), "registry", DisposeDatabase(database_id))
+        return disposed
+
+    def sweep(self) -> None:
+        """Run one Janitor round now (evict idle engines, enforce ``max_engines``)."""
+        janitor = self._where_is(self._live(), "janitor")
+        janitor.tell(Tick(scheduled=False))
+
+    def stats(self) -> ManagerStats:
+        """Counters, pools and actor health."""
+        system = self._live()
+        registry: RegistryStats = self._ask(system, "registry", GetStats())
+        supervision: SupervisionStats = self._ask_supervisor(system, GetSupervisionStats())
+        return ManagerStats(
+            mode=self.settings.mode,
+            engine_count=len(registry.engines),
+            hits=_count_value(self._hits),
+            misses=registry.misses,
+            evictions=registry.evictions,
+            disposals=registry.disposals,
+            created=registry.created,
+            uncached_created=registry.uncached_created,
+            restarts=supervision.restarts,
+            engines=[
+                EngineStats(schema_name=pool.schema, **_without(vars(pool), "schema"))
+                for pool in registry.engines
+            ],
+            actors=[ActorStats(**vars(child)) for child in supervision.children],
+        )
+
+    def shutdown(self) -> None:
+        """Stop every actor and dispose every engine. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        forking.untrack(self)
+        _live_managers.discard(self)
+        system = self._system
+        if system.generation != forking.state.generation:
+            return  # a forked child never started this incarnation's actors
+        timeout = self.settings.ask_timeout
+        try:
+            system.supervisor.ask(StopChildren(timeout), timeout=timeout * 3)
+            system.supervisor.stop(block=True, timeout=timeout)
+        except (pykka.ActorDeadError, pykka.Timeout) as exc:
+            log.warning("shutdown incomplete: %s", exc)
+        log.info("manager shut down")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> EngineManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running"
+        return f"<EngineManager mode={self.settings.mode.value} {state}>"
+
+    # -- fork safety -----------------------------------------------------------
+
+    def after_fork_in_child(self) -> None:
+        """Drop inherited pools without closing the parent's sockets."""
+        for entry in self._system.snapshot.entries.values():
+            entry.engine.dispose(close=False)
+
+    # -- internals -------------------------------------------------------------
+
+    def _start(self) -> _System:
+        settings = self.settings
+        snapshot = Snapshot()
+        policy = RestartPolicy(
+            max_restarts=settings.restart_max,
+            period=settings.restart_period,
+            backoff=settings.restart_backoff,
+            backoff_max=settings.restart_backoff_max,
+        )
+        children = [
+            ChildSpec(
+                "registry",
+                lambda sup: EngineRegistry.start(
+                    snapshot, max_engines=settings.max_engines, supervisor=sup
+                ),
+                policy,
+            ),
+            ChildSpec(
+                "janitor",
+                lambda sup: Janitor.start(
+                    sup,
+                    interval=settings.cleanup_interval,
+                    idle_timeout=settings.idle_timeout,
+                    max_engines=settings.max_engines,
+                    ask_timeout=settings.ask_timeout,
+                ),
+                policy,
+            ),
+        ]
+        supervisor = Supervisor.start(children)
+        return _System(forking.state.generation, snapshot, supervisor)
+
+    def _live(self) -> _System:
+        system = self._system
+        if self._closed:
+            raise ManagerShutDownError("this EngineManager was shut down")
+        if system.generation != forking.state.generation:
+            system = self._starts.run(
+                forking.state.generation, self._restart_after_fork, self.settings.ask_timeout
+            )
+        return system
+
+    def _restart_after_fork(self) -> _System:
+        log.info("fork detected: starting a fresh actor system in this process")
+        self._hits = itertools.count()
+        self._system = self._start()
+        return self._system
+
+    def _miss(self, system: _System, database: DatabaseSpec, key: RequestKey) -> CachedEngine:
+        plan = build_plan(database, key, self.settings)
+        entry: CachedEngine = self._ask(system, "registry", GetEngine(key, plan))
+        return entry
+
+    def _ask(self, system: _System, name: str, message: object) -> Any:
+        timeout = self.settings.ask_timeout
+        for _attempt in range(2):
+            ref = system.refs.get(name) or self._where_is(system, name)
+            try:
+                return ref.ask(message, timeout=timeout)
+            except pykka.ActorDeadError:
+                system.refs.pop(name, None)  # crashed: the supervisor restarts it
+            except pykka.Timeout:
+                raise ActorTimeoutError(
+                    f"{name} did not answer {type(message).__name__} within {timeout:g}s"
+                ) from None
+        raise ActorUnavailableError(f"{name} died twice while handling {type(message).__name__}")
+
+    def _where_is(self, system: _System, name: str) -> pykka.ActorRef[Any]:
+        ref: pykka.ActorRef[Any] = self._ask_supervisor(system, WhereIs(name))
+        system.refs[name] = ref
+        return ref
+
+    def _ask_supervisor(self, system: _System, message: object) -> Any:
+        timeout = self.settings.ask_timeout
+        try:
+            return system.supervisor.ask(message, timeout=timeout)
+        except pykka.ActorDeadError:
+            raise ActorUnavailableError("the supervisor is down") from None
+        except pykka.Timeout:
+            raise ActorTimeoutError(
+                f"supervisor did not answer {type(message).__name__} within {timeout:g}s"
+            ) from None
+
+
+def _count_value(counter: itertools.count[int]) -> int:
+    # itertools.count has no read accessor; its repr is "count(N)".
+    return int(repr(counter)[6:-1])
+
+
+def _without(values: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in names}
+
+
+_live_managers: weakref.WeakSet[EngineManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    """Stop managers nobody shut down, so the interpreter exits cleanly."""
+    for manager in list(_live_managers):
+        manager.shutdown()

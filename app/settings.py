@@ -1,0 +1,60 @@
+"""Manager settings: keyword arguments, or environment variables ``ENGINEHOUSE_*``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+from pydantic import Field, ImportString, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.errors import ConfigurationError
+
+
+class Mode(str, Enum):
+    """How engines are shared.
+
+    ``NEW``: every ``get()`` builds a fresh engine on ``NullPool``; nothing is cached.
+    ``SINGLETON``: one engine per key, cached, with the pool the database's extra asks for.
+    """
+
+    NEW = "new"
+    SINGLETON = "singleton"
+
+
+ConnectionMutator = Callable[..., tuple[Any, dict[str, Any]]]
+"""``(url, engine_kwargs, *, user, source) -> (url, engine_kwargs)``."""
+
+
+class ManagerSettings(BaseSettings):
+    """Every setting of :class:`~app.EngineManager`, with its default.
+
+    Each may also come from the environment as ``ENGINEHOUSE_<NAME>``
+    (``ENGINEHOUSE_MODE=new``, ``ENGINEHOUSE_CONNECTION_MUTATOR=pkg.module.func``).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="ENGINEHOUSE_", frozen=True, extra="forbid", case_sensitive=False
+    )
+
+    mode: Mode = Mode.SINGLETON
+    idle_timeout: float = Field(default=300.0, gt=0, description="s an engine may stay unused")
+    max_engines: int = Field(default=256, ge=1, description="LRU bound on cached engines")
+    cleanup_interval: float = Field(default=30.0, gt=0, description="s between Janitor sweeps")
+    ask_timeout: float = Field(default=10.0, gt=0, description="s any actor call may take")
+    connection_mutator: ImportString[ConnectionMutator] | None = None
+    restart_max: int = Field(default=5, ge=0, description="restarts allowed per restart_period")
+    restart_period: float = Field(default=60.0, gt=0)
+    restart_backoff: float = Field(default=0.05, ge=0, description="first restart delay, s")
+    restart_backoff_max: float = Field(default=2.0, ge=0)
+
+    @classmethod
+    def build(cls, **values: Any) -> ManagerSettings:
+        """Validate settings, raising :class:`ConfigurationError` naming the setting."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            first = exc.errors(include_input=False, include_url=False)[0]
+            field = ".".join(str(part) for part in first["loc"]) or "settings"
+            raise ConfigurationError(field, first["msg"]) from None

@@ -1,0 +1,251 @@
+"""Immutable descriptions of the databases and bastions the manager connects to.
+
+Secrets enter as :class:`pydantic.SecretStr` and stay masked: a password
+written inside ``uri`` is moved into ``password`` during validation, so
+``spec.uri`` is always safe to log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from app.errors import InvalidSpecError
+
+POOL_CLASSES = ("queue", "singleton", "assertion", "null", "static")
+"""Names accepted in ``extra.engine_params.poolclass`` (Superset's vocabulary)."""
+
+# Integer pool arguments and the smallest value SQLAlchemy accepts for each.
+_POOL_INT_MINIMUM = {"pool_size": 0, "max_overflow": -1, "pool_recycle": -1}
+_POOL_FLOAT_MINIMUM = {"pool_timeout": 0.0}
+
+
+def raise_invalid(exc: ValidationError, prefix: str = "") -> InvalidSpecError:
+    """Turn a pydantic error into ours without echoing the input (it may be a secret)."""
+    first = exc.errors(include_input=False, include_url=False)[0]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, InvalidSpecError):
+        return InvalidSpecError(prefix + cause.field, cause.reason)
+    field = ".".join(str(part) for part in first["loc"]) or "spec"
+    message = first["msg"]
+    if first.get("ctx", {}).get("error") is not None:
+        message = str(first["ctx"]["error"])
+    return InvalidSpecError(prefix + field, message)
+
+
+class _Spec(BaseModel):
+    """Shared behaviour: frozen, strict about unknown fields, errors of our own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise raise_invalid(exc) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            raise raise_invalid(exc) from None
+
+
+class SSHTunnelSpec(_Spec):
+    """How to reach a bastion. One bastion (address, port, user, credentials) = one session."""
+
+    server_address: str = Field(min_length=1)
+    server_port: int = Field(default=22, ge=1, le=65535)
+    username: str = Field(min_length=1)
+    password: SecretStr | None = None
+    private_key: SecretStr | None = None
+    private_key_password: SecretStr | None = None
+    host_key: str | None = None
+    host_key_policy: Literal["strict", "pin-first", "accept"] = "pin-first"
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> SSHTunnelSpec:
+        if self.password is None and self.private_key is None:
+            raise ValueError("give a password or a private_key")
+        if self.private_key_password is not None and self.private_key is None:
+            raise ValueError("private_key_password given without a private_key")
+        return self
+
+    @property
+    def bastion(self) -> str:
+        """``user@host:port``: how the bastion is named in logs, stats and errors."""
+        return f"{self.username}@{self.server_address}:{self.server_port}"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of everything that makes this bastion's session differ."""
+        return _digest(
+            self.server_address,
+            self.server_port,
+            self.username,
+            _reveal(self.password),
+            _reveal(self.private_key),
+            _reveal(self.private_key_password),
+            self.host_key,
+            self.host_key_policy,
+        )
+
+    def host_key_lines(self) -> list[str]:
+        """known_hosts lines from ``host_key`` (a line, or a path to a file)."""
+        if self.host_key is None:
+            return []
+        text = self.host_key.strip()
+        if "\n" not in text and not text.startswith(("ssh-", "ecdsa-", "|")) and " " not in text:
+            path = Path(text).expanduser()
+            text = path.read_text() if path.is_file() else text
+        return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+class DatabaseSpec(_Spec):
+    """One database as a BI tool stores it: an id, a SQLAlchemy URI and its ``extra``."""
+
+    id: int | str
+    uri: str
+    password: SecretStr | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+    impersonate_user: bool = False
+    ssh_tunnel: SSHTunnelSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _move_password(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("uri"), str):
+            return data
+        try:
+            url = make_url(data["uri"])
+        except (ArgumentError, ValueError):
+            return data  # the field validator names the problem
+        if url.password is None:
+            return data
+        if data.get("password") is not None:
+            raise ValueError("password given both inside uri and as password")
+        data = dict(data)
+        data["password"] = SecretStr(str(url.password))
+        data["uri"] = url._replace(password=None).render_as_string(hide_password=False)
+        return data
+
+    @field_validator("uri")
+    @classmethod
+    def _known_dialect(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except (ArgumentError, ValueError):
+            raise ValueError("not a valid SQLAlchemy URL (dialect+driver://...)") from None
+        try:
+            url.get_dialect()
+        except NoSuchModuleError:
+            raise ValueError(f"unknown dialect {url.drivername!r}") from None
+        return value
+
+    @field_validator("extra", mode="before")
+    @classmethod
+    def _parse_extra(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return {}
+        if isinstance(value, str | bytes):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a JSON object, got {type(value).__name__}")
+        return value
+
+    @field_validator("extra")
+    @classmethod
+    def _check_engine_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        params = value.get("engine_params", {})
+        if not isinstance(params, dict):
+            raise ValueError("engine_params must be a JSON object")
+        check_engine_params(params)
+        return value
+
+    @property
+    def engine_params(self) -> dict[str, Any]:
+        """``extra["engine_params"]`` (a fresh copy: callers may change it)."""
+        params = self.extra.get("engine_params", {})
+        return json.loads(json.dumps(params, default=str)) if params else {}
+
+    def sqlalchemy_url(self) -> URL:
+        """The URL with its password, for ``create_engine`` only. Never log it."""
+        url = make_url(self.uri)
+        if self.password is not None:
+            url = url.set(password=self.password.get_secret_value())
+        return url
+
+    @property
+    def backend(self) -> str:
+        """The dialect's backend name (``postgresql``, ``mysql``, ``sqlite``...)."""
+        return make_url(self.uri).get_backend_name()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of every input that makes this database's engines differ.
+
+        A changed URI, password, extra or tunnel gives a new fingerprint, so
+        engines built from the old details are never handed out again.
+        """
+        return _digest(
+            self.id,
+            self.uri,
+            _reveal(self.password),
+            json.dumps(self.extra, sort_keys=True, default=repr),
+            self.impersonate_user,
+            self.ssh_tunnel.fingerprint if self.ssh_tunnel else None,
+        )
+
+
+def check_engine_params(params: dict[str, Any]) -> None:
+    """Refuse engine parameters that SQLAlchemy would reject later, naming the field."""
+    prefix = "extra.engine_params."
+    poolclass = params.get("poolclass")
+    if poolclass is not None and poolclass not in POOL_CLASSES:
+        raise InvalidSpecError(
+            prefix + "poolclass", f"unknown pool class {poolclass!r}; use one of {POOL_CLASSES}"
+        )
+    for name, minimum in {**_POOL_INT_MINIMUM, **_POOL_FLOAT_MINIMUM}.items():
+        if name not in params:
+            continue
+        number = params[name]
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise InvalidSpecError(prefix + name, "must be a number")
+        if number < minimum:
+            raise InvalidSpecError(prefix + name, f"must be >= {minimum}")
+    if poolclass in ("null", "static", "assertion"):
+        for name in ("pool_size", "max_overflow", "pool_timeout"):
+            if name in params:
+                raise InvalidSpecError(
+                    prefix + name, f"does not apply to poolclass {poolclass!r}"
+                )
+    connect_args = params.get("connect_args", {})
+    if not isinstance(connect_args, dict):
+        raise InvalidSpecError(prefix + "connect_args", "must be a JSON object")
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]

@@ -1,0 +1,50 @@
+"""Conversation between the Supervisor and its children."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ChildExited:
+    """Tell (from a child's ``on_failure``): the child with ``urn`` crashed."""
+
+    name: str
+    urn: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class WhereIs:
+    """Ask: the live ``ActorRef`` of child ``name``, restarting it first if it died."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class StopChildren:
+    """Ask: stop every child, last started first, and stop supervising."""
+
+    timeout: float
+
+
+@dataclass(frozen=True)
+class GetSupervisionStats:
+    """Ask: a :class:`SupervisionStats`."""
+
+
+@dataclass(frozen=True)
+class ChildStatus:
+    name: str
+    alive: bool
+    restarts: int
+    gave_up: str | None
+
+
+@dataclass(frozen=True)
+class SupervisionStats:
+    children: tuple[ChildStatus, ...]
+
+    @property
+    def restarts(self) -> int:
+        return sum(child.restarts for child in self.children)
