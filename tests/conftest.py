@@ -1,0 +1,50 @@
+"""Shared fixtures. Area-specific fixtures live in their own modules, listed in pytest_plugins."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from app import DatabaseSpec, EngineManager
+
+pytest_plugins: list[str] = []
+
+PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+@pytest.fixture
+def pg_spec() -> DatabaseSpec:
+    return DatabaseSpec(id=101, uri=PG_URI, extra={"engine_params": {"pool_size": 5}})
+
+
+@pytest.fixture
+def mysql_spec() -> DatabaseSpec:
+    return DatabaseSpec(id=201, uri=MYSQL_URI)
+
+
+@pytest.fixture
+def manager() -> Iterator[EngineManager]:
+    """A SINGLETON manager, shut down after the test."""
+    with EngineManager(mode="singleton", cleanup_interval=60, ask_timeout=10) as m:
+        yield m
+
+
+@pytest.fixture
+def new_manager() -> Iterator[EngineManager]:
+    with EngineManager(mode="new", cleanup_interval=60, ask_timeout=10) as m:
+        yield m
+
+
+def our_threads() -> list[threading.Thread]:
+    """Threads that belong to pykka actors or our timers."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and ("Actor" in t.name or "Timer" in t.name
+                                                  or "Janitor" in t.name or "Supervisor" in t.name
+                                                  or "Registry" in t.name)
+    ]
