@@ -9,6 +9,7 @@ happens on the actor's thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ import pykka
 
 from messages.janitor import GetJanitorStats, JanitorStats, Tick
 from messages.registry import Sweep
-from messages.supervision import ChildExited, WhereIs
+from messages.supervision import ChildExited, Forward
 
 log = logging.getLogger("enginehouse.janitor")
 
@@ -63,7 +64,8 @@ class Janitor(pykka.ThreadingActor):
 
     def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._disarm()
-        self._supervisor.tell(ChildExited(self._name, self.actor_urn, f"{exc_type.__name__}: {exc}"))
+        reason = f"{exc_type.__name__}: {exc}"
+        self._supervisor.tell(ChildExited(self._name, self.actor_urn, reason))
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Tick):
@@ -84,20 +86,19 @@ class Janitor(pykka.ThreadingActor):
                 self._arm()
 
     def _sweep(self) -> None:
+        # A tell through the supervisor: the Janitor never waits on another actor.
+        sweep = Sweep(self._idle_timeout, self._max_engines, time.monotonic())
         try:
-            registry = self._supervisor.ask(WhereIs("registry"), timeout=self._ask_timeout)
-            registry.tell(Sweep(self._idle_timeout, self._max_engines, time.monotonic()))
-        except (pykka.ActorDeadError, pykka.Timeout, Exception) as exc:  # keep ticking
-            log.warning("sweep skipped: %s", exc)
+            self._supervisor.tell(Forward("registry", sweep))
+        except pykka.ActorDeadError:
+            log.warning("sweep skipped: the supervisor is gone")
 
     def _arm(self) -> None:
         ref = self.actor_ref
 
         def fire() -> None:
-            try:
+            with contextlib.suppress(pykka.ActorDeadError):
                 ref.tell(Tick())
-            except pykka.ActorDeadError:
-                pass
 
         self._timer = threading.Timer(self._interval, fire)
         self._timer.daemon = True

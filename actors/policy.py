@@ -12,10 +12,10 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class RestartType(str, Enum):
+class RestartType(StrEnum):
     """When a child that stopped is started again."""
 
     PERMANENT = "permanent"  # always

@@ -8,6 +8,7 @@ snapshot that the facade reads on the hit path without a round trip.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -198,10 +199,9 @@ class EngineRegistry(pykka.ThreadingActor):
         key, engine_id = plan.engine_key, id(engine)
 
         def on_disposed(_: Engine) -> None:
-            try:
+            # If the registry that cached it is gone, so is the entry: nothing to tell.
+            with contextlib.suppress(pykka.ActorDeadError):
                 ref.tell(EngineDisposed(key, engine_id))
-            except pykka.ActorDeadError:
-                pass  # the registry that cached it is gone, and with it the entry
 
         event.listen(engine, "engine_disposed", on_disposed)
         self._listeners[key] = on_disposed

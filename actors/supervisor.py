@@ -22,6 +22,7 @@ from app.errors import ActorUnavailableError
 from messages.supervision import (
     ChildExited,
     ChildStatus,
+    Forward,
     GetSupervisionStats,
     StopChildren,
     SupervisionStats,
@@ -72,6 +73,8 @@ class Supervisor(pykka.ThreadingActor):
             return self._where_is(message.name)
         if isinstance(message, ChildExited):
             return self._exited(message)
+        if isinstance(message, Forward):
+            return self._forward(message)
         if isinstance(message, GetSupervisionStats):
             return self._stats()
         if isinstance(message, StopChildren):
@@ -87,6 +90,13 @@ class Supervisor(pykka.ThreadingActor):
         if child.gave_up is not None:
             raise ActorUnavailableError(f"{name} is down: {child.gave_up}")
         return child.ref
+
+    def _forward(self, message: Forward) -> None:
+        try:
+            self._where_is(message.name).tell(message.message)
+        except (ActorUnavailableError, pykka.ActorDeadError) as exc:
+            log.warning("could not forward %s to %s: %s",
+                        type(message.message).__name__, message.name, exc)
 
     def _exited(self, message: ChildExited) -> None:
         child = self._children.get(message.name)

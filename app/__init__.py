@@ -31,7 +31,17 @@ _EXPORTS = {
     "ManagerStats": "app.stats",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DatabaseSpec",
+    "DefaultEngines",
+    "EngineManager",
+    "EngineManagerError",
+    "ManagerSettings",
+    "ManagerStats",
+    "Mode",
+    "SSHTunnelSpec",
+    "engines",
+]
 
 
 def __getattr__(name: str) -> Any:

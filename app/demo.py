@@ -138,7 +138,8 @@ def _bad_input(database: DatabaseSpec) -> None:
             ("schema on SQLite", lambda: manager.get(database, schema="sales")),
             ("unknown pool class", lambda: DatabaseSpec(
                 id=7, uri="sqlite://", extra={"engine_params": {"poolclass": "lake"}})),
-            ("extra not an object", lambda: DatabaseSpec(id=7, uri="sqlite://", extra="[1, 2]")),
+            ("extra not an object", lambda: DatabaseSpec.model_validate(
+                {"id": 7, "uri": "sqlite://", "extra": "[1, 2]"})),
             ("malformed URI", lambda: DatabaseSpec(id=7, uri="not a url")),
             ("driver missing", lambda: manager.get(DatabaseSpec(
                 id=8, uri="postgresql+pg8000://demo:hunter2@localhost/x"))),

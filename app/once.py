@@ -33,6 +33,7 @@ class Once(Generic[T]):
                 del self._claims[key]  # let a later caller try again
                 raise
         try:
-            return winner.get(timeout=timeout)  # type: ignore[no-any-return]
+            result: T = winner.get(timeout=timeout)
+            return result
         except pykka.Timeout:
             raise ActorTimeoutError(f"waited {timeout:g}s for another thread's start-up") from None

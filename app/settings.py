@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import Field, ImportString, ValidationError
@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.errors import ConfigurationError
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     """How engines are shared.
 
     ``NEW``: every ``get()`` builds a fresh engine on ``NullPool``; nothing is cached.

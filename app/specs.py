@@ -60,7 +60,7 @@ class _Spec(BaseModel):
             raise raise_invalid(exc) from None
 
     @classmethod
-    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().model_validate(obj, *args, **kwargs)
         except ValidationError as exc:
@@ -124,6 +124,7 @@ class DatabaseSpec(_Spec):
     uri: str
     password: SecretStr | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
+    """Superset's ``extra``: a dict, or a JSON string of one."""
     impersonate_user: bool = False
     ssh_tunnel: SSHTunnelSpec | None = None
 
@@ -166,7 +167,7 @@ class DatabaseSpec(_Spec):
         if isinstance(value, str | bytes):
             try:
                 value = json.loads(value)
-            except ValueError as exc:
+            except json.JSONDecodeError as exc:
                 raise ValueError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
         if not isinstance(value, dict):
             raise ValueError(f"must be a JSON object, got {type(value).__name__}")

@@ -22,6 +22,18 @@ class WhereIs:
 
 
 @dataclass(frozen=True)
+class Forward:
+    """Tell: pass ``message`` on to child ``name`` (restarting it if it died).
+
+    Lets one child reach another without a blocking ask, so no two actors
+    ever wait on each other.
+    """
+
+    name: str
+    message: object
+
+
+@dataclass(frozen=True)
 class StopChildren:
     """Ask: stop every child, last started first, and stop supervising."""
 
