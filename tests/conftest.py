@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from app import DatabaseSpec, EngineManager
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["secret_scan"]
 
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -48,3 +49,21 @@ def our_threads() -> list[threading.Thread]:
                                                   or "Janitor" in t.name or "Supervisor" in t.name
                                                   or "Registry" in t.name)
     ]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def poll() -> Callable[..., object]:
+    """``poll(predicate, timeout=20, what="...")``: wait for a condition with a deadline."""
+    return wait_until
