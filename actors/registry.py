@@ -43,6 +43,10 @@ log = logging.getLogger("enginehouse.registry")
 UrlPreparer = Callable[[EnginePlan], EnginePlan]
 """Rewrites a plan before its engine is built (the SSH tunnel hook)."""
 
+EngineHook = Callable[[Engine, EnginePlan], None]
+ENGINE_HOOKS: list[EngineHook] = []
+"""Called with every engine built (app.metrics instruments pools); a failing hook is logged."""
+
 
 class Snapshot:
     """Where the registry publishes its cache: one attribute, replaced whole.
@@ -227,6 +231,11 @@ class EngineRegistry(pykka.ThreadingActor):
                 "create_engine", _mask(exc, plan), database_id=plan.database_id
             ) from None
         self._counts["created"] += 1
+        for hook in tuple(ENGINE_HOOKS):
+            try:
+                hook(engine, plan)
+            except Exception as exc:  # instrumentation must never break engine creation
+                log.warning("engine hook %s failed: %s", getattr(hook, "__name__", hook), exc)
         return engine
 
     def _forget_old_versions(self, plan: EnginePlan) -> None:
