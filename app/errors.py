@@ -66,3 +66,11 @@ class TunnelError(EngineManagerError):
 
 class PoolExhaustedError(EngineManagerError, TimeoutError):
     """No connection became available within ``pool_timeout``."""
+
+
+class UnsafeURIError(InvalidSpecError):
+    """The URI validator refused a database URI; ``rule`` names the rule it broke."""
+
+    def __init__(self, rule: str, reason: str) -> None:
+        self.rule = rule
+        super().__init__("uri", f"refused by rule {rule!r}: {reason}")

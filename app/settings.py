@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from enum import StrEnum
 from typing import Any
 
@@ -26,6 +27,15 @@ class Mode(StrEnum):
 ConnectionMutator = Callable[..., tuple[Any, dict[str, Any]]]
 """``(url, engine_kwargs, *, user, source) -> (url, engine_kwargs)``."""
 
+UriValidator = Callable[..., None]
+"""``(url, database) -> None``; raises :class:`~app.errors.InvalidSpecError` to refuse."""
+
+EngineContext = Callable[..., AbstractContextManager[Any]]
+"""``(database, *, catalog, schema, user, source) -> context manager`` around ``connect()``."""
+
+Decryptor = Callable[[str], Any]
+"""Stored ``encrypted_extra`` ciphertext -> its JSON text (or the decoded object)."""
+
 
 class ManagerSettings(BaseSettings):
     """Every setting of :class:`~app.EngineManager`, with its default.
@@ -48,6 +58,22 @@ class ManagerSettings(BaseSettings):
     restart_period: float = Field(default=60.0, gt=0)
     restart_backoff: float = Field(default=0.05, ge=0, description="first restart delay, s")
     restart_backoff_max: float = Field(default=2.0, ge=0)
+    # -- parity with Superset's manager (see docs/security.md, docs/adapters.md) --
+    uri_validator: ImportString[UriValidator] | None = None
+    forbid_unsafe_uris: bool = Field(
+        default=True, description="refuse SQLite files and denied_dialects before connecting"
+    )
+    allow_sqlite_memory: bool = Field(
+        default=False, description="with forbid_unsafe_uris, still allow in-memory SQLite"
+    )
+    denied_dialects: tuple[str, ...] = Field(
+        default=("shillelagh",), description="backends or drivernames forbid_unsafe_uris refuses"
+    )
+    encrypted_extra_decryptor: ImportString[Decryptor] | None = None
+    engine_context: ImportString[EngineContext] | None = None
+    impersonate_with_email_prefix: bool = Field(
+        default=False, description="impersonate 'alice' for user 'alice@example.com'"
+    )
 
     @classmethod
     def build(cls, **values: Any) -> ManagerSettings:
