@@ -1,0 +1,464 @@
+"""Core benchmarks (issue 3): the hit path, SINGLETON vs NEW, facade overhead, a miss.
+
+    python -m benchmarks.bench_core            # full run (~1.5 min), plots into docs/img/
+    python -m benchmarks.bench_core --quick    # smoke run (< 20 s), no plots unless --plots
+
+Every figure is a ratio between alternatives measured side by side in this
+one run (interleaved, repeated, medians): see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pykka
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from app import DatabaseSpec, EngineManager
+from app.default import DefaultEngines
+from app.plan import build_plan, request_key
+from benchmarks.common import (
+    PLOTS_DIR,
+    Ratio,
+    Result,
+    format_table,
+    interleave,
+    machine_info,
+    paired_ratio,
+    plot_groups,
+    plot_latencies,
+    plotting_available,
+    utc_now,
+    write_results,
+)
+
+PG_URI = os.environ.get(
+    "ENGINEHOUSE_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+POOL_SIZE = 8
+"""Pool sized for the 8-thread run, so no thread waits on an overflow connection."""
+SELECT_1 = text("select 1")
+
+HIT_GOAL = 15.0  # cached get() vs create_engine()
+ASK_GOAL = 10.0  # cached get() vs one pykka ask round trip
+FACADE_OVERHEAD_GOAL = 0.10  # connect() through the manager vs a bare QueuePool engine
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How long each benchmark runs: full or quick."""
+
+    hit_rounds: int
+    facade_rounds: int
+    miss_rounds: int
+    miss_batch: int
+    mode_seconds: float
+    mode_repeats: int
+
+
+FULL = Scale(
+    hit_rounds=300, facade_rounds=400, miss_rounds=40, miss_batch=10, mode_seconds=3.0,
+    mode_repeats=3,
+)
+QUICK = Scale(
+    hit_rounds=40, facade_rounds=60, miss_rounds=8, miss_batch=5, mode_seconds=0.6,
+    mode_repeats=1,
+)
+
+
+def database(uri: str = PG_URI, database_id: int | str = "bench") -> DatabaseSpec:
+    """The database every core benchmark talks to (a QueuePool of ``POOL_SIZE``)."""
+    return DatabaseSpec(
+        id=database_id, uri=uri, extra={"engine_params": {"pool_size": POOL_SIZE}}
+    )
+
+
+class Echo(pykka.ThreadingActor):
+    """The cheapest possible actor: answers every ask with the message itself."""
+
+    use_daemon_thread = True
+
+    def on_receive(self, message: Any) -> Any:
+        return message
+
+
+# -- 1. the hit path ------------------------------------------------------------------
+
+
+def bench_hit_path(
+    spec: DatabaseSpec, *, rounds: int, default: DefaultEngines | None = None
+) -> Result:
+    """Cached ``get()`` (a manager, the default ``engines``) vs ``create_engine`` and an ask."""
+    default = default if default is not None else _default_engines()
+    default.configure(mode="singleton")
+    url = spec.sqlalchemy_url()
+    params = spec.engine_params
+    echo = Echo.start()
+    try:
+        with EngineManager(mode="singleton") as manager:
+            manager.get(spec)
+            default.get(spec)
+            samples = interleave(
+                {
+                    "manager.get() hit": lambda: manager.get(spec),
+                    "engines.get() hit": lambda: default.get(spec),
+                    "pykka ask round trip": lambda: echo.ask(1, timeout=10),
+                    "create_engine()": lambda: create_engine(url, **params),
+                },
+                rounds=rounds,
+                batch={
+                    "manager.get() hit": 200,
+                    "engines.get() hit": 200,
+                    "pykka ask round trip": 10,
+                    "create_engine()": 3,
+                },
+            )
+    finally:
+        echo.stop()
+        default.shutdown()
+    hit, default_hit = samples["manager.get() hit"], samples["engines.get() hit"]
+    ask, create = samples["pykka ask round trip"], samples["create_engine()"]
+    ratios = [
+        _faster("hit vs create_engine", "get()", hit, "create_engine()", create, HIT_GOAL),
+        _faster("hit vs pykka ask", "get()", hit, "ask", ask, ASK_GOAL),
+        _faster(
+            "default hit vs create_engine",
+            "engines.get()",
+            default_hit,
+            "create_engine()",
+            create,
+            HIT_GOAL,
+        ),
+        _faster("default hit vs pykka ask", "engines.get()", default_hit, "ask", ask, ASK_GOAL),
+    ]
+    return Result("hit_path", ratios, samples=samples, params={"rounds": rounds})
+
+
+def _default_engines() -> DefaultEngines:
+    from app import engines
+
+    return engines
+
+
+# -- 2. SINGLETON vs NEW ------------------------------------------------------------
+
+
+def bench_modes(
+    spec: DatabaseSpec,
+    *,
+    seconds: float,
+    repeats: int,
+    thread_counts: Sequence[int] = (1, 8),
+) -> Result:
+    """SELECT 1 throughput through ``manager.connect()`` in each mode, runs alternated."""
+    throughput: dict[str, list[float]] = {}
+    with (
+        EngineManager(mode="singleton") as singleton,
+        EngineManager(mode="new") as new,
+    ):
+        for threads in thread_counts:
+            for _ in range(repeats):
+                for mode, manager in (("SINGLETON", singleton), ("NEW", new)):
+                    rate = _throughput(manager, spec, threads=threads, seconds=seconds)
+                    throughput.setdefault(f"{mode} {threads}t", []).append(rate)
+    ratios = []
+    for threads in thread_counts:
+        pooled, fresh = throughput[f"SINGLETON {threads}t"], throughput[f"NEW {threads}t"]
+        ratios.append(
+            Ratio(
+                label=f"SINGLETON vs NEW, {threads} thread{'s' if threads > 1 else ''}",
+                candidate="SINGLETON",
+                baseline="NEW",
+                candidate_value=_median(pooled),
+                baseline_value=_median(fresh),
+                unit="q/s",
+                value=paired_ratio(pooled, fresh),
+                goal_text="expect ~6-8x",
+            )
+        )
+    params = {"seconds": seconds, "repeats": repeats, "threads": list(thread_counts)}
+    return Result("modes", ratios, throughput=throughput, params=params)
+
+
+def _throughput(
+    manager: EngineManager, spec: DatabaseSpec, *, threads: int, seconds: float
+) -> float:
+    """Queries per second of ``threads`` threads doing connect + SELECT 1 for ``seconds``."""
+    with manager.connect(spec) as connection:  # warm: driver, dialect, first connection
+        connection.execute(SELECT_1)
+    counts = [0] * threads
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads + 1)
+    deadline = [0.0]
+
+    def worker(slot: int) -> None:
+        start.wait()
+        done = 0
+        try:
+            while time.perf_counter() < deadline[0]:
+                with manager.connect(spec) as connection:
+                    connection.execute(SELECT_1)
+                done += 1
+        except BaseException as exc:  # reported below: a benchmark must not hide failures
+            errors.append(exc)
+        counts[slot] = done
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    began = time.perf_counter()
+    deadline[0] = began + seconds
+    start.wait()
+    for thread in workers:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    if errors:
+        raise RuntimeError(f"{len(errors)} worker(s) failed") from errors[0]
+    return sum(counts) / elapsed
+
+
+# -- 3. facade overhead -----------------------------------------------------------
+
+
+def bench_facade(spec: DatabaseSpec, *, rounds: int, batch: int = 5) -> Result:
+    """``with manager.connect(db)`` + SELECT 1 vs the same on a bare QueuePool engine."""
+    bare = create_engine(spec.sqlalchemy_url(), **spec.engine_params)
+    try:
+        with EngineManager(mode="singleton") as manager:
+
+            def through_manager() -> None:
+                with manager.connect(spec) as connection:
+                    connection.execute(SELECT_1)
+
+            def bare_engine() -> None:
+                with bare.connect() as connection:
+                    connection.execute(SELECT_1)
+
+            samples = interleave(
+                {"manager.connect()": through_manager, "bare QueuePool engine": bare_engine},
+                rounds=rounds,
+                batch=batch,
+                warmup=3,
+            )
+    finally:
+        bare.dispose()
+    facade, plain = samples["manager.connect()"], samples["bare QueuePool engine"]
+    ratio = Ratio(
+        label="facade overhead (connect + SELECT 1)",
+        candidate="manager.connect()",
+        baseline="bare engine",
+        candidate_value=_median(facade),
+        baseline_value=_median(plain),
+        unit="s",
+        value=paired_ratio(plain, facade),
+        goal=1 / (1 + FACADE_OVERHEAD_GOAL),
+        goal_text=f"overhead <= {FACADE_OVERHEAD_GOAL:.0%}",
+    )
+    overhead = paired_ratio(facade, plain) - 1
+    params = {"rounds": rounds, "batch": batch, "overhead": overhead}
+    return Result("facade", [ratio], samples=samples, params=params)
+
+
+# -- 4. a miss ----------------------------------------------------------------------
+
+
+def bench_miss(spec: DatabaseSpec, *, rounds: int, batch: int) -> Result:
+    """First ``get()`` of a new key (plan + ask + create_engine) vs ``create_engine`` alone."""
+    schemas = (f"bench_{n}" for n in itertools.count())
+    with EngineManager(mode="singleton", max_engines=batch * 4) as manager:
+        # The baseline builds exactly the engine a miss builds (same URL and arguments).
+        sample_key = request_key(
+            spec, manager.settings, catalog=None, schema="bench", user=None, source=None
+        )
+        plan = build_plan(spec, sample_key, manager.settings)
+        made: list[Engine] = []
+
+        def miss() -> None:
+            manager.get(spec, schema=next(schemas))
+
+        def create() -> None:
+            made.append(create_engine(plan.url, **plan.kwargs))
+
+        def clean() -> None:
+            manager.dispose(spec.id)
+            for engine in made:
+                engine.dispose()
+            made.clear()
+
+        samples = interleave(
+            {"miss: first get() of a new key": miss, "create_engine()": create},
+            rounds=rounds,
+            batch=batch,
+            between=clean,
+        )
+    missed, created = samples["miss: first get() of a new key"], samples["create_engine()"]
+    ratio = Ratio(
+        label="miss vs create_engine (cost of a miss)",
+        candidate="miss",
+        baseline="create_engine()",
+        candidate_value=_median(missed),
+        baseline_value=_median(created),
+        unit="s",
+        value=paired_ratio(created, missed),
+        goal_text="none (report)",
+    )
+    params = {"rounds": rounds, "batch": batch, "slowdown": paired_ratio(missed, created)}
+    return Result("miss", [ratio], samples=samples, params=params)
+
+
+# -- running ------------------------------------------------------------------------
+
+
+def _faster(
+    label: str,
+    candidate: str,
+    fast: list[float],
+    baseline: str,
+    slow: list[float],
+    goal: float,
+) -> Ratio:
+    return Ratio(
+        label=label,
+        candidate=candidate,
+        baseline=baseline,
+        candidate_value=_median(fast),
+        baseline_value=_median(slow),
+        unit="s",
+        value=paired_ratio(slow, fast),
+        goal=goal,
+        goal_text=f">= {goal:g}x",
+    )
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def run(scale: Scale, spec: DatabaseSpec, *, log: Callable[[str], None] = print) -> list[Result]:
+    """Every core benchmark, in order."""
+    steps: list[tuple[str, Callable[[], Result]]] = [
+        ("hit path", lambda: bench_hit_path(spec, rounds=scale.hit_rounds)),
+        ("facade overhead", lambda: bench_facade(spec, rounds=scale.facade_rounds)),
+        (
+            "miss",
+            lambda: bench_miss(spec, rounds=scale.miss_rounds, batch=scale.miss_batch),
+        ),
+        (
+            "SINGLETON vs NEW",
+            lambda: bench_modes(spec, seconds=scale.mode_seconds, repeats=scale.mode_repeats),
+        ),
+    ]
+    results = []
+    for name, step in steps:
+        began = time.perf_counter()
+        results.append(step())
+        log(f"  {name}: {time.perf_counter() - began:.1f} s")
+    return results
+
+
+def plot(results: Sequence[Result], directory: Path) -> list[Path]:
+    """core_hit_path.png, core_throughput.png, core_connect.png into ``directory``."""
+    by_name = {r.name: r for r in results}
+    note = f"enginehouse core benchmarks, {utc_now()}, {os.cpu_count()} CPUs, shared machine"
+    paths = []
+    hit = by_name["hit_path"].samples
+    paths.append(
+        plot_latencies(
+            {**hit, "miss (new key)": by_name["miss"].samples["miss: first get() of a new key"]},
+            directory / "core_hit_path.png",
+            title="Getting an engine: cached get() vs creating one vs an actor round trip",
+            note=note,
+        )
+    )
+    modes = by_name["modes"].throughput
+    groups = {
+        f"{t} thread{'s' if t > 1 else ''}": {
+            mode: _median(modes[f"{mode} {t}t"]) for mode in ("SINGLETON", "NEW")
+        }
+        for t in by_name["modes"].params["threads"]
+    }
+    paths.append(
+        plot_groups(
+            groups,
+            directory / "core_throughput.png",
+            title="SELECT 1 on PostgreSQL through manager.connect(): SINGLETON vs NEW",
+            ylabel="queries per second (median of runs)",
+            note=note,
+        )
+    )
+    paths.append(
+        plot_latencies(
+            by_name["facade"].samples,
+            directory / "core_connect.png",
+            title="connect + SELECT 1: through the manager vs a bare QueuePool engine",
+            note=note,
+        )
+    )
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_core", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smoke run (< 20 s)")
+    parser.add_argument("--uri", default=PG_URI, help="PostgreSQL URL (ENGINEHOUSE_BENCH_PG)")
+    parser.add_argument(
+        "--plots",
+        type=Path,
+        default=None,
+        help=f"directory for PNG plots (default: {PLOTS_DIR} on full runs, none on --quick)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is not met")
+    args = parser.parse_args(argv)
+
+    scale = QUICK if args.quick else FULL
+    spec = database(args.uri)
+    print(f"enginehouse core benchmarks ({'quick' if args.quick else 'full'}), {utc_now()}")
+    began = time.perf_counter()
+    results = run(scale, spec)
+    ratios = [ratio for result in results for ratio in result.ratios]
+    print()
+    print(format_table(ratios))
+    facade = next(r for r in results if r.name == "facade")
+    miss = next(r for r in results if r.name == "miss")
+    print(
+        f"\nfacade overhead: {facade.params['overhead']:+.1%}; "
+        f"a miss costs {miss.params['slowdown']:.2f}x a bare create_engine()"
+    )
+    payload = {
+        "benchmark": "core",
+        "quick": args.quick,
+        "date": utc_now(),
+        "seconds": time.perf_counter() - began,
+        "machine": machine_info(),
+        "results": [r.to_json() for r in results],
+    }
+    print(f"results: {write_results('core', payload)}")
+
+    directory = args.plots if args.plots is not None else (None if args.quick else PLOTS_DIR)
+    if directory is not None and not args.no_plots:
+        if plotting_available():
+            for path in plot(results, directory):
+                print(f"plot: {path}")
+        else:
+            print("plots skipped: matplotlib not installed (pip install -e '.[bench]')")
+    missed = [r.label for r in ratios if r.met is False]
+    if missed:
+        print(f"goals not met: {', '.join(missed)}")
+    return 1 if missed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Shared helpers for the benchmarks: interleaved timing, ratios, tables, JSON, plots.
+
+The machine is shared and noisy, so absolute times mean little. Every
+benchmark runs its alternatives interleaved (round-robin, order rotated each
+round), repeats, and reports medians and ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+"""Where raw results go as JSON (gitignored)."""
+PLOTS_DIR = ROOT / "docs" / "img"
+"""Where full runs put their PNG plots (committed, shown in docs/benchmarks.md)."""
+
+
+# -- statistics -----------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """n, min, p50, p90, p99, max and mean of ``values``."""
+    return {
+        "n": float(len(values)),
+        "min": min(values),
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "max": max(values),
+        "mean": statistics.fmean(values),
+    }
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median of per-round ratios: samples of one round ran side by side, so noise cancels."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("paired_ratio needs two equally long, non-empty series")
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+# -- timing ---------------------------------------------------------------------
+
+
+def interleave(
+    alternatives: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int,
+    batch: Mapping[str, int] | int = 1,
+    warmup: int = 1,
+    between: Callable[[], object] | None = None,
+) -> dict[str, list[float]]:
+    """Time each alternative once per round, in rotating order; seconds per call.
+
+    ``batch`` calls are timed together (per alternative if a mapping) so that
+    sub-microsecond calls are not dwarfed by the clock itself; the sample is
+    the batch time divided by ``batch``. ``between`` runs after each round,
+    untimed (clean-up such as disposing engines a round created).
+    """
+    names = list(alternatives)
+    sizes = {n: batch[n] if isinstance(batch, Mapping) else batch for n in names}
+    for _ in range(warmup):
+        for name in names:
+            _run_batch(alternatives[name], sizes[name])
+    if between is not None:
+        between()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(_run_batch(alternatives[name], sizes[name]) / sizes[name])
+        if between is not None:
+            between()
+    return samples
+
+
+def _run_batch(call: Callable[[], object], size: int) -> float:
+    clock = time.perf_counter
+    start = clock()
+    for _ in range(size):
+        call()
+    return clock() - start
+
+
+# -- results --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """One line of a results table: how many times ``candidate`` beats ``baseline``.
+
+    ``value`` > 1 means the candidate is better (faster, or more throughput),
+    whatever the unit; ``goal`` is the minimum ``value`` wanted, if any.
+    """
+
+    label: str
+    candidate: str
+    baseline: str
+    candidate_value: float
+    baseline_value: float
+    unit: str  # "s" (per operation, lower is better) or "q/s" (higher is better)
+    value: float
+    goal: float | None = None
+    goal_text: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.goal is None else self.value >= self.goal
+
+
+@dataclass
+class Result:
+    """What one benchmark function returns: raw samples, and the ratios derived."""
+
+    name: str
+    ratios: list[Ratio]
+    samples: dict[str, list[float]] = field(default_factory=dict)  # seconds per operation
+    throughput: dict[str, list[float]] = field(default_factory=dict)  # operations per second
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "params": self.params,
+            "ratios": [{**asdict(r), "met": r.met} for r in self.ratios],
+            "summary": {k: summary(v) for k, v in self.samples.items() if v},
+            "throughput": self.throughput,
+            "samples": self.samples,
+        }
+
+
+def format_value(value: float, unit: str) -> str:
+    """``1.7 us``, ``312 us``, ``2.41 ms``, ``3,120 q/s``."""
+    if unit != "s":
+        return f"{value:,.0f} {unit}"
+    for scale, suffix in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if value >= scale or suffix == "us":
+            scaled = value / scale
+            digits = 0 if scaled >= 100 else 1 if scaled >= 10 else 2
+            return f"{scaled:.{digits}f} {suffix}"
+    raise AssertionError("unreachable")
+
+
+def format_table(ratios: Sequence[Ratio]) -> str:
+    """A plain-text table (also valid Markdown) of ratios, goals and verdicts."""
+    header = ["measure", "candidate", "baseline", "ratio", "goal", "met"]
+    rows = [
+        [
+            r.label,
+            f"{r.candidate}: {format_value(r.candidate_value, r.unit)}",
+            f"{r.baseline}: {format_value(r.baseline_value, r.unit)}",
+            f"{r.value:.2f}x",
+            r.goal_text or "-",
+            {None: "-", True: "yes", False: "NO"}[r.met],
+        ]
+        for r in ratios
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), separator, *(line(row) for row in rows)])
+
+
+def machine_info() -> dict[str, Any]:
+    """Enough about the machine and versions to read a result file later."""
+    versions: dict[str, str | None] = {}
+    for name in ("SQLAlchemy", "pykka", "psycopg", "pydantic", "matplotlib"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "versions": versions,
+    }
+
+
+def write_results(name: str, payload: Mapping[str, Any], directory: Path = RESULTS_DIR) -> Path:
+    """Write ``payload`` to ``<directory>/<name>-<UTC time>.json`` and ``<name>-latest.json``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    text = json.dumps(payload, indent=1, default=str)
+    path = directory / f"{name}-{stamp}.json"
+    path.write_text(text)
+    (directory / f"{name}-latest.json").write_text(text)
+    return path
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# -- plots ----------------------------------------------------------------------
+
+
+def plotting_available() -> bool:
+    """True when matplotlib is installed (``pip install -e '.[bench]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+    except ImportError:
+        return False
+    return True
+
+
+def plot_latencies(
+    samples: Mapping[str, Sequence[float]], path: Path, *, title: str, note: str = ""
+) -> Path:
+    """Horizontal box plots of per-call latencies (log scale, microseconds), median labelled."""
+    import matplotlib.pyplot as plt
+
+    names = list(samples)
+    data = [[v * 1e6 for v in samples[n]] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.75 * len(names) + 1.6))
+    ax.boxplot(data, vert=False, whis=(5, 95), showfliers=False, widths=0.6)
+    ax.set_yticks(range(1, len(names) + 1), names)
+    ax.set_xscale("log")
+    ax.set_xlabel("time per call (µs, log scale; box = p25-p75, whiskers = p5-p95)")
+    ax.set_title(title)
+    for row, values in enumerate(data, start=1):
+        median = statistics.median(values)
+        ax.annotate(
+            f"{median:.3g} µs",
+            (median, row),
+            xytext=(0, 14),
+            textcoords="offset points",
+            ha="center",
+            fontsize=9,
+        )
+    ax.grid(axis="x", which="both", alpha=0.3)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=8, color="dimgray")
+    return _save(fig, path)
+
+
+def plot_groups(
+    groups: Mapping[str, Mapping[str, float]],
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    note: str = "",
+) -> Path:
+    """Grouped bars: one group per key of ``groups``, one bar per series, values labelled."""
+    import matplotlib.pyplot as plt
+
+    group_names = list(groups)
+    series = list(dict.fromkeys(s for g in groups.values() for s in g))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for index, name in enumerate(series):
+        xs = [g + (index - (len(series) - 1) / 2) * width for g in range(len(group_names))]
+        values = [groups[g].get(name, 0.0) for g in group_names]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=2, fontsize=9)
+    ax.set_xticks(range(len(group_names)), group_names)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.margins(y=0.15)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=8, color="dimgray")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
