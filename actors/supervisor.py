@@ -9,6 +9,7 @@ policy gives up, :class:`WhereIs` answers with ``ActorUnavailableError``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -68,6 +69,14 @@ class Supervisor(pykka.ThreadingActor):
             self._children[spec.name] = _Child(spec, spec.start(self.actor_ref))
             log.info("started %s", spec.name)
 
+    def on_stop(self) -> None:
+        self._stop_orphans()
+
+    def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # As in OTP, children die with their supervisor: nobody would restart or stop them.
+        log.error("supervisor crashed (%s: %s); stopping its children", exc_type.__name__, exc)
+        self._stop_orphans()
+
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, WhereIs):
             return self._where_is(message.name)
@@ -114,7 +123,7 @@ class Supervisor(pykka.ThreadingActor):
         if delay is None:
             policy = child.spec.policy
             child.gave_up = (
-                f"crashed {policy.max_restarts} times within {policy.period:g}s, "
+                f"crashed more than {policy.max_restarts} times within {policy.period:g}s, "
                 f"last: {reason}"
             )
             log.error("giving up on %s: %s", child.spec.name, child.gave_up)
@@ -131,6 +140,14 @@ class Supervisor(pykka.ThreadingActor):
                 for name, child in self._children.items()
             )
         )
+
+    def _stop_orphans(self) -> None:
+        """Tell every child still alive to stop (without waiting: we are going away)."""
+        self._stopping = True
+        for child in self._children.values():
+            if child.ref.is_alive():
+                with contextlib.suppress(pykka.ActorDeadError):
+                    child.ref.stop(block=False)
 
     def _stop_children(self, timeout: float) -> None:
         self._stopping = True

@@ -1,0 +1,116 @@
+"""The Janitor actor, spoken to with messages only: ticks, sweeps, extra rounds, crash."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pykka
+import pytest
+
+from actors.janitor import Janitor
+from messages.janitor import GetJanitorStats, JanitorStats, Tick
+from messages.registry import Sweep
+from messages.supervision import ChildExited, Forward
+
+TIMEOUT = 10.0
+
+
+class Recorder(pykka.ThreadingActor):
+    """Stands in for the supervisor: keeps every message told to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Any] = []
+
+    def on_receive(self, message: Any) -> Any:
+        if message == "seen":
+            return list(self.seen)
+        self.seen.append(message)
+        return None
+
+
+@pytest.fixture
+def recorder() -> Iterator[pykka.ActorRef[Any]]:
+    ref = Recorder.start()
+    yield ref
+    ref.stop()
+
+
+def start_janitor(supervisor: pykka.ActorRef[Any], **kw: Any) -> pykka.ActorRef[Any]:
+    args: dict[str, Any] = {
+        "interval": 60.0, "idle_timeout": 5.0, "max_engines": 4, "ask_timeout": TIMEOUT, **kw
+    }
+    return Janitor.start(supervisor, **args)
+
+
+def sweeps(recorder: pykka.ActorRef[Any]) -> list[Sweep]:
+    seen = recorder.ask("seen", timeout=TIMEOUT)
+    return [m.message for m in seen if isinstance(m, Forward) and m.name == "registry"]
+
+
+def test_unscheduled_tick_forwards_one_sweep(recorder: pykka.ActorRef[Any]) -> None:
+    janitor = start_janitor(recorder)
+    try:
+        janitor.tell(Tick(scheduled=False))
+        stats: JanitorStats = janitor.ask(GetJanitorStats(), timeout=TIMEOUT)
+        assert stats.rounds == 1 and stats.last_round_at is not None
+        found = sweeps(recorder)
+        assert len(found) == 1
+        assert isinstance(found[0], Sweep)
+        assert (found[0].idle_timeout, found[0].max_engines) == (5.0, 4)
+    finally:
+        janitor.stop()
+
+
+def test_timer_ticks_every_interval_and_runs_extra_rounds(
+    recorder: pykka.ActorRef[Any], poll: Callable[..., object]
+) -> None:
+    calls = itertools.count()
+    janitor = start_janitor(recorder, interval=0.02, rounds=[lambda: next(calls)])
+    try:
+        poll(lambda: janitor.ask(GetJanitorStats(), timeout=TIMEOUT).rounds >= 3)
+        poll(lambda: len(sweeps(recorder)) >= 3)
+        assert int(repr(calls)[6:-1]) >= 3
+    finally:
+        janitor.stop()
+
+
+def test_stop_leaves_no_timer_thread(
+    recorder: pykka.ActorRef[Any], poll: Callable[..., object]
+) -> None:
+    before = set(threading.enumerate())
+    janitor = start_janitor(recorder, interval=0.01)
+    poll(lambda: janitor.ask(GetJanitorStats(), timeout=TIMEOUT).rounds >= 2)
+    janitor.stop(block=True, timeout=TIMEOUT)
+    poll(lambda: set(threading.enumerate()) <= before, what="janitor threads to end")
+    rounds_at_stop = len(sweeps(recorder))
+    assert rounds_at_stop >= 2
+
+
+def test_unknown_tell_crashes_and_reports_to_supervisor(
+    recorder: pykka.ActorRef[Any], poll: Callable[..., object]
+) -> None:
+    before = set(threading.enumerate())
+    janitor = start_janitor(recorder, interval=0.05)
+    janitor.tell(object())
+    exited = poll(
+        lambda: [m for m in recorder.ask("seen", timeout=TIMEOUT) if isinstance(m, ChildExited)]
+    )
+    assert isinstance(exited, list)
+    assert exited[0].name == "janitor" and exited[0].urn == janitor.actor_urn
+    assert "TypeError" in exited[0].reason
+    poll(lambda: not janitor.is_alive())
+    poll(lambda: set(threading.enumerate()) <= before, what="the dead janitor's timer to go")
+
+
+def test_unknown_ask_goes_to_the_caller(recorder: pykka.ActorRef[Any]) -> None:
+    janitor = start_janitor(recorder)
+    try:
+        with pytest.raises(TypeError):
+            janitor.ask("bogus", timeout=TIMEOUT)
+        assert janitor.is_alive()
+    finally:
+        janitor.stop()

@@ -1,0 +1,180 @@
+"""The Supervisor actor with real children, spoken to with messages only."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pykka
+import pytest
+
+from actors.janitor import Janitor
+from actors.policy import RestartPolicy, RestartType
+from actors.registry import EngineRegistry, Snapshot
+from actors.supervisor import ChildSpec, Supervisor
+from app.errors import ActorUnavailableError, EngineManagerError
+from messages.registry import GetStats, RegistryStats, Sweep
+from messages.supervision import (
+    Forward,
+    GetSupervisionStats,
+    StopChildren,
+    SupervisionStats,
+    WhereIs,
+)
+
+TIMEOUT = 10.0
+
+
+def children(policy: RestartPolicy) -> list[ChildSpec]:
+    snapshot = Snapshot()
+    return [
+        ChildSpec(
+            "registry",
+            lambda sup: EngineRegistry.start(snapshot, max_engines=4, supervisor=sup),
+            policy,
+        ),
+        ChildSpec(
+            "janitor",
+            lambda sup: Janitor.start(
+                sup, interval=60.0, idle_timeout=60.0, max_engines=4, ask_timeout=TIMEOUT
+            ),
+            policy,
+        ),
+    ]
+
+
+def stop_all(supervisor: pykka.ActorRef[Any]) -> None:
+    if supervisor.is_alive():
+        supervisor.ask(StopChildren(TIMEOUT), timeout=TIMEOUT * 3)
+        supervisor.stop(block=True, timeout=TIMEOUT)
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[[RestartPolicy], pykka.ActorRef[Any]]]:
+    started: list[pykka.ActorRef[Any]] = []
+
+    def run(policy: RestartPolicy) -> pykka.ActorRef[Any]:
+        ref = Supervisor.start(children(policy))
+        started.append(ref)
+        return ref
+
+    yield run
+    for ref in started:
+        stop_all(ref)
+
+
+def where(supervisor: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
+    ref: pykka.ActorRef[Any] = supervisor.ask(WhereIs(name), timeout=TIMEOUT)
+    return ref
+
+
+def stats(supervisor: pykka.ActorRef[Any]) -> SupervisionStats:
+    result: SupervisionStats = supervisor.ask(GetSupervisionStats(), timeout=TIMEOUT)
+    return result
+
+
+FAST = RestartPolicy(max_restarts=3, period=60.0, backoff=0.0, backoff_max=0.0)
+
+
+def test_where_is_answers_live_children(
+    start: Callable[[RestartPolicy], pykka.ActorRef[Any]],
+) -> None:
+    supervisor = start(FAST)
+    registry = where(supervisor, "registry")
+    janitor = where(supervisor, "janitor")
+    assert registry.actor_class is EngineRegistry and registry.is_alive()
+    assert janitor.actor_class is Janitor and janitor.is_alive()
+    assert [(c.name, c.alive, c.restarts) for c in stats(supervisor).children] == [
+        ("registry", True, 0),
+        ("janitor", True, 0),
+    ]
+    with pytest.raises(ActorUnavailableError, match="nope"):
+        supervisor.ask(WhereIs("nope"), timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("name", ["registry", "janitor"])
+def test_crashed_child_is_restarted(
+    start: Callable[[RestartPolicy], pykka.ActorRef[Any]],
+    poll: Callable[..., object],
+    name: str,
+) -> None:
+    supervisor = start(FAST)
+    first = where(supervisor, name)
+    first.tell("not a message")  # TypeError in a tell handler: pykka stops it, on_failure reports
+    poll(lambda: stats(supervisor).restarts == 1, what=f"{name} to be restarted")
+    second = where(supervisor, name)
+    assert second.actor_urn != first.actor_urn
+    assert second.is_alive() and not first.is_alive()
+
+
+def test_child_found_dead_is_restarted_once(
+    start: Callable[[RestartPolicy], pykka.ActorRef[Any]],
+) -> None:
+    supervisor = start(FAST)
+    first = where(supervisor, "registry")
+    first.stop(block=True, timeout=TIMEOUT)  # a death nobody reported
+    second = where(supervisor, "registry")
+    third = where(supervisor, "registry")
+    assert second.actor_urn != first.actor_urn
+    assert third.actor_urn == second.actor_urn
+    assert stats(supervisor).restarts == 1
+
+
+def test_gives_up_after_intensity_with_a_clear_error(
+    start: Callable[[RestartPolicy], pykka.ActorRef[Any]],
+    poll: Callable[..., object],
+) -> None:
+    supervisor = start(RestartPolicy(max_restarts=1, period=60.0, backoff=0.0, backoff_max=0.0))
+    where(supervisor, "registry").tell("crash 1")
+    poll(lambda: stats(supervisor).restarts == 1)
+    where(supervisor, "registry").tell("crash 2")
+    poll(lambda: stats(supervisor).children[0].gave_up is not None)
+    with pytest.raises(ActorUnavailableError, match="registry") as info:
+        supervisor.ask(WhereIs("registry"), timeout=TIMEOUT)
+    assert isinstance(info.value, EngineManagerError)
+    assert where(supervisor, "janitor").is_alive()  # one-for-one: the sibling is untouched
+
+
+def test_temporary_child_is_not_restarted(
+    start: Callable[[RestartPolicy], pykka.ActorRef[Any]],
+    poll: Callable[..., object],
+) -> None:
+    supervisor = start(RestartPolicy(restart=RestartType.TEMPORARY))
+    where(supervisor, "janitor").tell("crash")
+    poll(lambda: stats(supervisor).children[1].gave_up is not None)
+    assert stats(supervisor).restarts == 0
+    with pytest.raises(ActorUnavailableError, match="temporary"):
+        supervisor.ask(WhereIs("janitor"), timeout=TIMEOUT)
+
+
+def test_forward_reaches_the_child(
+    start: Callable[[RestartPolicy], pykka.ActorRef[Any]],
+) -> None:
+    supervisor = start(FAST)
+    supervisor.tell(Forward("registry", Sweep(idle_timeout=1.0, max_engines=4, now=0.0)))
+    supervisor.tell(Forward("nope", Sweep(idle_timeout=1.0, max_engines=4, now=0.0)))
+    registry_stats: RegistryStats = where(supervisor, "registry").ask(GetStats(), timeout=TIMEOUT)
+    assert registry_stats.evictions == 0
+    assert supervisor.is_alive()  # forwarding to an unknown child is logged, not fatal
+
+
+def test_stop_children_stops_everything_and_no_thread_is_left(
+    poll: Callable[..., object],
+) -> None:
+    before = set(threading.enumerate())
+    supervisor = Supervisor.start(children(FAST))
+    kids = [where(supervisor, "registry"), where(supervisor, "janitor")]
+    stop_all(supervisor)
+    assert not any(kid.is_alive() for kid in kids)
+    poll(lambda: set(threading.enumerate()) <= before, what="actor threads to end")
+
+
+def test_supervisor_crash_stops_its_children(poll: Callable[..., object]) -> None:
+    before = set(threading.enumerate())
+    supervisor = Supervisor.start(children(FAST))
+    kids = [where(supervisor, "registry"), where(supervisor, "janitor")]
+    supervisor.tell("not a message")
+    poll(lambda: not supervisor.is_alive())
+    poll(lambda: not any(kid.is_alive() for kid in kids), what="children to stop with it")
+    poll(lambda: set(threading.enumerate()) <= before, what="actor threads to end")
