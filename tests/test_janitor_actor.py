@@ -46,8 +46,12 @@ def start_janitor(supervisor: pykka.ActorRef[Any], **kw: Any) -> pykka.ActorRef[
     return Janitor.start(supervisor, **args)
 
 
-def sweeps(recorder: pykka.ActorRef[Any]) -> list[Sweep]:
-    seen = recorder.ask("seen", timeout=TIMEOUT)
+def ask(ref: pykka.ActorRef[Any], message: object) -> Any:
+    return ref.ask(message, timeout=TIMEOUT)
+
+
+def sweeps(recorder: pykka.ActorRef[Any]) -> list[Any]:
+    seen = ask(recorder, "seen")
     return [m.message for m in seen if isinstance(m, Forward) and m.name == "registry"]
 
 
@@ -55,7 +59,7 @@ def test_unscheduled_tick_forwards_one_sweep(recorder: pykka.ActorRef[Any]) -> N
     janitor = start_janitor(recorder)
     try:
         janitor.tell(Tick(scheduled=False))
-        stats: JanitorStats = janitor.ask(GetJanitorStats(), timeout=TIMEOUT)
+        stats: JanitorStats = ask(janitor, GetJanitorStats())
         assert stats.rounds == 1 and stats.last_round_at is not None
         found = sweeps(recorder)
         assert len(found) == 1
@@ -71,7 +75,7 @@ def test_timer_ticks_every_interval_and_runs_extra_rounds(
     calls = itertools.count()
     janitor = start_janitor(recorder, interval=0.02, rounds=[lambda: next(calls)])
     try:
-        poll(lambda: janitor.ask(GetJanitorStats(), timeout=TIMEOUT).rounds >= 3)
+        poll(lambda: ask(janitor, GetJanitorStats()).rounds >= 3)
         poll(lambda: len(sweeps(recorder)) >= 3)
         assert int(repr(calls)[6:-1]) >= 3
     finally:
@@ -83,7 +87,7 @@ def test_stop_leaves_no_timer_thread(
 ) -> None:
     before = set(threading.enumerate())
     janitor = start_janitor(recorder, interval=0.01)
-    poll(lambda: janitor.ask(GetJanitorStats(), timeout=TIMEOUT).rounds >= 2)
+    poll(lambda: ask(janitor, GetJanitorStats()).rounds >= 2)
     janitor.stop(block=True, timeout=TIMEOUT)
     poll(lambda: set(threading.enumerate()) <= before, what="janitor threads to end")
     rounds_at_stop = len(sweeps(recorder))
@@ -97,7 +101,7 @@ def test_unknown_tell_crashes_and_reports_to_supervisor(
     janitor = start_janitor(recorder, interval=0.05)
     janitor.tell(object())
     exited = poll(
-        lambda: [m for m in recorder.ask("seen", timeout=TIMEOUT) if isinstance(m, ChildExited)]
+        lambda: [m for m in ask(recorder, "seen") if isinstance(m, ChildExited)]
     )
     assert isinstance(exited, list)
     assert exited[0].name == "janitor" and exited[0].urn == janitor.actor_urn

@@ -48,7 +48,9 @@ class Recorder(pykka.ThreadingActor):
         return None
 
 
-def request(spec: DatabaseSpec, settings: ManagerSettings, **kw: Any) -> tuple[RequestKey, EnginePlan]:
+def request(
+    spec: DatabaseSpec, settings: ManagerSettings, **kw: Any
+) -> tuple[RequestKey, EnginePlan]:
     args: dict[str, Any] = {"catalog": None, "schema": None, "user": None, "source": None, **kw}
     key = request_key(spec, settings, **args)
     return key, build_plan(spec, key, settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import pool as sa_pool
 
 from app.errors import InvalidSpecError
@@ -26,7 +27,7 @@ def test_password_moves_out_of_uri_and_is_masked() -> None:
 
 def test_password_twice_is_refused() -> None:
     with pytest.raises(InvalidSpecError) as info:
-        DatabaseSpec(id=1, uri=URI, password="other")
+        DatabaseSpec(id=1, uri=URI, password=SecretStr("other"))
     assert PASSWORD not in str(info.value)
 
 
@@ -47,7 +48,7 @@ def test_engine_params_is_a_copy() -> None:
 def test_spec_is_frozen() -> None:
     spec = DatabaseSpec(id=1, uri="sqlite://")
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
-        spec.uri = "sqlite:///other"  # type: ignore[misc]
+        spec.uri = "sqlite:///other"
 
 
 def test_fingerprint_changes_with_password_and_extra() -> None:
@@ -89,10 +90,10 @@ def test_engine_params_checked(params: dict[str, object], field: str) -> None:
 def test_ssh_tunnel_needs_a_credential_and_masks_it() -> None:
     with pytest.raises(InvalidSpecError):
         SSHTunnelSpec(server_address="bastion", username="u")
-    tunnel = SSHTunnelSpec(server_address="bastion", username="u", password=PASSWORD)
+    tunnel = SSHTunnelSpec(server_address="bastion", username="u", password=SecretStr(PASSWORD))
     assert PASSWORD not in repr(tunnel)
     assert tunnel.bastion == "u@bastion:22"
-    other = SSHTunnelSpec(server_address="bastion", username="u", password="x")
+    other = SSHTunnelSpec(server_address="bastion", username="u", password=SecretStr("x"))
     assert tunnel.fingerprint != other.fingerprint
 
 

@@ -64,14 +64,16 @@ def start() -> Iterator[Callable[[RestartPolicy], pykka.ActorRef[Any]]]:
         stop_all(ref)
 
 
+def ask(ref: pykka.ActorRef[Any], message: object) -> Any:
+    return ref.ask(message, timeout=TIMEOUT)
+
+
 def where(supervisor: pykka.ActorRef[Any], name: str) -> pykka.ActorRef[Any]:
-    ref: pykka.ActorRef[Any] = supervisor.ask(WhereIs(name), timeout=TIMEOUT)
-    return ref
+    return ask(supervisor, WhereIs(name))
 
 
 def stats(supervisor: pykka.ActorRef[Any]) -> SupervisionStats:
-    result: SupervisionStats = supervisor.ask(GetSupervisionStats(), timeout=TIMEOUT)
-    return result
+    return ask(supervisor, GetSupervisionStats())
 
 
 FAST = RestartPolicy(max_restarts=3, period=60.0, backoff=0.0, backoff_max=0.0)
@@ -154,7 +156,7 @@ def test_forward_reaches_the_child(
     supervisor = start(FAST)
     supervisor.tell(Forward("registry", Sweep(idle_timeout=1.0, max_engines=4, now=0.0)))
     supervisor.tell(Forward("nope", Sweep(idle_timeout=1.0, max_engines=4, now=0.0)))
-    registry_stats: RegistryStats = where(supervisor, "registry").ask(GetStats(), timeout=TIMEOUT)
+    registry_stats: RegistryStats = ask(where(supervisor, "registry"), GetStats())
     assert registry_stats.evictions == 0
     assert supervisor.is_alive()  # forwarding to an unknown child is logged, not fatal
 
