@@ -1,0 +1,368 @@
+"""Prometheus metrics in HikariCP's spirit: pool gauges, acquire timers, lifecycle counters.
+
+Two sources feed one :class:`~prometheus_client.CollectorRegistry`:
+
+- :class:`ManagerCollector` reads ``manager.stats()`` at scrape time (engines,
+  pool size / checked out / idle / overflow per database, creations,
+  evictions, actor restarts, tunnels and fleet budgets when present), so
+  nothing is counted twice and a scrape never races the actors.
+- :data:`POOL_EVENTS` times every connection checkout of every engine the
+  registry builds (wait histogram, timeouts, usage, physical connections),
+  through :data:`actors.registry.ENGINE_HOOKS`. It is process-wide.
+
+Labels carry a database id, an actor name or a bastion (``user@host:port``),
+never a URL with a password. Every name is listed in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+
+from actors.registry import ENGINE_HOOKS
+from messages.registry import EnginePlan
+
+log = logging.getLogger("enginehouse.metrics")
+
+PREFIX = "enginehouse"
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+USAGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)
+
+
+class StatsSource(Protocol):
+    """Anything with ``stats()``: an :class:`~app.EngineManager` or ``app.engines``."""
+
+    def stats(self) -> Any: ...
+
+
+class PoolEvents(Collector):
+    """Checkout timings of every engine built in this process, labelled by database id."""
+
+    def __init__(self) -> None:
+        self.wait = Histogram(
+            f"{PREFIX}_pool_wait_seconds",
+            "Time to acquire a connection from the pool (includes connecting when the pool grows)",
+            ["database"],
+            buckets=WAIT_BUCKETS,
+            registry=None,
+        )
+        self.timeouts = Counter(
+            f"{PREFIX}_pool_timeouts",
+            "Checkouts that gave up after pool_timeout",
+            ["database"],
+            registry=None,
+        )
+        self.usage = Histogram(
+            f"{PREFIX}_pool_usage_seconds",
+            "Time a connection stayed checked out",
+            ["database"],
+            buckets=USAGE_BUCKETS,
+            registry=None,
+        )
+        self.connections = Counter(
+            f"{PREFIX}_pool_connections_created",
+            "Physical DBAPI connections opened",
+            ["database"],
+            registry=None,
+        )
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in (self.wait, self.timeouts, self.usage, self.connections):
+            yield from metric.collect()
+
+    def instrument(self, engine: Engine, plan: EnginePlan) -> None:
+        """Time ``engine``'s checkouts (an :data:`ENGINE_HOOKS` hook)."""
+        label = str(plan.database_id)
+        wait = self.wait.labels(label)
+        timeouts = self.timeouts.labels(label)
+        usage = self.usage.labels(label)
+        connections = self.connections.labels(label)
+        acquire = engine.raw_connection
+
+        # No pool event fires *before* a checkout, so the engine's single entry
+        # point to its pool (Connection calls engine.raw_connection()) is wrapped.
+        def timed_raw_connection() -> Any:
+            start = time.perf_counter()
+            try:
+                connection = acquire()
+            except sa_exc.TimeoutError:
+                timeouts.inc()
+                raise
+            finally:
+                wait.observe(time.perf_counter() - start)
+            return connection
+
+        setattr(engine, "raw_connection", timed_raw_connection)  # noqa: B010
+
+        def on_connect(dbapi_connection: Any, record: Any) -> None:
+            connections.inc()
+
+        def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+            record.info["enginehouse.checkout"] = time.perf_counter()
+
+        def on_checkin(dbapi_connection: Any, record: Any) -> None:
+            started = record.info.pop("enginehouse.checkout", None)
+            if started is not None:
+                usage.observe(time.perf_counter() - started)
+
+        # Listeners on the engine move with its pool across dispose()/recreate().
+        event.listen(engine, "connect", on_connect)
+        event.listen(engine, "checkout", on_checkout)
+        event.listen(engine, "checkin", on_checkin)
+
+
+POOL_EVENTS = PoolEvents()
+"""The process-wide checkout timers (enabled by :func:`enable_pool_events`)."""
+
+
+def enable_pool_events() -> PoolEvents:
+    """Instrument every engine built from now on (idempotent)."""
+    if POOL_EVENTS.instrument not in ENGINE_HOOKS:
+        ENGINE_HOOKS.append(POOL_EVENTS.instrument)
+    return POOL_EVENTS
+
+
+def disable_pool_events() -> None:
+    """Stop instrumenting new engines (those already built keep their timers)."""
+    while POOL_EVENTS.instrument in ENGINE_HOOKS:
+        ENGINE_HOOKS.remove(POOL_EVENTS.instrument)
+
+
+class ManagerCollector(Collector):
+    """Reads ``source.stats()`` at each scrape and turns it into metric families."""
+
+    def __init__(self, source: StatsSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        up = GaugeMetricFamily(f"{PREFIX}_up", "1 when the manager answered stats()")
+        try:
+            stats = self._source.stats()
+        except Exception as exc:  # a scrape must answer even when the manager is down
+            log.warning("stats() failed during a scrape: %s", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from _counters(stats)
+        yield from _pools(stats)
+        yield from _actors(stats)
+        yield from _tunnels(stats)
+        yield from _fleet(stats)
+        scrape = GaugeMetricFamily(
+            f"{PREFIX}_scrape_duration_seconds", "Time this scrape spent reading stats()"
+        )
+        scrape.add_metric([], time.perf_counter() - started)
+        yield scrape
+
+
+def _counters(stats: Any) -> Iterator[Metric]:
+    for name, field, doc in (
+        ("engine_creations", "created", "Cached engines built"),
+        ("engine_uncached_creations", "uncached_created", "Engines built in NEW mode"),
+        ("engine_evictions", "evictions", "Engines evicted (idle or LRU bound)"),
+        ("engine_disposals", "disposals", "Cached engines disposed, for any reason"),
+        ("cache_hits", "hits", "get() calls served from the snapshot"),
+        ("cache_misses", "misses", "get() calls that built or looked up in the registry"),
+    ):
+        counter = CounterMetricFamily(f"{PREFIX}_{name}", doc)
+        counter.add_metric([], float(getattr(stats, field, 0) or 0))
+        yield counter
+
+
+_POOL_GAUGES = (
+    ("pool_size", "size", "Configured pool size (QueuePool pool_size)"),
+    ("pool_checked_out", "checked_out", "Connections in use (HikariCP: active)"),
+    ("pool_checked_in", "checked_in", "Idle connections in the pool (HikariCP: idle)"),
+    ("pool_overflow", "overflow", "Connections beyond pool_size (negative: not yet opened)"),
+)
+
+
+def _pools(stats: Any) -> Iterator[Metric]:
+    engines = GaugeMetricFamily(f"{PREFIX}_engines", "Cached engines", labels=["database"])
+    totals: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    for engine in getattr(stats, "engines", ()) or ():
+        database = str(engine.database_id)
+        counts[database] = counts.get(database, 0) + 1
+        row = totals.setdefault(database, {})
+        for _, field, _doc in _POOL_GAUGES:
+            value = getattr(engine, field, None)
+            if value is not None:  # pools that cannot report a number are left out
+                row[field] = row.get(field, 0.0) + float(value)
+    for database, count in sorted(counts.items()):
+        engines.add_metric([database], count)
+    yield engines
+    for name, field, doc in _POOL_GAUGES:
+        gauge = GaugeMetricFamily(
+            f"{PREFIX}_{name}", doc + ", summed over the database's engines", labels=["database"]
+        )
+        for database, row in sorted(totals.items()):
+            if field in row:
+                gauge.add_metric([database], row[field])
+        yield gauge
+
+
+def _actors(stats: Any) -> Iterator[Metric]:
+    up = GaugeMetricFamily(f"{PREFIX}_actor_up", "1 when the actor is alive", labels=["actor"])
+    restarts = CounterMetricFamily(
+        f"{PREFIX}_actor_restarts", "Restarts by the supervisor", labels=["actor"]
+    )
+    for actor in getattr(stats, "actors", ()) or ():
+        up.add_metric([actor.name], 1 if actor.alive and not actor.gave_up else 0)
+        restarts.add_metric([actor.name], float(actor.restarts))
+    yield up
+    yield restarts
+
+
+def _tunnels(stats: Any) -> Iterator[Metric]:
+    tunnels = getattr(stats, "tunnels", None)
+    if tunnels is None:
+        return
+    up = GaugeMetricFamily(
+        f"{PREFIX}_tunnel_up", "1 when the bastion's SSH session is connected", labels=["bastion"]
+    )
+    state = GaugeMetricFamily(
+        f"{PREFIX}_tunnel_state", "1 for the session's current state", labels=["bastion", "state"]
+    )
+    forwards = GaugeMetricFamily(
+        f"{PREFIX}_tunnel_forwards", "Local forwards open on the session", labels=["bastion"]
+    )
+    channels = GaugeMetricFamily(
+        f"{PREFIX}_tunnel_active_channels", "Forwarded channels open now", labels=["bastion"]
+    )
+    connects = CounterMetricFamily(
+        f"{PREFIX}_tunnel_connects", "SSH sessions opened", labels=["bastion"]
+    )
+    restarts = CounterMetricFamily(
+        f"{PREFIX}_tunnel_restarts", "SSH sessions reopened after a failure", labels=["bastion"]
+    )
+    failures = CounterMetricFamily(
+        f"{PREFIX}_tunnel_channel_failures", "Forwarded channels that failed", labels=["bastion"]
+    )
+    for tunnel in tunnels:
+        bastion = str(_get(tunnel, "bastion", "?"))
+        current = str(_get(tunnel, "state", "unknown"))
+        up.add_metric([bastion], 1 if current == "connected" else 0)
+        state.add_metric([bastion, current], 1)
+        opened = _get(tunnel, "forwards", ()) or ()
+        forwards.add_metric([bastion], len(opened))
+        channels.add_metric([bastion], sum(_get(f, "active_channels", 0) or 0 for f in opened))
+        failures.add_metric([bastion], sum(_get(f, "channel_failures", 0) or 0 for f in opened))
+        connects.add_metric([bastion], float(_get(tunnel, "connects", 0) or 0))
+        restarts.add_metric([bastion], float(_get(tunnel, "restarts", 0) or 0))
+    yield from (up, state, forwards, channels, connects, restarts, failures)
+
+
+# Budget fields read when the fleet part of stats() is present (names as in issue 5).
+_BUDGET_FIELDS = (
+    ("budget_limit", ("limit", "max_connections", "cap"), "gauge", "Connection budget"),
+    ("budget_leases", ("leases", "held", "in_use"), "gauge", "Leases held now"),
+    ("budget_waiters", ("waiters", "waiting"), "gauge", "Checkouts waiting for a lease"),
+    ("budget_waits", ("waits", "waited"), "counter", "Checkouts that had to wait for a lease"),
+    ("budget_timeouts", ("timeouts", "exhausted"), "counter", "Waits that timed out"),
+)
+
+
+def _fleet(stats: Any) -> Iterator[Metric]:
+    budgets = getattr(stats, "budgets", None)
+    if budgets is None:
+        budgets = getattr(stats, "fleet", None)
+    if budgets is None:
+        return
+    if isinstance(budgets, dict):
+        budgets = [{"database_id": key, **_as_dict(value)} for key, value in budgets.items()]
+    elif not isinstance(budgets, list | tuple):
+        budgets = getattr(budgets, "budgets", None) or []
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+    for name, _fields, kind, doc in _BUDGET_FIELDS:
+        family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+        families[name] = family(f"{PREFIX}_{name}", doc, labels=["database"])
+    for budget in budgets:
+        database = str(_get(budget, "database_id", _get(budget, "database", "?")))
+        for name, fields, _kind, _doc in _BUDGET_FIELDS:
+            value = _first(budget, fields)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                families[name].add_metric([database], float(value))
+    yield from families.values()
+
+
+def _get(item: Any, name: str, default: Any = None) -> Any:
+    if isinstance(item, dict):
+        return item.get(name, default)
+    return getattr(item, name, default)
+
+
+def _first(item: Any, names: Iterable[str]) -> Any:
+    for name in names:
+        value = _get(item, name)
+        if value is not None:
+            return value
+    return None
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    if hasattr(value, "model_dump"):
+        return dict(value.model_dump())
+    return dict(vars(value)) if hasattr(value, "__dict__") else {"leases": value}
+
+
+def registry_for(source: StatsSource, *, pool_events: bool = True) -> CollectorRegistry:
+    """A new registry exposing ``source``'s stats (and the checkout timers)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ManagerCollector(source))
+    if pool_events:
+        registry.register(enable_pool_events())
+    return registry
+
+
+@dataclass
+class MetricsServer:
+    """A running ``/metrics`` endpoint; ``stop()`` closes it."""
+
+    addr: str
+    port: int
+    registry: CollectorRegistry
+    _shutdown: Callable[[], None]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.addr}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        self._shutdown()
+
+
+def start_metrics_server(
+    source: StatsSource, port: int = 9464, addr: str = "127.0.0.1"
+) -> MetricsServer:
+    """Serve ``source``'s metrics over HTTP (``port=0``: any free port); loopback by default."""
+    registry = registry_for(source)
+    server, thread = start_http_server(port, addr=addr, registry=registry)
+
+    def shutdown() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    bound = int(server.server_address[1])
+    log.info("metrics endpoint on http://%s:%d/metrics", addr, bound)
+    return MetricsServer(addr, bound, registry, shutdown)

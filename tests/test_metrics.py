@@ -1,0 +1,143 @@
+"""Metrics scraped over HTTP from a real manager holding real PostgreSQL connections."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack
+from types import SimpleNamespace
+
+import pytest
+import sqlalchemy
+from prometheus_client.parser import text_string_to_metric_families
+from secret_scan import assert_no_secret, register_secret
+
+from app import DatabaseSpec, EngineManager
+from app.metrics import MetricsServer, registry_for, start_metrics_server
+
+PG_HOST_URI = os.environ.get(
+    "ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+PASSWORD = "s3cr3t-pw"  # trust auth ignores it; it must still never show up in metrics
+register_secret(PASSWORD)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as {(name, sorted labels): value}."""
+    with urllib.request.urlopen(url, timeout=30) as response:
+        body = response.read().decode()
+    assert_no_secret(body, what="metrics page")
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def db(database: str) -> tuple[tuple[str, str], ...]:
+    return (("database", database),)
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[EngineManager, MetricsServer]]:
+    with EngineManager(mode="singleton", cleanup_interval=60, ask_timeout=10) as manager:
+        server = start_metrics_server(manager, port=0)
+        try:
+            yield manager, server
+        finally:
+            server.stop()
+
+
+def test_pool_gauges_and_counters_over_http(served: tuple[EngineManager, MetricsServer]) -> None:
+    manager, server = served
+    spec = DatabaseSpec(
+        id=301,
+        uri=PG_HOST_URI.replace("postgres@", f"postgres:{PASSWORD}@"),
+        extra={"engine_params": {"pool_size": 3, "max_overflow": 2}},
+    )
+    engine = manager.get(spec)
+    with ExitStack() as held:
+        for _ in range(2):
+            held.enter_context(engine.connect()).execute(sqlalchemy.text("SELECT 1"))
+        busy = scrape(server.url)
+    idle = scrape(server.url)
+
+    assert busy[("enginehouse_up", ())] == 1
+    assert busy[("enginehouse_engines", db("301"))] == 1
+    assert busy[("enginehouse_pool_size", db("301"))] == 3
+    assert busy[("enginehouse_pool_checked_out", db("301"))] == 2
+    assert idle[("enginehouse_pool_checked_out", db("301"))] == 0
+    assert idle[("enginehouse_pool_checked_in", db("301"))] == 2
+    assert idle[("enginehouse_engine_creations_total", ())] == 1
+    assert idle[("enginehouse_cache_misses_total", ())] == 1
+    assert idle[("enginehouse_pool_wait_seconds_count", db("301"))] == 2
+    assert idle[("enginehouse_pool_usage_seconds_count", db("301"))] == 2
+    assert idle[("enginehouse_pool_connections_created_total", db("301"))] == 2
+    assert idle[("enginehouse_actor_up", (("actor", "registry"),))] == 1
+    assert idle[("enginehouse_actor_restarts_total", (("actor", "janitor"),))] == 0
+
+    assert manager.dispose(301) == 1
+    after = scrape(server.url)
+    assert after[("enginehouse_engine_disposals_total", ())] == 1
+    assert ("enginehouse_engines", db("301")) not in after
+
+
+def test_checkout_timeout_is_counted(served: tuple[EngineManager, MetricsServer]) -> None:
+    manager, server = served
+    spec = DatabaseSpec(
+        id=302,
+        uri=PG_HOST_URI,
+        extra={"engine_params": {"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.2}},
+    )
+    engine = manager.get(spec)
+    with engine.connect(), pytest.raises(sqlalchemy.exc.TimeoutError):
+        engine.connect()
+    samples = scrape(server.url)
+    assert samples[("enginehouse_pool_timeouts_total", db("302"))] == 1
+    assert samples[("enginehouse_pool_wait_seconds_count", db("302"))] == 2
+
+
+def test_stopped_endpoint_refuses(served: tuple[EngineManager, MetricsServer]) -> None:
+    _, server = served
+    assert scrape(server.url)[("enginehouse_up", ())] == 1
+    server.stop()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(server.url, timeout=5)
+
+
+def test_a_shut_down_manager_reports_down() -> None:
+    manager = EngineManager(cleanup_interval=60)
+    registry = registry_for(manager, pool_events=False)
+    assert registry.get_sample_value("enginehouse_up") == 1
+    manager.shutdown()
+    assert registry.get_sample_value("enginehouse_up") == 0
+
+
+def test_tunnel_and_budget_fields_when_present() -> None:
+    """Optional parts of stats() (tunnels, fleet budgets) become labelled series."""
+    forward = SimpleNamespace(active_channels=2, channel_failures=1)
+    stats = SimpleNamespace(
+        engines=[],
+        actors=[],
+        tunnels=[
+            SimpleNamespace(
+                bastion="ops@10.0.0.5:22", state="connected", connects=3, restarts=2,
+                forwards=(forward, forward),
+            )
+        ],
+        budgets=[{"database_id": 7, "limit": 6, "leases": 4, "waiters": 1, "waits": 9}],
+    )
+    registry = registry_for(SimpleNamespace(stats=lambda: stats), pool_events=False)
+    bastion = {"bastion": "ops@10.0.0.5:22"}
+    assert registry.get_sample_value("enginehouse_tunnel_up", bastion) == 1
+    assert registry.get_sample_value("enginehouse_tunnel_restarts_total", bastion) == 2
+    assert registry.get_sample_value("enginehouse_tunnel_forwards", bastion) == 2
+    assert registry.get_sample_value("enginehouse_tunnel_active_channels", bastion) == 4
+    assert registry.get_sample_value(
+        "enginehouse_tunnel_state", {**bastion, "state": "connected"}
+    ) == 1
+    assert registry.get_sample_value("enginehouse_budget_limit", {"database": "7"}) == 6
+    assert registry.get_sample_value("enginehouse_budget_leases", {"database": "7"}) == 4
+    assert registry.get_sample_value("enginehouse_budget_waits_total", {"database": "7"}) == 9
