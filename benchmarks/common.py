@@ -241,7 +241,7 @@ def plot_latencies(
     names = list(samples)
     data = [[v * 1e6 for v in samples[n]] for n in names]
     fig, ax = plt.subplots(figsize=(8, 0.75 * len(names) + 1.6))
-    ax.boxplot(data, vert=False, whis=(5, 95), showfliers=False, widths=0.6)
+    ax.boxplot(data, whis=(5, 95), showfliers=False, widths=0.6, **_horizontal())
     ax.set_yticks(range(1, len(names) + 1), names)
     ax.set_xscale("log")
     ax.set_xlabel("time per call (µs, log scale; box = p25-p75, whiskers = p5-p95)")
@@ -291,6 +291,14 @@ def plot_groups(
     if note:
         fig.text(0.01, 0.01, note, fontsize=8, color="dimgray")
     return _save(fig, path)
+
+
+def _horizontal() -> dict[str, Any]:
+    # ``orientation`` arrived in matplotlib 3.10, which deprecated ``vert``.
+    import matplotlib
+
+    major, minor = (int(part) for part in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -1,0 +1,120 @@
+"""Smoke tests of the core benchmarks: each runs tiny and returns well-formed results.
+
+No timing is asserted here (timings belong to the benchmark runs themselves).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import DatabaseSpec
+from app.default import DefaultEngines
+from benchmarks import bench_core, common
+from benchmarks.common import Ratio, Result
+from tests.conftest import PG_URI
+
+TINY = bench_core.Scale(
+    hit_rounds=3, facade_rounds=3, miss_rounds=2, miss_batch=2, mode_seconds=0.2, mode_repeats=1
+)
+
+
+@pytest.fixture
+def spec() -> DatabaseSpec:
+    return bench_core.database(PG_URI, database_id="bench-smoke")
+
+
+def check(result: Result, name: str, ratio_count: int) -> None:
+    """Shape checks shared by every benchmark result."""
+    assert result.name == name
+    assert len(result.ratios) == ratio_count
+    for ratio in result.ratios:
+        assert isinstance(ratio, Ratio)
+        for number in (ratio.value, ratio.candidate_value, ratio.baseline_value):
+            assert math.isfinite(number) and number > 0, ratio
+        assert ratio.met in (None, True, False)
+    for values in [*result.samples.values(), *result.throughput.values()]:
+        assert values and all(math.isfinite(v) and v > 0 for v in values)
+    encoded = json.loads(json.dumps(result.to_json()))
+    assert encoded["name"] == name
+    assert len(encoded["ratios"]) == ratio_count
+    table = common.format_table(result.ratios)
+    assert all(r.label in table for r in result.ratios)
+
+
+def test_hit_path(spec: DatabaseSpec) -> None:
+    default = DefaultEngines()
+    result = bench_core.bench_hit_path(spec, rounds=3, default=default)
+    check(result, "hit_path", 4)
+    assert set(result.samples) == {
+        "manager.get() hit",
+        "engines.get() hit",
+        "pykka ask round trip",
+        "create_engine()",
+    }
+    assert all(len(v) == 3 for v in result.samples.values())
+    assert [r.goal for r in result.ratios] == [15.0, 10.0, 15.0, 10.0]
+    assert default._manager is None  # the benchmark shut its default manager down
+
+
+def test_modes(spec: DatabaseSpec) -> None:
+    result = bench_core.bench_modes(spec, seconds=0.2, repeats=1, thread_counts=(1, 2))
+    check(result, "modes", 2)
+    assert set(result.throughput) == {"SINGLETON 1t", "NEW 1t", "SINGLETON 2t", "NEW 2t"}
+
+
+def test_facade(spec: DatabaseSpec) -> None:
+    result = bench_core.bench_facade(spec, rounds=3, batch=2)
+    check(result, "facade", 1)
+    assert set(result.samples) == {"manager.connect()", "bare QueuePool engine"}
+    assert math.isfinite(result.params["overhead"])
+
+
+def test_miss(spec: DatabaseSpec) -> None:
+    result = bench_core.bench_miss(spec, rounds=2, batch=2)
+    check(result, "miss", 1)
+    assert [len(v) for v in result.samples.values()] == [2, 2]
+
+
+def test_main_writes_table_json_and_plots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench_core, "QUICK", TINY)
+    written: list[Path] = []
+
+    def write(name: str, payload: Any) -> Path:
+        written.append(common.write_results(name, payload, tmp_path / "results"))
+        return written[-1]
+
+    monkeypatch.setattr(bench_core, "write_results", write)
+    code = bench_core.main(["--quick", "--uri", PG_URI, "--plots", str(tmp_path / "img")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| measure" in out and "SINGLETON vs NEW, 8 threads" in out
+    payload = json.loads(written[0].read_text())
+    assert payload["benchmark"] == "core" and payload["quick"] is True
+    assert [r["name"] for r in payload["results"]] == ["hit_path", "facade", "miss", "modes"]
+    assert (tmp_path / "results" / "core-latest.json").is_file()
+    if common.plotting_available():
+        pngs = sorted(p.name for p in (tmp_path / "img").glob("*.png"))
+        assert pngs == ["core_connect.png", "core_hit_path.png", "core_throughput.png"]
+        assert all((tmp_path / "img" / n).read_bytes()[:4] == b"\x89PNG" for n in pngs)
+    else:
+        assert "plots skipped" in out
+
+
+def test_statistics_helpers() -> None:
+    assert common.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert common.percentile([0.0, 10.0], 90) == pytest.approx(9.0)
+    assert common.paired_ratio([4.0, 9.0, 2.0], [2.0, 3.0, 2.0]) == 2.0
+    with pytest.raises(ValueError):
+        common.paired_ratio([1.0], [])
+    assert common.format_value(1.7e-6, "s") == "1.70 us"
+    assert common.format_value(0.00241, "s") == "2.41 ms"
+    assert common.format_value(3120.4, "q/s") == "3,120 q/s"
+    stats = common.summary([1.0, 2.0, 3.0, 4.0])
+    assert stats["p50"] == 2.5 and stats["min"] == 1.0 and stats["max"] == 4.0
