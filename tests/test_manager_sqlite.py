@@ -14,6 +14,8 @@ from sqlalchemy.engine import URL
 from app import DatabaseSpec, EngineManager
 from app.errors import InvalidSpecError
 
+pytestmark = pytest.mark.usefixtures("sqlite_files_allowed")
+
 
 def sqlite_spec(tmp_path: Path, db_id: int | str = 1, **extra: Any) -> DatabaseSpec:
     return DatabaseSpec(id=db_id, uri=f"sqlite:///{tmp_path / f'{db_id}.db'}", extra=extra)
