@@ -67,3 +67,9 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str
 def poll() -> Callable[..., object]:
     """``poll(predicate, timeout=20, what="...")``: wait for a condition with a deadline."""
     return wait_until
+
+
+@pytest.fixture
+def sqlite_files_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Core tests use SQLite files in tmp_path; lift the URI safety rule that refuses them."""
+    monkeypatch.setenv("ENGINEHOUSE_FORBID_UNSAFE_URIS", "false")
