@@ -14,15 +14,17 @@ import logging
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
+from pydantic import SecretStr
 from sqlalchemy.engine import Connection, Engine
 
 from actors import ChildSpec, EngineRegistry, Janitor, RestartPolicy, Snapshot, Supervisor
-from app import forking
+from actors.tunnels import TunnelDirectory, TunnelHealthRound, TunnelPreparer, directory_lookup
+from app import credentials, forking
 from app.errors import (
     ActorTimeoutError,
     ActorUnavailableError,
@@ -31,6 +33,7 @@ from app.errors import (
 )
 from app.once import Once
 from app.plan import build_plan, request_key
+from app.safety import check_uri
 from app.settings import ManagerSettings, Mode
 from app.specs import DatabaseSpec
 from app.stats import ActorStats, EngineStats, ManagerStats
@@ -39,12 +42,14 @@ from messages.registry import (
     BuildUncached,
     CachedEngine,
     DisposeDatabase,
+    EnginePlan,
     GetEngine,
     GetStats,
     RegistryStats,
     RequestKey,
 )
 from messages.supervision import GetSupervisionStats, StopChildren, SupervisionStats, WhereIs
+from messages.tunnel import GetTunnelStats, ReleaseForwards
 
 log = logging.getLogger("enginehouse.manager")
 
@@ -89,25 +94,39 @@ class EngineManager:
         schema: str | None = None,
         source: str | None = None,
         user: str | None = None,
+        access_token: str | SecretStr | None = None,
     ) -> Engine:
-        """The engine for ``database`` at ``catalog``/``schema`` as ``user``."""
+        """The engine for ``database`` at ``catalog``/``schema`` as ``user``.
+
+        ``access_token`` is ``user``'s OAuth2 token (a secret): the adapter
+        places it in each new connection; a refreshed token updates that
+        user's engine rather than building another.
+        """
         system = self._live()
         if not isinstance(database, DatabaseSpec):
             raise InvalidSpecError("database", "must be a DatabaseSpec")
         key = request_key(
-            database, self.settings, catalog=catalog, schema=schema, user=user, source=source
+            database,
+            self.settings,
+            catalog=catalog,
+            schema=schema,
+            user=user,
+            source=source,
+            access_token=access_token,
         )
         if self._new_mode:
-            plan = build_plan(database, key, self.settings)
+            plan = self._plan(database, key, access_token)
             engine: Engine = self._ask(system, "registry", BuildUncached(plan))
             return engine
         entry = system.snapshot.entries.get(key)
         if entry is None:
-            entry = self._miss(system, database, key)
+            entry = self._miss(system, database, key, access_token)
         else:
             next(self._hits)
             next(entry.hits)
             entry.last_used = time.monotonic()
+        if access_token is not None:
+            _refresh_token(entry, access_token)
         return entry.engine
 
     @contextmanager
@@ -119,19 +138,41 @@ class EngineManager:
         schema: str | None = None,
         source: str | None = None,
         user: str | None = None,
+        access_token: str | SecretStr | None = None,
     ) -> Iterator[Connection]:
-        """A connection from :meth:`get`'s engine; in NEW mode the engine is disposed after."""
-        engine = self.get(database, catalog=catalog, schema=schema, source=source, user=user)
-        try:
-            with engine.connect() as connection:
-                yield connection
-        finally:
-            if self._new_mode:
-                engine.dispose()
+        """A connection from :meth:`get`'s engine; in NEW mode the engine is disposed after.
+
+        The ``engine_context`` setting's context manager, if any, is entered
+        around all of it (engine lookup included); what it raises reaches the
+        caller unchanged.
+        """
+        context = self.settings.engine_context
+        scope: AbstractContextManager[Any] = (
+            nullcontext()
+            if context is None
+            else context(database, catalog=catalog, schema=schema, user=user, source=source)
+        )
+        with scope:
+            engine = self.get(
+                database,
+                catalog=catalog,
+                schema=schema,
+                source=source,
+                user=user,
+                access_token=access_token,
+            )
+            try:
+                with engine.connect() as connection:
+                    yield connection
+            finally:
+                if self._new_mode:
+                    engine.dispose()
 
     def dispose(self, database_id: int | str) -> int:
         """Dispose every engine of one database (all catalogs, schemas, users)."""
-        disposed: int = self._ask(self._live(), "registry", DisposeDatabase(database_id))
+        system = self._live()
+        disposed: int = self._ask(system, "registry", DisposeDatabase(database_id))
+        self._ask(system, "tunnels", ReleaseForwards(database_id))  # the last one closes its SSH
         return disposed
 
     def sweep(self) -> None:
@@ -159,6 +200,7 @@ class EngineManager:
                 for pool in registry.engines
             ],
             actors=[ActorStats(**vars(child)) for child in supervision.children],
+            tunnels=list(self._ask(system, "tunnels", GetTunnelStats())),
         )
 
     def shutdown(self) -> None:
@@ -211,11 +253,29 @@ class EngineManager:
             backoff=settings.restart_backoff,
             backoff_max=settings.restart_backoff_max,
         )
+        # SSH tunnels start first so they stop last, after the engines that use them.
+        tunnels = ChildSpec(
+            "tunnels",
+            lambda sup: TunnelDirectory.start(
+                policy=policy,
+                connect_timeout=min(settings.tunnel_connect_timeout, settings.ask_timeout * 0.3),
+                ask_timeout=settings.ask_timeout,
+                idle_timeout=settings.tunnel_idle_timeout,
+                supervisor=sup,
+            ),
+            policy,
+        )
         children = [
+            tunnels,
             ChildSpec(
                 "registry",
                 lambda sup: EngineRegistry.start(
-                    snapshot, max_engines=settings.max_engines, supervisor=sup
+                    snapshot,
+                    max_engines=settings.max_engines,
+                    supervisor=sup,
+                    prepare=TunnelPreparer(
+                        directory_lookup(sup, settings.ask_timeout), settings.ask_timeout
+                    ),
                 ),
                 policy,
             ),
@@ -227,6 +287,7 @@ class EngineManager:
                     idle_timeout=settings.idle_timeout,
                     max_engines=settings.max_engines,
                     ask_timeout=settings.ask_timeout,
+                    rounds=[TunnelHealthRound(directory_lookup(sup, settings.ask_timeout))],
                 ),
                 policy,
             ),
@@ -250,10 +311,24 @@ class EngineManager:
         self._system = self._start()
         return self._system
 
-    def _miss(self, system: _System, database: DatabaseSpec, key: RequestKey) -> CachedEngine:
-        plan = build_plan(database, key, self.settings)
+    def _miss(
+        self,
+        system: _System,
+        database: DatabaseSpec,
+        key: RequestKey,
+        access_token: str | SecretStr | None = None,
+    ) -> CachedEngine:
+        plan = self._plan(database, key, access_token)
         entry: CachedEngine = self._ask(system, "registry", GetEngine(key, plan))
         return entry
+
+    def _plan(
+        self, database: DatabaseSpec, key: RequestKey, access_token: str | SecretStr | None
+    ) -> EnginePlan:
+        """Build and validate a plan in the caller's thread (hooks never run in an actor)."""
+        plan = build_plan(database, key, self.settings, access_token=access_token)
+        check_uri(plan.url, database, self.settings)
+        return plan
 
     def _ask(self, system: _System, name: str, message: object) -> Any:
         timeout = self.settings.ask_timeout
@@ -284,6 +359,13 @@ class EngineManager:
             raise ActorTimeoutError(
                 f"supervisor did not answer {type(message).__name__} within {timeout:g}s"
             ) from None
+
+
+def _refresh_token(entry: CachedEngine, token: str | SecretStr) -> None:
+    # The engine's holder, not the request's: concurrent misses share the first plan's.
+    holder = credentials.holder_of(entry.plan.kwargs)
+    if holder is not None:
+        holder.set(token)
 
 
 def _count_value(counter: itertools.count[int]) -> int:

@@ -10,13 +10,15 @@ import hashlib
 import json
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import URL
 
-from app.adapters import adapter_for
+from app import credentials
+from app.adapters import DialectAdapter, adapter_for, merge_encrypted_extra
 from app.errors import EngineCreationError, EngineManagerError, InvalidSpecError
 from app.settings import ManagerSettings, Mode
-from app.specs import DatabaseSpec
+from app.specs import DatabaseSpec, check_engine_params
 from messages.registry import EnginePlan, RequestKey
 
 POOL_CLASS_BY_NAME: dict[str, type[sa_pool.Pool]] = {
@@ -37,29 +39,51 @@ def request_key(
     schema: str | None,
     user: str | None,
     source: str | None,
+    access_token: object = None,
 ) -> RequestKey:
-    """The hit-path key: cheap tuple, user and source only where they matter."""
+    """The hit-path key: cheap tuple, user and source only where they matter.
+
+    An access token makes the engine the user's own (the token itself is
+    never part of the key: a refreshed token finds the same engine).
+    """
     mutated = settings.connection_mutator is not None
+    if access_token is not None and user is None:
+        raise InvalidSpecError("user", "required with access_token (a token is one user's)")
     return RequestKey(
         spec.id,
         spec.fingerprint,
         catalog,
         schema,
-        user if (spec.impersonate_user or mutated) else None,
+        user if (spec.impersonate_user or mutated or access_token is not None) else None,
         source if mutated else None,
     )
 
 
-def build_plan(spec: DatabaseSpec, key: RequestKey, settings: ManagerSettings) -> EnginePlan:
-    """Engine URL and arguments for ``key``: extra, then adapter, then mutator."""
-    kwargs = _engine_kwargs(spec, settings.mode)
-    user = key.user if spec.impersonate_user else None
+def build_plan(
+    spec: DatabaseSpec,
+    key: RequestKey,
+    settings: ManagerSettings,
+    *,
+    access_token: str | SecretStr | None = None,
+) -> EnginePlan:
+    """Engine URL and arguments for ``key``: extra and encrypted extra, adapter, mutator.
+
+    An engine of one user (``key.user`` set) gets a token holder: the access
+    token is placed at connect time, never in the plan (see app.credentials).
+    """
     adapter = adapter_for(spec.backend)
+    params = _with_encrypted_extra(spec, settings, adapter)
+    kwargs = _engine_kwargs(params, settings.mode)
+    user = _impersonated(key.user, settings) if spec.impersonate_user else None
     url, kwargs = adapter.adjust(
         spec.sqlalchemy_url(), kwargs, catalog=key.catalog, schema=key.schema, user=user
     )
     if settings.connection_mutator is not None:
         url, kwargs = _mutate(settings, url, kwargs, key)
+    if access_token is not None and not adapter.supports_impersonation:
+        raise InvalidSpecError("access_token", f"the {spec.backend} adapter takes no user token")
+    if key.user is not None:
+        kwargs = credentials.attach(kwargs, credentials.TokenHolder(adapter, access_token))
     return EnginePlan(
         engine_key=_digest(spec.id, spec.fingerprint, url, kwargs),
         database_id=spec.id,
@@ -70,11 +94,35 @@ def build_plan(spec: DatabaseSpec, key: RequestKey, settings: ManagerSettings) -
         schema=key.schema,
         user=user,
         tunnel=spec.ssh_tunnel,
+        max_connections=spec.extra.get("max_connections"),
     )
 
 
-def _engine_kwargs(spec: DatabaseSpec, mode: Mode) -> dict[str, Any]:
+def _with_encrypted_extra(
+    spec: DatabaseSpec, settings: ManagerSettings, adapter: DialectAdapter
+) -> dict[str, Any]:
     params = spec.engine_params
+    if spec.encrypted_extra is None:
+        return params
+    secret = spec.decrypted_extra(settings.encrypted_extra_decryptor)
+    merge = getattr(adapter, "merge_encrypted_extra", merge_encrypted_extra)
+    merged: dict[str, Any] = merge(params, secret)
+    try:
+        check_engine_params(merged)
+    except InvalidSpecError as exc:
+        # Name the field, not the (secret) value.
+        field = "encrypted_extra." + exc.field.removeprefix("extra.")
+        raise InvalidSpecError(field, "invalid value in the merged engine parameters") from None
+    return merged
+
+
+def _impersonated(user: str | None, settings: ManagerSettings) -> str | None:
+    if user is not None and settings.impersonate_with_email_prefix:
+        return user.split("@", 1)[0] or user
+    return user
+
+
+def _engine_kwargs(params: dict[str, Any], mode: Mode) -> dict[str, Any]:
     name = params.pop("poolclass", None)
     if mode is Mode.NEW:
         for option in _QUEUE_ONLY:

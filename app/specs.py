@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,8 @@ from pydantic import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from app.errors import InvalidSpecError
+from app.adapters import has_adapter
+from app.errors import EngineManagerError, InvalidSpecError
 
 POOL_CLASSES = ("queue", "singleton", "assertion", "null", "static")
 """Names accepted in ``extra.engine_params.poolclass`` (Superset's vocabulary)."""
@@ -127,6 +129,9 @@ class DatabaseSpec(_Spec):
     """Superset's ``extra``: a dict, or a JSON string of one."""
     impersonate_user: bool = False
     ssh_tunnel: SSHTunnelSpec | None = None
+    encrypted_extra: SecretStr | None = None
+    """Secret engine parameters: a JSON object (dict or text), or the ciphertext that the
+    ``encrypted_extra_decryptor`` setting turns into one. Masked everywhere."""
 
     @model_validator(mode="before")
     @classmethod
@@ -156,8 +161,23 @@ class DatabaseSpec(_Spec):
         try:
             url.get_dialect()
         except NoSuchModuleError:
-            raise ValueError(f"unknown dialect {url.drivername!r}") from None
+            # A backend with an adapter is known even before its driver is installed.
+            if not has_adapter(url.get_backend_name()):
+                raise ValueError(f"unknown dialect {url.drivername!r}") from None
         return value
+
+    @field_validator("encrypted_extra", mode="before")
+    @classmethod
+    def _wrap_encrypted_extra(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        if isinstance(value, dict):
+            return SecretStr(json.dumps(value))
+        if isinstance(value, SecretStr | str):
+            text = value.get_secret_value() if isinstance(value, SecretStr) else value
+            _reject_non_object_json(text)
+            return SecretStr(text)
+        raise ValueError(f"must be a JSON object or text, got {type(value).__name__}")
 
     @field_validator("extra", mode="before")
     @classmethod
@@ -180,6 +200,7 @@ class DatabaseSpec(_Spec):
         if not isinstance(params, dict):
             raise ValueError("engine_params must be a JSON object")
         check_engine_params(params)
+        _check_max_connections(value.get("max_connections"))
         return value
 
     @property
@@ -194,6 +215,40 @@ class DatabaseSpec(_Spec):
         if self.password is not None:
             url = url.set(password=self.password.get_secret_value())
         return url
+
+    def decrypted_extra(self, decryptor: Callable[[str], Any] | None = None) -> dict[str, Any]:
+        """``encrypted_extra`` as a dict (empty without one), via ``decryptor`` if given.
+
+        The result holds secrets: use it to build an engine, never log it.
+        """
+        if self.encrypted_extra is None:
+            return {}
+        value: Any = self.encrypted_extra.get_secret_value()
+        if decryptor is not None:
+            try:
+                value = decryptor(value)
+            except EngineManagerError:
+                raise
+            except Exception as exc:
+                # Neither the message nor the chain: either may quote the plaintext.
+                raise InvalidSpecError(
+                    "encrypted_extra", f"encrypted_extra_decryptor raised {type(exc).__name__}"
+                ) from None
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str | bytes):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise InvalidSpecError(
+                    "encrypted_extra",
+                    "not valid JSON (set encrypted_extra_decryptor if it is ciphertext)",
+                ) from None
+        if not isinstance(value, dict):
+            raise InvalidSpecError(
+                "encrypted_extra", f"must be a JSON object, got {type(value).__name__}"
+            )
+        return value
 
     @property
     def backend(self) -> str:
@@ -214,7 +269,19 @@ class DatabaseSpec(_Spec):
             json.dumps(self.extra, sort_keys=True, default=repr),
             self.impersonate_user,
             self.ssh_tunnel.fingerprint if self.ssh_tunnel else None,
+            # Only a digest of the secret parameters enters the fingerprint.
+            _digest(_reveal(self.encrypted_extra)) if self.encrypted_extra else None,
         )
+
+
+def _check_max_connections(cap: Any) -> None:
+    """``extra["max_connections"]``, the database's connection budget: an integer >= 1."""
+    if cap is None:
+        return
+    if isinstance(cap, bool) or not isinstance(cap, int):
+        raise InvalidSpecError("extra.max_connections", "must be an integer")
+    if cap < 1:
+        raise InvalidSpecError("extra.max_connections", "must be >= 1")
 
 
 def check_engine_params(params: dict[str, Any]) -> None:
@@ -242,6 +309,16 @@ def check_engine_params(params: dict[str, Any]) -> None:
     connect_args = params.get("connect_args", {})
     if not isinstance(connect_args, dict):
         raise InvalidSpecError(prefix + "connect_args", "must be a JSON object")
+
+
+def _reject_non_object_json(text: str) -> None:
+    # JSON is checked now; text that does not parse may be ciphertext (checked on use).
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object, got {type(value).__name__}")
 
 
 def _reveal(secret: SecretStr | None) -> str | None:

@@ -30,13 +30,19 @@ def mysql_spec() -> DatabaseSpec:
 @pytest.fixture
 def manager() -> Iterator[EngineManager]:
     """A SINGLETON manager, shut down after the test."""
-    with EngineManager(mode="singleton", cleanup_interval=60, ask_timeout=10) as m:
+    # forbid_unsafe_uris=False: tests use SQLite files (the rule has its own tests).
+    with EngineManager(
+        mode="singleton", cleanup_interval=60, ask_timeout=10, forbid_unsafe_uris=False
+    ) as m:
         yield m
 
 
 @pytest.fixture
 def new_manager() -> Iterator[EngineManager]:
-    with EngineManager(mode="new", cleanup_interval=60, ask_timeout=10) as m:
+    # forbid_unsafe_uris=False: tests use SQLite files (the rule has its own tests).
+    with EngineManager(
+        mode="new", cleanup_interval=60, ask_timeout=10, forbid_unsafe_uris=False
+    ) as m:
         yield m
 
 

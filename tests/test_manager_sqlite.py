@@ -149,7 +149,9 @@ def ignoring_mutator(url: URL, kwargs: dict[str, Any], *, user: str | None,
 @pytest.fixture
 def mutating_manager() -> Iterator[EngineManager]:
     SEEN.clear()
-    with EngineManager(connection_mutator=mutator, cleanup_interval=60) as m:
+    with EngineManager(
+        forbid_unsafe_uris=False, connection_mutator=mutator, cleanup_interval=60
+    ) as m:
         yield m
 
 
@@ -164,7 +166,9 @@ def test_mutator_receives_user_and_source_and_changes_url(
 
 
 def test_mutator_ignoring_source_shares_one_engine(spec: DatabaseSpec) -> None:
-    with EngineManager(connection_mutator=ignoring_mutator, cleanup_interval=60) as manager:
+    with EngineManager(
+        forbid_unsafe_uris=False, connection_mutator=ignoring_mutator, cleanup_interval=60
+    ) as manager:
         a = manager.get(spec, source="dashboard")
         b = manager.get(spec, source="sql_lab")
         assert a is b
@@ -174,7 +178,7 @@ def test_mutator_ignoring_source_shares_one_engine(spec: DatabaseSpec) -> None:
 def test_mutator_from_environment(monkeypatch: pytest.MonkeyPatch, spec: DatabaseSpec) -> None:
     monkeypatch.setenv("ENGINEHOUSE_CONNECTION_MUTATOR", f"{__name__}.mutator")
     SEEN.clear()
-    with EngineManager(cleanup_interval=60) as manager:
+    with EngineManager(forbid_unsafe_uris=False, cleanup_interval=60) as manager:
         manager.get(spec, user="u", source="s")
     assert SEEN == [("u", "s")]
 
@@ -182,7 +186,7 @@ def test_mutator_from_environment(monkeypatch: pytest.MonkeyPatch, spec: Databas
 def test_idle_engine_is_evicted_by_sweep(
     spec: DatabaseSpec, poll: Callable[..., object]
 ) -> None:
-    with EngineManager(idle_timeout=0.05, cleanup_interval=60) as manager:
+    with EngineManager(forbid_unsafe_uris=False, idle_timeout=0.05, cleanup_interval=60) as manager:
         engine = manager.get(spec)
         poll(lambda: manager.stats().engines[0].idle_seconds > 0.1)
         manager.sweep()
@@ -194,14 +198,16 @@ def test_idle_engine_is_evicted_by_sweep(
 def test_idle_engine_is_evicted_by_the_janitor_timer(
     spec: DatabaseSpec, poll: Callable[..., object]
 ) -> None:
-    with EngineManager(idle_timeout=0.05, cleanup_interval=0.05) as manager:
+    with EngineManager(
+        forbid_unsafe_uris=False, idle_timeout=0.05, cleanup_interval=0.05
+    ) as manager:
         manager.get(spec)
         poll(lambda: manager.stats().evictions >= 1, what="the janitor's scheduled sweep")
         assert manager.stats().engine_count == 0
 
 
 def test_max_engines_keeps_the_recently_used(tmp_path: Path) -> None:
-    with EngineManager(max_engines=2, cleanup_interval=60) as manager:
+    with EngineManager(forbid_unsafe_uris=False, max_engines=2, cleanup_interval=60) as manager:
         a, b, c = (sqlite_spec(tmp_path, i) for i in ("a", "b", "c"))
         engine_a = manager.get(a)
         engine_b = manager.get(b)
