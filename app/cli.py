@@ -28,8 +28,11 @@ enginehouse metrics page), 7 engine creation refused; bench: the failing benchma
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["demo"]:
+        return _demo(arguments[1:])  # the demo parses (and documents) its own options
     parser = _parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(arguments)
     if args.command is None:
         parser.print_help(sys.stderr)
         return int(ExitCode.BAD_INPUT)
@@ -53,8 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run the embedded SQLite demo (see: enginehouse demo --help)", add_help=False
     )
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=lambda args: _demo([]))
 
     check = commands.add_parser(
         "check",
@@ -114,13 +116,16 @@ def _positive(value: str) -> float:
 # -- demo ---------------------------------------------------------------------
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(arguments: list[str]) -> int:
     try:
         from app.demo import run_demo
     except ImportError as exc:
         print(f"demo unavailable: {exc}", file=sys.stderr)
         return int(ExitCode.INTERNAL)
-    return int(run_demo(args.demo_args))
+    try:
+        return int(run_demo(arguments))
+    except SystemExit as exit_:  # the demo's own argparse (--help, bad option)
+        return exit_.code if isinstance(exit_.code, int) else int(ExitCode.BAD_INPUT)
 
 
 # -- check --------------------------------------------------------------------
@@ -142,8 +147,10 @@ def _check(args: argparse.Namespace) -> int:
     if not report.ok:
         failed = next((s for s in report.steps if s.status == "failed"), None)
         where = f"{failed.name}: {failed.detail}" if failed else "unknown step"
-        print(f"check failed ({report.code.name.lower()}, exit {int(report.code)}): {where}",
-              file=sys.stderr)
+        print(
+            f"check failed ({report.code.name.lower()}, exit {int(report.code)}): {where}",
+            file=sys.stderr,
+        )
     return int(report.code)
 
 
@@ -279,8 +286,7 @@ def _pool_table(samples: Samples) -> list[str]:
     lines = ["pools:", header + f"{'checkouts':>11}{'mean wait':>12}"]
     for database in databases:
         cells = "".join(
-            f"{table[t][database]:>10g}" if database in table[t] else f"{'-':>10}"
-            for t in columns
+            f"{table[t][database]:>10g}" if database in table[t] else f"{'-':>10}" for t in columns
         )
         count = waits.get(database, 0)
         mean = f"{wait_sum.get(database, 0) / count * 1000:.2f} ms" if count else "-"
@@ -311,16 +317,20 @@ def _natural(text: str) -> tuple[int, int | str]:
 def _bench(args: argparse.Namespace) -> int:
     available = sorted(p.stem for p in BENCHMARKS_DIR.glob("bench_*.py"))
     if not available:
-        print(f"bench: no benchmarks found in {BENCHMARKS_DIR} (run from a source checkout)",
-              file=sys.stderr)
+        print(
+            f"bench: no benchmarks found in {BENCHMARKS_DIR} (run from a source checkout)",
+            file=sys.stderr,
+        )
         return int(ExitCode.BAD_INPUT)
     if args.list:
         print("\n".join(available))
         return 0
     unknown = [name for name in args.names if name not in available]
     if unknown:
-        print(f"bench: unknown benchmark(s) {', '.join(unknown)}; "
-              f"available: {', '.join(available)}", file=sys.stderr)
+        print(
+            f"bench: unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(available)}",
+            file=sys.stderr,
+        )
         return int(ExitCode.BAD_INPUT)
     for name in args.names or available:
         command = [sys.executable, "-m", f"benchmarks.{name}"]

@@ -123,7 +123,10 @@ def test_tunnel_and_budget_fields_when_present() -> None:
         actors=[],
         tunnels=[
             SimpleNamespace(
-                bastion="ops@10.0.0.5:22", state="connected", connects=3, restarts=2,
+                bastion="ops@10.0.0.5:22",
+                state="connected",
+                connects=3,
+                restarts=2,
                 forwards=(forward, forward),
             )
         ],
@@ -135,9 +138,10 @@ def test_tunnel_and_budget_fields_when_present() -> None:
     assert registry.get_sample_value("enginehouse_tunnel_restarts_total", bastion) == 2
     assert registry.get_sample_value("enginehouse_tunnel_forwards", bastion) == 2
     assert registry.get_sample_value("enginehouse_tunnel_active_channels", bastion) == 4
-    assert registry.get_sample_value(
-        "enginehouse_tunnel_state", {**bastion, "state": "connected"}
-    ) == 1
+    assert (
+        registry.get_sample_value("enginehouse_tunnel_state", {**bastion, "state": "connected"})
+        == 1
+    )
     assert registry.get_sample_value("enginehouse_budget_limit", {"database": "7"}) == 6
     assert registry.get_sample_value("enginehouse_budget_leases", {"database": "7"}) == 4
     assert registry.get_sample_value("enginehouse_budget_waits_total", {"database": "7"}) == 9
