@@ -1,7 +1,8 @@
 """Core benchmarks (issue 3): the hit path, SINGLETON vs NEW, facade overhead, a miss.
 
-    python -m benchmarks.bench_core            # full run (~1.5 min), plots into docs/img/
+    python -m benchmarks.bench_core            # full run (~2 min), plots into docs/img/
     python -m benchmarks.bench_core --quick    # smoke run (< 20 s), no plots unless --plots
+    python -m benchmarks.bench_core --replot benchmarks/results/core-latest.json
 
 Every figure is a ratio between alternatives measured side by side in this
 one run (interleaved, repeated, medians): see docs/benchmarks.md.
@@ -11,18 +12,21 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pykka
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
 
 from app import DatabaseSpec, EngineManager
 from app.default import DefaultEngines
@@ -67,8 +71,8 @@ class Scale:
 
 
 FULL = Scale(
-    hit_rounds=300, facade_rounds=400, miss_rounds=40, miss_batch=10, mode_seconds=3.0,
-    mode_repeats=3,
+    hit_rounds=1000, facade_rounds=1000, miss_rounds=60, miss_batch=10, mode_seconds=1.5,
+    mode_repeats=6,
 )
 QUICK = Scale(
     hit_rounds=40, facade_rounds=60, miss_rounds=8, miss_batch=5, mode_seconds=0.6,
@@ -160,41 +164,84 @@ def bench_modes(
     repeats: int,
     thread_counts: Sequence[int] = (1, 8),
 ) -> Result:
-    """SELECT 1 throughput through ``manager.connect()`` in each mode, runs alternated."""
+    """SELECT 1 throughput, runs alternated: SINGLETON vs NEW, and two bare-engine references.
+
+    NEW builds a new engine per ``get()``, so each query also pays SQLAlchemy's
+    first-connect dialect initialisation; the references (one bare QueuePool
+    engine vs one bare NullPool engine) isolate pooling alone.
+    """
     throughput: dict[str, list[float]] = {}
-    with (
-        EngineManager(mode="singleton") as singleton,
-        EngineManager(mode="new") as new,
-    ):
-        for threads in thread_counts:
-            for _ in range(repeats):
-                for mode, manager in (("SINGLETON", singleton), ("NEW", new)):
-                    rate = _throughput(manager, spec, threads=threads, seconds=seconds)
-                    throughput.setdefault(f"{mode} {threads}t", []).append(rate)
+    url, params = spec.sqlalchemy_url(), spec.engine_params
+    queue_engine = create_engine(url, **params)
+    null_engine = create_engine(url, poolclass=NullPool)
+    try:
+        with (
+            EngineManager(mode="singleton") as singleton,
+            EngineManager(mode="new") as new,
+        ):
+            ways: dict[str, Callable[[], Any]] = {
+                "SINGLETON": lambda: singleton.connect(spec),
+                "NEW": lambda: new.connect(spec),
+                "bare QueuePool": queue_engine.connect,
+                "bare NullPool": null_engine.connect,
+            }
+            names = list(ways)
+            for threads in thread_counts:
+                for repeat in range(repeats):
+                    shift = repeat % len(names)  # rotate: no way always runs first
+                    for way in names[shift:] + names[:shift]:
+                        rate = _throughput(ways[way], threads=threads, seconds=seconds)
+                        throughput.setdefault(f"{way} {threads}t", []).append(rate)
+    finally:
+        queue_engine.dispose()
+        null_engine.dispose()
     ratios = []
     for threads in thread_counts:
-        pooled, fresh = throughput[f"SINGLETON {threads}t"], throughput[f"NEW {threads}t"]
-        ratios.append(
-            Ratio(
-                label=f"SINGLETON vs NEW, {threads} thread{'s' if threads > 1 else ''}",
-                candidate="SINGLETON",
-                baseline="NEW",
-                candidate_value=_median(pooled),
-                baseline_value=_median(fresh),
-                unit="q/s",
-                value=paired_ratio(pooled, fresh),
-                goal_text="expect ~6-8x",
-            )
-        )
+        count = _threads(threads)
+        ratios += [
+            _more(throughput, threads, f"SINGLETON vs NEW, {count}", "SINGLETON", "NEW"),
+            _more(
+                throughput,
+                threads,
+                f"reference: QueuePool vs NullPool engine, {count}",
+                "bare QueuePool",
+                "bare NullPool",
+            ),
+            _more(
+                throughput,
+                threads,
+                f"SINGLETON vs bare QueuePool, {count}",
+                "SINGLETON",
+                "bare QueuePool",
+            ),
+        ]
     params = {"seconds": seconds, "repeats": repeats, "threads": list(thread_counts)}
     return Result("modes", ratios, throughput=throughput, params=params)
 
 
+def _more(
+    throughput: dict[str, list[float]], threads: int, label: str, candidate: str, baseline: str
+) -> Ratio:
+    """How many times the queries per second of ``candidate`` those of ``baseline``."""
+    high, low = throughput[f"{candidate} {threads}t"], throughput[f"{baseline} {threads}t"]
+    goal_text = {"NEW": "expect ~6-8x", "bare NullPool": "issue's ~6.5x (8t)"}.get(baseline, "~1x")
+    return Ratio(
+        label=label,
+        candidate=candidate,
+        baseline=baseline,
+        candidate_value=_median(high),
+        baseline_value=_median(low),
+        unit="q/s",
+        value=paired_ratio(high, low),
+        goal_text=goal_text,
+    )
+
+
 def _throughput(
-    manager: EngineManager, spec: DatabaseSpec, *, threads: int, seconds: float
+    connect: Callable[[], AbstractContextManager[Connection]], *, threads: int, seconds: float
 ) -> float:
     """Queries per second of ``threads`` threads doing connect + SELECT 1 for ``seconds``."""
-    with manager.connect(spec) as connection:  # warm: driver, dialect, first connection
+    with connect() as connection:  # warm: driver, dialect, first connection
         connection.execute(SELECT_1)
     counts = [0] * threads
     errors: list[BaseException] = []
@@ -206,7 +253,7 @@ def _throughput(
         done = 0
         try:
             while time.perf_counter() < deadline[0]:
-                with manager.connect(spec) as connection:
+                with connect() as connection:
                     connection.execute(SELECT_1)
                 done += 1
         except BaseException as exc:  # reported below: a benchmark must not hide failures
@@ -368,10 +415,12 @@ def run(scale: Scale, spec: DatabaseSpec, *, log: Callable[[str], None] = print)
     return results
 
 
-def plot(results: Sequence[Result], directory: Path) -> list[Path]:
+def plot(results: Sequence[Result], directory: Path, *, when: str | None = None) -> list[Path]:
     """core_hit_path.png, core_throughput.png, core_connect.png into ``directory``."""
     by_name = {r.name: r for r in results}
-    note = f"enginehouse core benchmarks, {utc_now()}, {os.cpu_count()} CPUs, shared machine"
+    ratios = {r.label: r.value for result in results for r in result.ratios}
+    when = when or utc_now()
+    note = f"enginehouse core benchmarks, {when}, {os.cpu_count()} CPUs, shared machine"
     paths = []
     hit = by_name["hit_path"].samples
     paths.append(
@@ -379,34 +428,50 @@ def plot(results: Sequence[Result], directory: Path) -> list[Path]:
             {**hit, "miss (new key)": by_name["miss"].samples["miss: first get() of a new key"]},
             directory / "core_hit_path.png",
             title="Getting an engine: cached get() vs creating one vs an actor round trip",
+            subtitle=(
+                f"cached get() is {ratios['hit vs create_engine']:.0f}x faster than "
+                f"create_engine(), {ratios['hit vs pykka ask']:.0f}x faster than a pykka ask"
+            ),
             note=note,
         )
     )
-    modes = by_name["modes"].throughput
+    modes = by_name["modes"]
+    threads = modes.params["threads"]
     groups = {
-        f"{t} thread{'s' if t > 1 else ''}": {
-            mode: _median(modes[f"{mode} {t}t"]) for mode in ("SINGLETON", "NEW")
+        _threads(t): {
+            way: _median(modes.throughput[f"{way} {t}t"])
+            for way in ("SINGLETON", "NEW", "bare QueuePool", "bare NullPool")
         }
-        for t in by_name["modes"].params["threads"]
+        for t in threads
     }
+    versus = ", ".join(f"{ratios[f'SINGLETON vs NEW, {_threads(t)}']:.1f}x ({_threads(t)})"
+                       for t in threads)
     paths.append(
         plot_groups(
             groups,
             directory / "core_throughput.png",
-            title="SELECT 1 on PostgreSQL through manager.connect(): SINGLETON vs NEW",
+            title="connect + SELECT 1 on PostgreSQL: manager modes vs bare engines",
+            subtitle=f"SINGLETON serves {versus} the queries of NEW",
             ylabel="queries per second (median of runs)",
             note=note,
         )
     )
+    facade = by_name["facade"]
     paths.append(
         plot_latencies(
-            by_name["facade"].samples,
+            facade.samples,
             directory / "core_connect.png",
             title="connect + SELECT 1: through the manager vs a bare QueuePool engine",
+            subtitle=f"facade overhead {facade.params['overhead']:+.1%} (median of paired rounds)",
+            log=False,
             note=note,
         )
     )
     return paths
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread{'s' if count > 1 else ''}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -421,7 +486,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-plots", action="store_true", help="write no PNG")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is not met")
+    parser.add_argument(
+        "--replot", type=Path, metavar="JSON", help="only redraw the plots from a results file"
+    )
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        saved = json.loads(args.replot.read_text())
+        results = [Result.from_json(r) for r in saved["results"]]
+        for path in plot(results, args.plots or PLOTS_DIR, when=saved["date"]):
+            print(f"plot: {path}")
+        return 0
 
     scale = QUICK if args.quick else FULL
     spec = database(args.uri)

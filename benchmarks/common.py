@@ -150,6 +150,18 @@ class Result:
             "samples": self.samples,
         }
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Result:
+        """The inverse of :meth:`to_json` (to plot again from a results file)."""
+        ratios = [Ratio(**{k: v for k, v in r.items() if k != "met"}) for r in data["ratios"]]
+        return cls(
+            data["name"],
+            ratios,
+            samples=dict(data["samples"]),
+            throughput=dict(data["throughput"]),
+            params=dict(data["params"]),
+        )
+
 
 def format_value(value: float, unit: str) -> str:
     """``1.7 us``, ``312 us``, ``2.41 ms``, ``3,120 q/s``."""
@@ -233,29 +245,40 @@ def plotting_available() -> bool:
 
 
 def plot_latencies(
-    samples: Mapping[str, Sequence[float]], path: Path, *, title: str, note: str = ""
+    samples: Mapping[str, Sequence[float]],
+    path: Path,
+    *,
+    title: str,
+    subtitle: str = "",
+    log: bool = True,
+    note: str = "",
 ) -> Path:
-    """Horizontal box plots of per-call latencies (log scale, microseconds), median labelled."""
+    """Horizontal box plots of per-call latencies in microseconds, each median written out."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     names = list(samples)
     data = [[v * 1e6 for v in samples[n]] for n in names]
-    fig, ax = plt.subplots(figsize=(8, 0.75 * len(names) + 1.6))
-    ax.boxplot(data, whis=(5, 95), showfliers=False, widths=0.6, **_horizontal())
+    fig, ax = plt.subplots(figsize=(8.5, 0.7 * len(names) + 1.9))
+    ax.boxplot(data, whis=(5, 95), showfliers=False, widths=0.55, **_horizontal())
     ax.set_yticks(range(1, len(names) + 1), names)
-    ax.set_xscale("log")
-    ax.set_xlabel("time per call (µs, log scale; box = p25-p75, whiskers = p5-p95)")
-    ax.set_title(title)
+    if log:
+        ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
+    scale = "log scale, " if log else ""
+    ax.set_xlabel(f"time per call, µs ({scale}box = p25-p75, whiskers = p5-p95)")
+    ax.set_title(f"{title}\n{subtitle}" if subtitle else title, fontsize=11)
     for row, values in enumerate(data, start=1):
-        median = statistics.median(values)
         ax.annotate(
-            f"{median:.3g} µs",
-            (median, row),
-            xytext=(0, 14),
+            f"median {statistics.median(values):.3g} µs",
+            (percentile(values, 95), row),
+            xytext=(6, 0),
             textcoords="offset points",
-            ha="center",
+            va="center",
             fontsize=9,
         )
+    ax.margins(x=0.25 if log else 0.15)
     ax.grid(axis="x", which="both", alpha=0.3)
     if note:
         fig.text(0.01, 0.01, note, fontsize=8, color="dimgray")
@@ -268,6 +291,7 @@ def plot_groups(
     *,
     title: str,
     ylabel: str,
+    subtitle: str = "",
     note: str = "",
 ) -> Path:
     """Grouped bars: one group per key of ``groups``, one bar per series, values labelled."""
@@ -284,7 +308,7 @@ def plot_groups(
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=2, fontsize=9)
     ax.set_xticks(range(len(group_names)), group_names)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(f"{title}\n{subtitle}" if subtitle else title, fontsize=11)
     ax.margins(y=0.15)
     ax.legend()
     ax.grid(axis="y", alpha=0.3)

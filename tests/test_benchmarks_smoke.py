@@ -63,8 +63,9 @@ def test_hit_path(spec: DatabaseSpec) -> None:
 
 def test_modes(spec: DatabaseSpec) -> None:
     result = bench_core.bench_modes(spec, seconds=0.2, repeats=1, thread_counts=(1, 2))
-    check(result, "modes", 2)
-    assert set(result.throughput) == {"SINGLETON 1t", "NEW 1t", "SINGLETON 2t", "NEW 2t"}
+    check(result, "modes", 6)
+    ways = ("SINGLETON", "NEW", "bare QueuePool", "bare NullPool")
+    assert set(result.throughput) == {f"{way} {n}t" for way in ways for n in (1, 2)}
 
 
 def test_facade(spec: DatabaseSpec) -> None:
@@ -99,12 +100,16 @@ def test_main_writes_table_json_and_plots(
     assert payload["benchmark"] == "core" and payload["quick"] is True
     assert [r["name"] for r in payload["results"]] == ["hit_path", "facade", "miss", "modes"]
     assert (tmp_path / "results" / "core-latest.json").is_file()
-    if common.plotting_available():
-        pngs = sorted(p.name for p in (tmp_path / "img").glob("*.png"))
-        assert pngs == ["core_connect.png", "core_hit_path.png", "core_throughput.png"]
-        assert all((tmp_path / "img" / n).read_bytes()[:4] == b"\x89PNG" for n in pngs)
-    else:
+    if not common.plotting_available():
         assert "plots skipped" in out
+        return
+    expected = ["core_connect.png", "core_hit_path.png", "core_throughput.png"]
+    assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == expected
+    assert all((tmp_path / "img" / n).read_bytes()[:4] == b"\x89PNG" for n in expected)
+    # The same plots again from the results file alone.
+    args = ["--replot", str(written[0]), "--plots", str(tmp_path / "again")]
+    assert bench_core.main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "again").glob("*.png")) == expected
 
 
 def test_statistics_helpers() -> None:
