@@ -321,4 +321,6 @@ def _mask(exc: BaseException, plan: EnginePlan) -> str:
     password = plan.url.password
     if password:
         text = text.replace(str(password), "***")
+    for secret in plan.redact:  # encrypted_extra's keys and values (longest first)
+        text = text.replace(secret, "***")
     return text

@@ -72,7 +72,7 @@ def build_plan(
     token is placed at connect time, never in the plan (see app.credentials).
     """
     adapter = adapter_for(spec.backend)
-    params = _with_encrypted_extra(spec, settings, adapter)
+    params, redact = _with_encrypted_extra(spec, settings, adapter)
     kwargs = _engine_kwargs(params, settings.mode)
     user = _impersonated(key.user, settings) if spec.impersonate_user else None
     url, kwargs = adapter.adjust(
@@ -94,16 +94,18 @@ def build_plan(
         schema=key.schema,
         user=user,
         tunnel=spec.ssh_tunnel,
+        redact=redact,
         max_connections=spec.extra.get("max_connections"),
     )
 
 
 def _with_encrypted_extra(
     spec: DatabaseSpec, settings: ManagerSettings, adapter: DialectAdapter
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Engine parameters with the secret ones merged, and the texts errors must mask."""
     params = spec.engine_params
     if spec.encrypted_extra is None:
-        return params
+        return params, ()
     secret = spec.decrypted_extra(settings.encrypted_extra_decryptor)
     merge = getattr(adapter, "merge_encrypted_extra", merge_encrypted_extra)
     merged: dict[str, Any] = merge(params, secret)
@@ -113,7 +115,20 @@ def _with_encrypted_extra(
         # Name the field, not the (secret) value.
         field = "encrypted_extra." + exc.field.removeprefix("extra.")
         raise InvalidSpecError(field, "invalid value in the merged engine parameters") from None
-    return merged
+    # SQLAlchemy quotes unknown argument names in its errors: mask keys and values.
+    return merged, tuple(sorted(_texts(secret), key=len, reverse=True))
+
+
+def _texts(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        found = {str(key) for key in value}
+        for item in value.values():
+            found |= _texts(item)
+        return found
+    if isinstance(value, list):
+        return set().union(*map(_texts, value))
+    # Shorter texts (ports, flags) would mask half a message and protect nothing.
+    return {value} if isinstance(value, str) and len(value) >= 4 else set()
 
 
 def _impersonated(user: str | None, settings: ManagerSettings) -> str | None:

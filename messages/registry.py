@@ -51,6 +51,8 @@ class EnginePlan:
     schema: str | None = None
     user: str | None = None
     tunnel: SSHTunnelSpec | None = None
+    redact: tuple[str, ...] = ()
+    """Texts from ``encrypted_extra`` to mask in any error about this plan."""
 
     def __repr__(self) -> str:
         return (
