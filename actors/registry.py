@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -200,9 +201,11 @@ class EngineRegistry(pykka.ThreadingActor):
     def _cache(self, plan: EnginePlan) -> CachedEngine:
         engine = self._build(plan)
         ref = self.actor_ref
-        key, engine_id = plan.engine_key, id(engine)
+        key, engine_id, pid = plan.engine_key, id(engine), os.getpid()
 
         def on_disposed(_: Engine) -> None:
+            if os.getpid() != pid:
+                return  # a forked child dropping inherited pools: this actor is not here
             # If the registry that cached it is gone, so is the entry: nothing to tell.
             with contextlib.suppress(pykka.ActorDeadError):
                 ref.tell(EngineDisposed(key, engine_id))
