@@ -70,11 +70,13 @@ def make_app(**config: Any) -> Flask:
 
     @app.route("/query/<source>")
     def query(source: str) -> Any:
-        with get_sqla_engine(WAREHOUSE, schema="public", source=source) as engine:
-            with engine.connect() as connection:
-                row = connection.execute(
-                    text("select current_setting('application_name'), pg_backend_pid()")
-                ).one()
+        with (
+            get_sqla_engine(WAREHOUSE, schema="public", source=source) as engine,
+            engine.connect() as connection,
+        ):
+            row = connection.execute(
+                text("select current_setting('application_name'), pg_backend_pid()")
+            ).one()
         return jsonify(application=row[0], pid=row[1], engine=id(engine))
 
     return app
@@ -184,4 +186,4 @@ def test_superset_models_become_masked_specs() -> None:
 
 def test_outside_an_app_context_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="app context"):
-        EngineManagerExtension().manager
+        _ = EngineManagerExtension().manager
