@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pykka
 import pytest
+from sqlalchemy import text
 
 from actors.janitor import Janitor
 from actors.policy import RestartPolicy, RestartType
 from actors.registry import EngineRegistry, Snapshot
 from actors.supervisor import ChildSpec, Supervisor
+from app import DatabaseSpec, EngineManager
 from app.errors import ActorUnavailableError, EngineManagerError
 from messages.registry import GetStats, RegistryStats, Sweep
 from messages.supervision import (
@@ -180,3 +183,94 @@ def test_supervisor_crash_stops_its_children(poll: Callable[..., object]) -> Non
     poll(lambda: not supervisor.is_alive())
     poll(lambda: not any(kid.is_alive() for kid in kids), what="children to stop with it")
     poll(lambda: set(threading.enumerate()) <= before, what="actor threads to end")
+
+
+# -- through the facade: a crashed actor is restarted, or fails clearly -----------------------
+
+
+def child_ref(manager: EngineManager, name: str) -> pykka.ActorRef[Any]:
+    return where(manager._system.supervisor, name)  # private: fine in a test
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path, sqlite_files_allowed: None) -> DatabaseSpec:
+    return DatabaseSpec(id="crash", uri=f"sqlite:///{tmp_path / 'crash.db'}")
+
+
+def crashing_manager(**settings: Any) -> EngineManager:
+    values: dict[str, Any] = {"cleanup_interval": 60, "ask_timeout": 5, "restart_backoff": 0.0}
+    return EngineManager(**{**values, **settings})
+
+
+def test_registry_crash_is_survived_by_the_facade(
+    sqlite_db: DatabaseSpec, poll: Callable[..., object]
+) -> None:
+    with crashing_manager() as manager:
+        engine = manager.get(sqlite_db)
+        registry = child_ref(manager, "registry")
+        registry.tell("inject a failure")
+        poll(lambda: manager.stats().restarts == 1, what="the registry's restart")
+        assert not registry.is_alive()
+        fresh = manager.get(sqlite_db)
+        assert fresh is not engine  # the crashed registry disposed what it owned
+        with manager.connect(sqlite_db) as conn:
+            assert conn.execute(text("select 1")).scalar() == 1
+        registry_stats = next(a for a in manager.stats().actors if a.name == "registry")
+        assert registry_stats.alive and registry_stats.restarts == 1
+
+
+def test_janitor_crash_is_survived_by_the_facade(
+    sqlite_db: DatabaseSpec, poll: Callable[..., object]
+) -> None:
+    with crashing_manager(idle_timeout=0.05) as manager:
+        janitor = child_ref(manager, "janitor")
+        janitor.tell("inject a failure")
+        poll(lambda: manager.stats().restarts == 1, what="the janitor's restart")
+        assert child_ref(manager, "janitor").actor_urn != janitor.actor_urn
+        manager.get(sqlite_db)
+        poll(lambda: manager.stats().engines[0].idle_seconds > 0.1)
+        manager.sweep()  # served by the new janitor
+        poll(lambda: manager.stats().evictions == 1, what="a sweep by the restarted janitor")
+
+
+@pytest.mark.parametrize("restart_max", [0, 2])
+def test_exceeding_restart_intensity_fails_clearly(
+    sqlite_db: DatabaseSpec, poll: Callable[..., object], restart_max: int
+) -> None:
+    before = set(threading.enumerate())
+    with crashing_manager(restart_max=restart_max) as manager:
+        for crash in range(restart_max + 1):
+            registry = child_ref(manager, "registry")
+            registry.tell(f"inject failure {crash}")
+            poll(lambda ref=registry: not ref.is_alive())
+            if crash < restart_max:
+                poll(lambda n=crash: manager.stats().restarts == n + 1)
+        calls: list[Callable[[], object]] = [
+            lambda: manager.get(sqlite_db),
+            manager.stats,
+            lambda: manager.dispose(sqlite_db.id),
+        ]
+        for call in calls:
+            with pytest.raises(ActorUnavailableError, match="registry") as info:
+                call()
+            assert isinstance(info.value, EngineManagerError)
+    poll(lambda: set(threading.enumerate()) <= before, what="threads to end after shutdown")
+
+
+def test_supervisor_crash_fails_clearly_and_leaks_nothing(
+    sqlite_db: DatabaseSpec, poll: Callable[..., object]
+) -> None:
+    before = set(threading.enumerate())
+    manager = crashing_manager()
+    manager.get(sqlite_db)
+    supervisor = manager._system.supervisor
+    children = [child_ref(manager, "registry"), child_ref(manager, "janitor")]
+    supervisor.tell("inject a failure")
+    poll(lambda: not supervisor.is_alive())
+    poll(lambda: not any(child.is_alive() for child in children), what="children to stop")
+    with pytest.raises(ActorUnavailableError, match="supervisor"):
+        manager.stats()
+    with pytest.raises(ActorUnavailableError):
+        manager.get(DatabaseSpec(id="other", uri=sqlite_db.uri))
+    manager.shutdown()
+    poll(lambda: set(threading.enumerate()) <= before, what="every actor thread to end")
