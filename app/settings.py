@@ -58,6 +58,12 @@ class ManagerSettings(BaseSettings):
     restart_period: float = Field(default=60.0, gt=0)
     restart_backoff: float = Field(default=0.05, ge=0, description="first restart delay, s")
     restart_backoff_max: float = Field(default=2.0, ge=0)
+    tunnel_idle_timeout: float = Field(
+        default=600.0, gt=0, description="s an SSH session with no open channel stays up"
+    )
+    tunnel_connect_timeout: float = Field(
+        default=5.0, gt=0, description="s each step of opening an SSH session may take"
+    )
     # -- parity with Superset's manager (see docs/security.md, docs/adapters.md) --
     uri_validator: ImportString[UriValidator] | None = None
     forbid_unsafe_uris: bool = Field(

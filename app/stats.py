@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.settings import Mode
+from messages.tunnel import TunnelStats
 
 
 class EngineStats(BaseModel):
@@ -53,3 +54,4 @@ class ManagerStats(BaseModel):
     restarts: int
     engines: list[EngineStats]
     actors: list[ActorStats]
+    tunnels: list[TunnelStats] = Field(default_factory=list)

@@ -1,4 +1,4 @@
-"""``encrypted_extra``: validated, masked, merged by the adapter on real servers, keyed by digest."""
+"""``encrypted_extra``: validated, masked, merged by the adapter on real servers, digested."""
 
 from __future__ import annotations
 
@@ -103,7 +103,9 @@ def test_mariadb_connect_args_deep_merged_over_extra(pg_manager: EngineManager) 
     spec = DatabaseSpec(
         id="maria-extra",
         uri=MYSQL_URI,
-        extra={"engine_params": {"connect_args": {"connect_timeout": 7, "init_command": "SET @a=1"}}},
+        extra={
+            "engine_params": {"connect_args": {"connect_timeout": 7, "init_command": "SET @a=1"}}
+        },
         encrypted_extra={
             "engine_params": {"connect_args": {"init_command": "SET @eh_mark='eh-merged'"}}
         },
@@ -119,9 +121,9 @@ def test_decryptor_setting_turns_ciphertext_into_the_extra() -> None:
     name = f"eh-decrypted-{uuid.uuid4().hex[:8]}"
     ciphertext = json.dumps(secret_extra(name))[::-1]  # "encrypted" at rest: reversed
     spec = DatabaseSpec(id="pg-cipher", uri=PG_URI, encrypted_extra=ciphertext)
-    with EngineManager(encrypted_extra_decryptor=reverse, cleanup_interval=60) as manager:
-        with manager.connect(spec) as conn:
-            assert conn.execute(text("SHOW application_name")).scalar() == name
+    decrypting = EngineManager(encrypted_extra_decryptor=reverse, cleanup_interval=60)
+    with decrypting as manager, manager.connect(spec) as conn:
+        assert conn.execute(text("SHOW application_name")).scalar() == name
     with EngineManager(cleanup_interval=60) as manager, pytest.raises(InvalidSpecError) as caught:
         manager.get(spec)  # no decryptor: ciphertext is not JSON
     assert caught.value.field == "encrypted_extra"
