@@ -1,0 +1,168 @@
+"""A small TCP forwarder over paramiko channels: one local listener per remote end.
+
+Why not sshtunnel: measured here, 17-27% of its new connections stall ~45 ms
+and its ``stop()`` can block forever. This forwarder sets TCP_NODELAY on the
+accepted socket, relays with a selector (no polling timeouts), and its
+``close()`` joins every thread it started.
+
+The listener is independent of the SSH transport: a restarted transport is
+picked up by the next accepted connection, so the local port never changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import paramiko
+
+log = logging.getLogger("enginehouse.tunnel")
+
+ChannelOpener = Callable[[str, int, tuple[str, int]], paramiko.Channel]
+"""``(remote_host, remote_port, origin) -> channel``; raises when no channel can be had."""
+
+_CHUNK = 65536
+_JOIN_TIMEOUT = 5.0
+
+
+def count_value(counter: itertools.count[int]) -> int:
+    """The next value of an ``itertools.count`` (it has no read accessor; its repr is count(N))."""
+    return int(repr(counter)[6:-1])
+
+
+class _Relay:
+    """One accepted connection and, once opened, its channel."""
+
+    __slots__ = ("channel", "client", "thread")
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client = client
+        self.channel: paramiko.Channel | None = None
+        self.thread: threading.Thread | None = None
+
+    def abort(self) -> None:
+        """Wake the relay thread: shutting the socket down makes it readable (EOF)."""
+        with contextlib.suppress(OSError):
+            self.client.shutdown(socket.SHUT_RDWR)
+        channel = self.channel
+        if channel is not None:
+            channel.close()
+
+
+class Forward:
+    """Listens on 127.0.0.1 and relays each connection to ``remote_host:remote_port``.
+
+    Raises ``OSError`` when the local port cannot be bound (for example in use).
+    """
+
+    def __init__(
+        self,
+        remote_host: str,
+        remote_port: int,
+        opener: ChannelOpener,
+        *,
+        local_port: int = 0,
+    ) -> None:
+        self.remote_host = remote_host
+        self.remote_port = remote_port
+        self._opener = opener
+        self._listener = socket.create_server(("127.0.0.1", local_port), backlog=128)
+        self.local_port: int = self._listener.getsockname()[1]
+        self._relays: dict[int, _Relay] = {}
+        self._ids = itertools.count()
+        self.opened = itertools.count()
+        self.failures = itertools.count()
+        self.last_activity = time.monotonic()
+        self._closing = False
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name=f"enginehouse-forward-{self.local_port}", daemon=True
+        )
+        self._acceptor.start()
+
+    @property
+    def remote(self) -> str:
+        return f"{self.remote_host}:{self.remote_port}"
+
+    @property
+    def active_channels(self) -> int:
+        return len(self._relays)
+
+    def close(self) -> None:
+        """Stop accepting, end every relay, join every thread."""
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self._listener.close()
+        self._acceptor.join(_JOIN_TIMEOUT)
+        relays = list(self._relays.values())
+        for relay in relays:
+            relay.abort()
+        for relay in relays:
+            if relay.thread is not None:
+                relay.thread.join(_JOIN_TIMEOUT)
+
+    # -- threads -----------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                client, origin = self._listener.accept()
+            except OSError:
+                break  # the listener was shut down
+            if self._closing:
+                client.close()
+                break
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.last_activity = time.monotonic()
+            relay_id = next(self._ids)
+            relay = _Relay(client)
+            relay.thread = threading.Thread(
+                target=self._serve,
+                args=(relay_id, relay, origin),
+                name=f"enginehouse-relay-{self.local_port}-{relay_id}",
+                daemon=True,
+            )
+            self._relays[relay_id] = relay
+            relay.thread.start()
+
+    def _serve(self, relay_id: int, relay: _Relay, origin: tuple[str, int]) -> None:
+        try:
+            try:
+                relay.channel = self._opener(self.remote_host, self.remote_port, origin)
+            except Exception as exc:  # the client sees a closed connection; we log why
+                next(self.failures)
+                log.warning("no SSH channel to %s: %s", self.remote, exc)
+                return
+            next(self.opened)
+            if self._closing:
+                return
+            _pump(relay.client, relay.channel)
+        finally:
+            if relay.channel is not None:
+                relay.channel.close()
+            relay.client.close()
+            self._relays.pop(relay_id, None)
+            self.last_activity = time.monotonic()
+
+
+def _pump(client: socket.socket, channel: paramiko.Channel) -> None:
+    """Copy bytes both ways until either side closes."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(client, selectors.EVENT_READ, channel)
+        selector.register(channel, selectors.EVENT_READ, client)
+        while True:
+            for key, _ in selector.select():
+                source = key.fileobj
+                try:
+                    data = source.recv(_CHUNK)  # type: ignore[union-attr]
+                    if not data:
+                        return
+                    key.data.sendall(data)
+                except (OSError, EOFError, paramiko.SSHException):
+                    return

@@ -1,0 +1,355 @@
+"""The TunnelSupervisor actor: one per bastion, one SSH transport, every forward over it.
+
+It connects lazily (on the first :class:`OpenForward`), reconnects a dead
+transport under a :class:`~actors.policy.RestartPolicy` (when a health round
+or a new channel finds it dead), closes an idle one, and gives up with a
+:class:`~app.errors.TunnelError` that names the bastion and why. Local
+listeners outlive transports, so an engine's ``127.0.0.1:port`` stays valid
+across restarts.
+
+The only state shared with other threads is the :class:`Link`: forwarder
+threads and pool checkouts read its ``transport`` and ``generation``; only
+this actor replaces them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import paramiko
+import pykka
+
+from actors.forwarder import ChannelOpener, Forward, count_value
+from actors.policy import RestartLedger, RestartPolicy
+from actors.ssh import connect, load_private_key
+from app.errors import EngineManagerError, TunnelError
+from app.specs import SSHTunnelSpec
+from messages.tunnel import (
+    CheckHealth,
+    CloseTunnel,
+    EnsureConnected,
+    Forwarded,
+    ForwardStats,
+    GetTunnelStats,
+    OpenForward,
+    Owner,
+    ReleaseForwards,
+    TunnelStats,
+)
+
+log = logging.getLogger("enginehouse.tunnel")
+
+
+class Link:
+    """The bastion's current transport, as the actor last set it."""
+
+    __slots__ = ("bastion", "closed", "generation", "transport")
+
+    def __init__(self, bastion: str) -> None:
+        self.bastion = bastion
+        self.transport: paramiko.Transport | None = None
+        self.generation = 0
+        self.closed = False
+
+    def active(self) -> bool:
+        transport = self.transport
+        return transport is not None and transport.is_active()
+
+
+class TunnelSupervisor(pykka.ThreadingActor):
+    """Owns one bastion's SSH transport and forwards; see the module docstring."""
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        spec: SSHTunnelSpec,
+        *,
+        policy: RestartPolicy,
+        connect_timeout: float,
+        ask_timeout: float,
+        idle_timeout: float,
+    ) -> None:
+        super().__init__()
+        self._spec = spec
+        self._policy = policy
+        self._connect_timeout = connect_timeout
+        self._ask_timeout = ask_timeout
+        self._idle_timeout = idle_timeout
+        self.link = Link(spec.bastion)
+        self._key: paramiko.PKey | None = None
+        self._forwards: dict[tuple[str, int], Forward] = {}
+        self._owners: dict[tuple[str, int], set[Owner]] = {}
+        self._ledger = RestartLedger(policy)
+        self._state = "new"
+        self._deliberate = True  # the next connect is not a restart (first one, or after idle)
+        self._connects = 0
+        self._last_error: str | None = None
+        self._gave_up: str | None = None
+        self._last_used = time.monotonic()
+        self._handlers: dict[type, Any] = {
+            OpenForward: self._open_forward,
+            ReleaseForwards: self._release,
+            EnsureConnected: self._ensure_connected,
+            CheckHealth: self._check_health,
+            GetTunnelStats: self._stats,
+            CloseTunnel: self._close_and_stop,
+        }
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def on_stop(self) -> None:
+        self._close_all()
+
+    def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._close_all()
+
+    def on_receive(self, message: Any) -> Any:
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            raise TypeError(f"unexpected message {type(message).__name__}")
+        return handler(message)
+
+    # -- handlers --------------------------------------------------------------
+
+    def _open_forward(self, message: OpenForward) -> Forwarded:
+        remote = (message.remote_host, message.remote_port)
+        try:
+            self._ensure_connected(EnsureConnected("open forward"))
+            forward = self._forwards.get(remote)
+            if forward is None:
+                self._probe(*remote)
+                forward = self._listen(message)
+                self._forwards[remote] = forward
+        except EngineManagerError:
+            if not self._forwards:
+                self._close_and_stop(CloseTunnel())  # nothing left behind
+            raise
+        self._owners.setdefault(remote, set()).add(message.owner)
+        self._last_used = time.monotonic()
+        return Forwarded(forward.local_port, self.link)
+
+    def _release(self, message: ReleaseForwards) -> int:
+        """Drop ``owner``; answers how many forwards remain (0: this actor stops)."""
+        for remote, owners in list(self._owners.items()):
+            owners.discard(message.owner)
+            if not owners:
+                del self._owners[remote]
+                forward = self._forwards.pop(remote, None)
+                if forward is not None:
+                    forward.close()
+                    log.info("closed forward %s via %s", forward.remote, self._spec.bastion)
+        if not self._forwards:
+            self._close_and_stop(CloseTunnel())
+        return len(self._forwards)
+
+    def _ensure_connected(self, message: EnsureConnected) -> paramiko.Transport:
+        transport = self.link.transport
+        if transport is not None and transport.is_active():
+            return transport
+        if self.link.closed:
+            raise TunnelError(f"SSH tunnel to bastion {self._spec.bastion} is closed")
+        if not self._deliberate:
+            self._wait_before_restart(message.reason)
+        return self._connect()
+
+    def _check_health(self, message: CheckHealth) -> None:
+        if not self._forwards or self._state in ("idle", "new"):
+            return
+        if self.link.active():
+            if self._idle(message.now):
+                self._close_idle()
+            else:
+                self._keepalive()
+            return
+        if self._gave_up is not None and self._ledger.recent:
+            return  # still within the period that made us give up; a caller may retry
+        try:
+            self._ensure_connected(EnsureConnected("health check found the transport dead"))
+        except EngineManagerError as exc:
+            log.warning("tunnel to %s still down: %s", self._spec.bastion, exc)
+
+    def _stats(self, message: GetTunnelStats) -> TunnelStats:
+        if self._state == "connected" and not self.link.active():
+            self._state = "disconnected"
+        return TunnelStats(
+            bastion=self._spec.bastion,
+            state=self._state,
+            connects=self._connects,
+            restarts=self._ledger.restarts,
+            forwards=tuple(
+                ForwardStats(
+                    remote=forward.remote,
+                    local_port=forward.local_port,
+                    owners=len(self._owners.get(remote, ())),
+                    active_channels=forward.active_channels,
+                    channels_opened=count_value(forward.opened),
+                    channel_failures=count_value(forward.failures),
+                )
+                for remote, forward in self._forwards.items()
+            ),
+            last_error=self._last_error,
+            gave_up=self._gave_up,
+        )
+
+    def _close_and_stop(self, message: CloseTunnel) -> None:
+        self._close_all()
+        self.stop()
+
+    # -- internals -------------------------------------------------------------
+
+    def _wait_before_restart(self, reason: str) -> None:
+        if self._state == "connected":
+            log.warning("SSH transport to %s died (%s): reconnecting", self._spec.bastion, reason)
+            self._state = "disconnected"
+        delay = self._ledger.next_delay()
+        if delay is None:
+            self._state = "failed"
+            self._gave_up = (
+                f"{self._policy.max_restarts} reconnects within {self._policy.period:g}s; "
+                f"last error: {self._last_error or reason}"
+            )
+            raise TunnelError(
+                f"SSH tunnel to bastion {self._spec.bastion} is down: gave up after {self._gave_up}"
+            )
+        # Backoff blocks only this bastion's actor, never longer than backoff_max.
+        time.sleep(delay)
+
+    def _connect(self) -> paramiko.Transport:
+        self._drop_transport()
+        if self._key is None and self._spec.private_key is not None:
+            self._key = load_private_key(self._spec)
+        try:
+            transport = connect(self._spec, self._key, self._connect_timeout)
+        except TunnelError as exc:
+            self._last_error = str(exc)
+            self._state = "failed" if self._connects == 0 else "disconnected"
+            self._deliberate = False
+            raise
+        _enable_tcp_keepalive(transport)
+        self.link.transport = transport
+        self.link.generation += 1
+        self._connects += 1
+        self._state = "connected"
+        self._deliberate = False
+        self._gave_up = None
+        log.info("SSH transport to %s open (connect #%d)", self._spec.bastion, self._connects)
+        return transport
+
+    def _probe(self, host: str, port: int) -> None:
+        """Open and close one channel, so an unreachable remote fails now with its reason."""
+        transport = self._ensure_connected(EnsureConnected("probe"))
+        try:
+            channel = transport.open_channel(
+                "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=self._connect_timeout
+            )
+        except paramiko.ChannelException as exc:
+            raise TunnelError(
+                f"bastion {self._spec.bastion} cannot reach {host}:{port}: {exc.text}"
+            ) from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise TunnelError(
+                f"opening a channel to {host}:{port} via bastion {self._spec.bastion} failed: {exc}"
+            ) from None
+        channel.close()
+
+    def _listen(self, message: OpenForward) -> Forward:
+        try:
+            return Forward(
+                message.remote_host,
+                message.remote_port,
+                channel_opener(self.link, self.actor_ref, self._ask_timeout, self._connect_timeout),
+                local_port=message.local_port,
+            )
+        except OSError as exc:
+            raise TunnelError(
+                f"cannot listen on 127.0.0.1:{message.local_port} for "
+                f"{message.remote_host}:{message.remote_port} via bastion {self._spec.bastion}: "
+                f"{exc.strerror or exc}"
+            ) from None
+
+    def _idle(self, now: float) -> bool:
+        if any(forward.active_channels for forward in self._forwards.values()):
+            return False
+        last = max([self._last_used, *(f.last_activity for f in self._forwards.values())])
+        return now - last > self._idle_timeout
+
+    def _close_idle(self) -> None:
+        log.info("closing idle SSH transport to %s (listeners stay)", self._spec.bastion)
+        self._drop_transport()
+        self._state = "idle"
+        self._deliberate = True
+
+    def _keepalive(self) -> None:
+        transport = self.link.transport
+        if transport is None:
+            return
+        try:
+            transport.global_request("keepalive@openssh.com", wait=False)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            log.warning("keepalive to %s failed: %s", self._spec.bastion, exc)
+
+    def _drop_transport(self) -> None:
+        transport = self.link.transport
+        self.link.transport = None
+        if transport is not None:
+            transport.close()
+
+    def _close_all(self) -> None:
+        self.link.closed = True
+        forwards = list(self._forwards.values())
+        self._forwards.clear()
+        self._owners.clear()
+        self._drop_transport()  # ends every channel, so relays see EOF
+        for forward in forwards:
+            forward.close()
+        if self._state != "failed":
+            self._state = "closed"
+
+
+def channel_opener(
+    link: Link, ref: pykka.ActorRef[Any], ask_timeout: float, channel_timeout: float
+) -> ChannelOpener:
+    """What a forwarder thread calls: a channel on the live transport, reconnecting if dead."""
+
+    def ensure(reason: str) -> paramiko.Transport:
+        if link.closed:
+            raise TunnelError(f"SSH tunnel to bastion {link.bastion} is closed")
+        try:
+            transport: paramiko.Transport = ref.ask(EnsureConnected(reason), timeout=ask_timeout)
+        except (pykka.ActorDeadError, pykka.Timeout):
+            raise TunnelError(f"SSH tunnel to bastion {link.bastion} is not answering") from None
+        return transport
+
+    def open_channel(host: str, port: int, origin: tuple[str, int]) -> paramiko.Channel:
+        transport = link.transport
+        if transport is None or not transport.is_active():
+            transport = ensure("a new connection found the transport dead")
+        try:
+            return transport.open_channel(
+                "direct-tcpip", (host, port), origin, timeout=channel_timeout
+            )
+        except paramiko.ChannelException:
+            raise  # the bastion answered: the remote end refused
+        except (paramiko.SSHException, EOFError, OSError):
+            if transport.is_active():
+                raise
+        transport = ensure("a channel open found the transport dead")
+        return transport.open_channel("direct-tcpip", (host, port), origin, timeout=channel_timeout)
+
+    return open_channel
+
+
+def _enable_tcp_keepalive(transport: paramiko.Transport) -> None:
+    """Let the kernel notice a bastion that vanished without closing the connection."""
+    sock = transport.sock
+    if not isinstance(sock, socket.socket):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)

@@ -1,0 +1,272 @@
+"""The TunnelDirectory actor, and the hooks that connect tunnels to engines.
+
+The directory maps a bastion's fingerprint to its one
+:class:`~actors.tunnel.TunnelSupervisor`. Messages reach it one at a time, so
+many databases that first use a bastion at once still start one supervisor,
+hence one SSH session. It stops its supervisors when it stops.
+
+:class:`TunnelPreparer` is the registry's ``prepare`` hook: it rewrites a
+tunneled plan's URL to ``127.0.0.1:<local port>`` and adds pool listeners
+that retire connections made over a transport that has since died.
+:class:`TunnelHealthRound` is the Janitor's round that checks every tunnel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+from sqlalchemy.exc import DisconnectionError
+
+from actors.policy import RestartPolicy
+from actors.tunnel import Link, TunnelSupervisor
+from app.errors import TunnelError
+from messages.registry import EnginePlan
+from messages.supervision import ChildExited, WhereIs
+from messages.tunnel import (
+    CheckHealth,
+    EnsureConnected,
+    Forwarded,
+    GetTunnelStats,
+    OpenForward,
+    ReleaseForwards,
+    TunnelFor,
+    TunnelStats,
+)
+
+log = logging.getLogger("enginehouse.tunnel")
+
+_GENERATION = "enginehouse.tunnel_generation"
+
+
+class TunnelDirectory(pykka.ThreadingActor):
+    """One :class:`TunnelSupervisor` per bastion; see the module docstring."""
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        *,
+        policy: RestartPolicy,
+        connect_timeout: float,
+        ask_timeout: float,
+        idle_timeout: float,
+        supervisor: pykka.ActorRef[Any] | None = None,
+        name: str = "tunnels",
+    ) -> None:
+        super().__init__()
+        self._policy = policy
+        self._connect_timeout = connect_timeout
+        self._ask_timeout = ask_timeout
+        self._idle_timeout = idle_timeout
+        self._supervisor = supervisor
+        self._name = name
+        self._tunnels: dict[str, pykka.ActorRef[Any]] = {}
+
+    def on_stop(self) -> None:
+        self._stop_all()
+
+    def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._stop_all()
+        if self._supervisor is not None:
+            reason = f"{exc_type.__name__}: {exc}"
+            self._supervisor.tell(ChildExited(self._name, self.actor_urn, reason))
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, TunnelFor):
+            return self._tunnel_for(message)
+        if isinstance(message, ReleaseForwards):
+            return self._release(message)
+        if isinstance(message, CheckHealth):
+            return self._check_health(message)
+        if isinstance(message, GetTunnelStats):
+            return self._stats()
+        raise TypeError(f"unexpected message {type(message).__name__}")
+
+    def _tunnel_for(self, message: TunnelFor) -> pykka.ActorRef[Any]:
+        spec = message.spec
+        ref = self._tunnels.get(spec.fingerprint)
+        if ref is None or not ref.is_alive():
+            ref = TunnelSupervisor.start(
+                spec,
+                policy=self._policy,
+                connect_timeout=self._connect_timeout,
+                ask_timeout=self._ask_timeout,
+                idle_timeout=self._idle_timeout,
+            )
+            self._tunnels[spec.fingerprint] = ref
+        return ref
+
+    def _release(self, message: ReleaseForwards) -> int:
+        """Release ``owner``'s forwards everywhere; answers how many tunnels closed."""
+        closed = 0
+        for fingerprint, ref in list(self._live().items()):
+            try:
+                remaining = ref.ask(message, timeout=self._ask_timeout)
+            except (pykka.ActorDeadError, pykka.Timeout) as exc:
+                log.warning("releasing forwards of %s: %s", message.owner, type(exc).__name__)
+                continue
+            if remaining == 0:
+                self._tunnels.pop(fingerprint, None)
+                closed += 1
+        return closed
+
+    def _check_health(self, message: CheckHealth) -> None:
+        for ref in self._live().values():
+            ref.tell(message)
+
+    def _stats(self) -> tuple[TunnelStats, ...]:
+        futures = [ref.ask(GetTunnelStats(), block=False) for ref in self._live().values()]
+        stats: list[TunnelStats] = []
+        for future in futures:
+            try:
+                stats.append(future.get(timeout=self._ask_timeout))
+            except (pykka.ActorDeadError, pykka.Timeout):
+                continue
+        return tuple(stats)
+
+    def _live(self) -> dict[str, pykka.ActorRef[Any]]:
+        for fingerprint, ref in list(self._tunnels.items()):
+            if not ref.is_alive():
+                del self._tunnels[fingerprint]
+        return self._tunnels
+
+    def _stop_all(self) -> None:
+        refs = list(self._tunnels.values())
+        self._tunnels.clear()
+        for ref in refs:
+            try:
+                ref.stop(block=True, timeout=self._ask_timeout)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                log.warning("a tunnel did not stop within %.1fs", self._ask_timeout)
+
+
+Lookup = Callable[[], pykka.ActorRef[Any]]
+"""Finds the live TunnelDirectory (through the Supervisor, so a restarted one is found)."""
+
+
+def directory_lookup(supervisor: pykka.ActorRef[Any], timeout: float) -> Lookup:
+    """A :data:`Lookup` asking ``supervisor`` where the child ``tunnels`` is."""
+
+    def lookup() -> pykka.ActorRef[Any]:
+        return _ask(supervisor, WhereIs("tunnels"), timeout)
+
+    return lookup
+
+
+class TunnelPreparer:
+    """The registry's ``prepare`` hook: point a tunneled plan at its local forward."""
+
+    def __init__(self, lookup: Lookup, ask_timeout: float) -> None:
+        self._lookup = lookup
+        # Under the caller's own ask to the registry, leave it time to hear our error.
+        self._timeout = ask_timeout * 0.8
+
+    def __call__(self, plan: EnginePlan) -> EnginePlan:
+        spec = plan.tunnel
+        if spec is None:
+            return plan
+        host, port = plan.url.host, plan.url.port
+        if not host:
+            raise TunnelError(f"database {plan.database_id}: a tunneled URI needs a host")
+        if port is None:
+            port = _default_port(plan)
+        local_port, ref, link = self._open(plan, host, port)
+        kwargs = dict(plan.kwargs)
+        kwargs["pool_events"] = [
+            *kwargs.get("pool_events", ()),
+            *pool_listeners(link, ref, self._timeout),
+        ]
+        url = plan.url.set(host="127.0.0.1", port=local_port)
+        return dataclasses.replace(plan, url=url, kwargs=kwargs)
+
+    def _open(self, plan: EnginePlan, host: str, port: int) -> tuple[int, Any, Link]:
+        spec = plan.tunnel
+        assert spec is not None
+        deadline = time.monotonic() + self._timeout
+        for _attempt in range(3):
+            remaining = max(deadline - time.monotonic(), 0.001)
+            ref: pykka.ActorRef[Any] | None = None
+            try:
+                ref = _ask(self._lookup(), TunnelFor(spec), remaining)
+                remaining = max(deadline - time.monotonic(), 0.001)
+                forwarded: Forwarded = _ask(
+                    ref, OpenForward(host, port, plan.database_id), remaining
+                )
+                return forwarded.local_port, ref, forwarded.link
+            except pykka.ActorDeadError:
+                continue  # that supervisor was closing (its last forward released): retry
+            except pykka.Timeout:
+                break
+            except TunnelError as exc:
+                if "is closed" not in str(exc) or ref is None:
+                    raise
+                ref.actor_stopped.wait(remaining)
+        raise TunnelError(
+            f"SSH tunnel to bastion {spec.bastion} did not open within {self._timeout:g}s"
+        )
+
+
+def _ask(ref: pykka.ActorRef[Any], message: object, timeout: float) -> Any:
+    """``ref.ask`` with a timeout, typed as what the message answers (mypy sees a union)."""
+    return ref.ask(message, timeout=timeout)
+
+
+def _default_port(plan: EnginePlan) -> int:
+    dialect = plan.url.get_dialect()
+    port = getattr(dialect, "default_port", None)
+    defaults = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
+    if isinstance(port, int):
+        return port
+    backend = plan.url.get_backend_name()
+    if backend in defaults:
+        return defaults[backend]
+    raise TunnelError(f"database {plan.database_id}: give the port in the URI to tunnel it")
+
+
+def pool_listeners(
+    link: Link, ref: pykka.ActorRef[Any], timeout: float
+) -> list[tuple[Callable[..., None], str]]:
+    """``connect``/``checkout`` listeners: a connection made over a dead transport is retired.
+
+    On checkout, a dead transport is reconnected first (a ``TunnelError`` if
+    that fails, naming the bastion); then a connection from an older transport
+    raises ``DisconnectionError``, which makes the pool open a fresh one.
+    """
+
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        record.info[_GENERATION] = link.generation
+
+    def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        transport = link.transport
+        if transport is not None and transport.is_active():
+            if record.info.get(_GENERATION) == link.generation:
+                return  # the hot path: two attribute reads
+        else:
+            reason = "a pool checkout found the transport dead"
+            try:
+                ref.ask(EnsureConnected(reason), timeout=timeout)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                raise TunnelError(
+                    f"SSH tunnel to bastion {link.bastion} is not answering"
+                ) from None
+        raise DisconnectionError(f"SSH transport to {link.bastion} was restarted")
+
+    return [(on_connect, "connect"), (on_checkout, "checkout")]
+
+
+class TunnelHealthRound:
+    """The Janitor's round: tell the directory to check every tunnel (never raises)."""
+
+    def __init__(self, lookup: Lookup) -> None:
+        self._lookup = lookup
+
+    def __call__(self) -> None:
+        try:
+            self._lookup().tell(CheckHealth(time.monotonic()))
+        except Exception as exc:  # the Janitor keeps ticking whatever happens here
+            log.warning("tunnel health round skipped: %s", exc)

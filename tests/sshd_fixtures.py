@@ -1,0 +1,228 @@
+"""A throwaway OpenSSH server on a free loopback port, for tunnel tests and benchmarks.
+
+``scripts/install-sshd.sh`` installs openssh-server when ``/usr/sbin/sshd`` is
+missing. The server has its own config, generated host key, a password user
+and authorized Ed25519, ECDSA and RSA keys (one RSA key passphrase-protected),
+and allows TCP forwarding, so it forwards to the machine's PostgreSQL.
+Each SSH connection is a child process of the sshd (``sessions()``); killing
+those children drops the sessions, as a bastion restart would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SSHD = "/usr/sbin/sshd"
+USER = "ehtunnel"
+PASSWORD = "tunnel-pass-0123"
+KEY_PASSPHRASE = "key-phrase-4567"
+
+
+def install_sshd() -> None:
+    """Run the project's install script (apt-get only when sshd is missing)."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "install-sshd.sh")], check=True, timeout=600)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ensure_user() -> None:
+    if subprocess.run(["id", USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-m", "-s", "/bin/sh", USER], check=True)
+    subprocess.run(["chpasswd"], input=f"{USER}:{PASSWORD}\n", text=True, check=True)
+
+
+def _keygen(path: Path, kind: str, passphrase: str = "", pem: bool = False) -> None:
+    args = ["ssh-keygen", "-q", "-t", kind, "-N", passphrase, "-f", str(path), "-C", path.name]
+    if kind == "rsa":
+        args += ["-b", "2048"]
+    if pem:
+        args += ["-m", "PEM"]
+    subprocess.run(args, check=True)
+
+
+class ThrowawaySshd:
+    """One private sshd; see the module docstring."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.dir = workdir
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.keys: dict[str, str] = {}
+        self._host_key = self.dir / "host_ed25519"
+        self._make_client_keys()
+        self.new_host_key()
+
+    # -- keys ------------------------------------------------------------------
+
+    def _make_client_keys(self) -> None:
+        specs = {
+            "ed25519": ("ed25519", "", False),
+            "ecdsa": ("ecdsa", "", False),
+            "rsa": ("rsa", "", False),
+            "rsa_pem_passphrase": ("rsa", KEY_PASSPHRASE, True),
+            "ed25519_passphrase": ("ed25519", KEY_PASSPHRASE, False),
+        }
+        authorized = []
+        for name, (kind, passphrase, pem) in specs.items():
+            path = self.dir / f"client_{name}"
+            _keygen(path, kind, passphrase, pem)
+            self.keys[name] = path.read_text()
+            authorized.append(Path(f"{path}.pub").read_text().strip())
+        # A valid key that the server does not authorize.
+        stranger = self.dir / "client_stranger"
+        _keygen(stranger, "ed25519")
+        self.keys["stranger"] = stranger.read_text()
+        keys_file = self.dir / "authorized_keys"
+        keys_file.write_text("\n".join(authorized) + "\n")
+        # sshd reads authorized keys as the user: let it in (mkdtemp makes 0700).
+        self.dir.chmod(0o755)
+        keys_file.chmod(0o644)
+
+    def new_host_key(self) -> None:
+        """Generate a new host key (takes effect at the next start)."""
+        for path in (self._host_key, Path(f"{self._host_key}.pub")):
+            path.unlink(missing_ok=True)
+        _keygen(self._host_key, "ed25519")
+
+    @property
+    def host_key_line(self) -> str:
+        """This server's key as a known_hosts line."""
+        kind, blob = Path(f"{self._host_key}.pub").read_text().split()[:2]
+        return f"[127.0.0.1]:{self.port} {kind} {blob}"
+
+    # -- process -----------------------------------------------------------------
+
+    def _config(self) -> Path:
+        config = self.dir / "sshd_config"
+        config.write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {self._host_key}",
+                    f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
+                    f"PidFile {self.dir / 'sshd.pid'}",
+                    "PermitRootLogin no",
+                    "PasswordAuthentication yes",
+                    "KbdInteractiveAuthentication no",
+                    "PubkeyAuthentication yes",
+                    "AllowTcpForwarding yes",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "MaxStartups 100",
+                    "MaxSessions 100",
+                    "MaxAuthTries 10",
+                    "LoginGraceTime 30",
+                    "UseDNS no",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
+        return config
+
+    def start(self) -> None:
+        config = self._config()
+        log = open(self.dir / "sshd.log", "ab")  # noqa: SIM115 - kept open by the child
+        self.process = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sshd exited: {(self.dir / 'sshd.log').read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    if sock.recv(4).startswith(b"SSH-"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"sshd on port {self.port} did not come up")
+
+    def stop(self) -> None:
+        """Stop the listener and every session."""
+        self.kill_sessions()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=15)
+        self.kill_sessions()
+        self.process = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def sessions(self) -> list[int]:
+        """PIDs of the per-connection children (one per SSH connection)."""
+        if self.process is None:
+            return []
+        found = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in found.stdout.split()]
+
+    def kill_sessions(self) -> int:
+        """Drop every SSH connection (the listener stays up).
+
+        Kills each session's whole tree: the unprivileged child holds the socket.
+        """
+        sessions = self.sessions()
+        tree = list(sessions)
+        for pid in sessions:
+            tree += _children(pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return len(sessions)
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    pids = [int(child) for child in found.stdout.split()]
+    return pids + [grandchild for child in pids for grandchild in _children(child)]
+
+
+def start_sshd(port: int | None = None) -> ThrowawaySshd:
+    """Install if needed, then start a throwaway sshd in a new temp folder."""
+    install_sshd()
+    _ensure_user()
+    server = ThrowawaySshd(Path(tempfile.mkdtemp(prefix="enginehouse-sshd-")), port)
+    server.start()
+    return server
+
+
+def remove_sshd(server: ThrowawaySshd) -> None:
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sshd() -> Iterator[ThrowawaySshd]:
+    """A throwaway sshd shared by the session's tunnel tests (never stopped by a test)."""
+    server = start_sshd()
+    yield server
+    remove_sshd(server)
+
+
+@pytest.fixture
+def private_sshd() -> Iterator[ThrowawaySshd]:
+    """A throwaway sshd of one test's own, which it may stop, restart or re-key."""
+    server = start_sshd()
+    yield server
+    remove_sshd(server)
