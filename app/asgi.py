@@ -6,7 +6,7 @@
     api = FastAPI(lifespan=lifespan)                 # settings from ENGINEHOUSE_* variables
 
     @api.get("/rows")
-    def rows(manager: EngineManager = Depends(engine_manager)) -> ...:
+    def rows(manager: Annotated[EngineManager, Depends(engine_manager)]) -> ...:
         with manager.connect(spec) as connection: ...
 
 ``make_lifespan(mode="singleton", ...)`` takes settings (and an inner

@@ -6,7 +6,7 @@ import os
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from fastapi import Depends, FastAPI, Request
@@ -25,7 +25,7 @@ def make_api(life: Any) -> FastAPI:
     api = FastAPI(lifespan=life)
 
     @api.get("/pid")
-    def pid(manager: EngineManager = Depends(engine_manager)) -> dict[str, Any]:
+    def pid(manager: Annotated[EngineManager, Depends(engine_manager)]) -> dict[str, Any]:
         with manager.connect(SPEC) as connection:
             backend = connection.execute(text("select pg_backend_pid()")).scalar_one()
         return {"pid": backend, "manager": id(manager), "mode": manager.settings.mode.value}
@@ -83,9 +83,11 @@ def test_bad_settings_fail_at_definition() -> None:
 
 def test_dependency_without_lifespan_is_a_clear_error() -> None:
     api = make_api(None)
-    with TestClient(api, raise_server_exceptions=True) as client:
-        with pytest.raises(RuntimeError, match="lifespan=app.asgi.lifespan"):
-            client.get("/pid")
+    with (
+        TestClient(api, raise_server_exceptions=True) as client,
+        pytest.raises(RuntimeError, match=r"lifespan=app\.asgi\.lifespan"),
+    ):
+        client.get("/pid")
 
 
 class socket_port:
