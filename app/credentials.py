@@ -29,12 +29,15 @@ HOLDER_KWARG = "enginehouse_token_holder"
 
 
 class TokenHolder:
-    """The current access token of one engine, and the adapter that places it."""
+    """The current access token of one user's engine, and the adapter that places it."""
 
-    __slots__ = ("adapter", "secret")
+    __slots__ = ("adapter", "owner", "secret")
 
-    def __init__(self, adapter: DialectAdapter, token: str | SecretStr | None = None) -> None:
+    def __init__(
+        self, adapter: DialectAdapter, owner: str, token: str | SecretStr | None = None
+    ) -> None:
         self.adapter = adapter
+        self.owner = owner
         self.secret: SecretStr | None = None
         if token is not None:
             self.set(token)
@@ -44,8 +47,9 @@ class TokenHolder:
         self.secret = token if isinstance(token, SecretStr) else SecretStr(token)
 
     def __repr__(self) -> str:
-        # Stable and secret-free: engine keys digest the engine arguments' reprs.
-        return "TokenHolder(**********)"
+        # Engine keys digest the engine arguments' reprs: naming the owner keeps two
+        # users' token engines apart even when their URLs are equal; the token stays out.
+        return f"TokenHolder(owner={self.owner!r}, token=**********)"
 
 
 def attach(kwargs: dict[str, Any], holder: TokenHolder) -> dict[str, Any]:

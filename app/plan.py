@@ -83,7 +83,8 @@ def build_plan(
     if access_token is not None and not adapter.supports_impersonation:
         raise InvalidSpecError("access_token", f"the {spec.backend} adapter takes no user token")
     if key.user is not None:
-        kwargs = credentials.attach(kwargs, credentials.TokenHolder(adapter, access_token))
+        holder = credentials.TokenHolder(adapter, key.user, access_token)
+        kwargs = credentials.attach(kwargs, holder)
     return EnginePlan(
         engine_key=_digest(spec.id, spec.fingerprint, url, kwargs),
         database_id=spec.id,
