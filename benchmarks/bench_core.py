@@ -499,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     scale = QUICK if args.quick else FULL
     spec = database(args.uri)
-    print(f"enginehouse core benchmarks ({'quick' if args.quick else 'full'}), {utc_now()}")
+    started = utc_now()
+    print(f"enginehouse core benchmarks ({'quick' if args.quick else 'full'}), {started}")
     began = time.perf_counter()
     results = run(scale, spec)
     ratios = [ratio for result in results for ratio in result.ratios]
@@ -514,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = {
         "benchmark": "core",
         "quick": args.quick,
-        "date": utc_now(),
+        "date": started,
         "seconds": time.perf_counter() - began,
         "machine": machine_info(),
         "results": [r.to_json() for r in results],
@@ -524,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     directory = args.plots if args.plots is not None else (None if args.quick else PLOTS_DIR)
     if directory is not None and not args.no_plots:
         if plotting_available():
-            for path in plot(results, directory):
+            for path in plot(results, directory, when=started):
                 print(f"plot: {path}")
         else:
             print("plots skipped: matplotlib not installed (pip install -e '.[bench]')")
