@@ -254,15 +254,18 @@ def summarise(samples: Samples, url: str) -> list[str]:
                 f"{forwards.get(bastion, 0):g} forwards, "
                 f"{tunnel_restarts.get(bastion, 0):g} restarts"
             )
-    budgets = _by_label(samples, "enginehouse_budget_limit", "database")
+    budgets = _by_label(samples, "enginehouse_budget_cap", "budget")
     if budgets:
-        leases = _by_label(samples, "enginehouse_budget_leases", "database")
-        waiters = _by_label(samples, "enginehouse_budget_waiters", "database")
+        held = _by_label(samples, "enginehouse_budget_held", "budget")
+        waiting = _by_label(samples, "enginehouse_budget_waiting", "budget")
+        fleet = _by_label(samples, "enginehouse_budget_fleet_held", "budget")
+        timeouts = _by_label(samples, "enginehouse_budget_timeouts_total", "budget")
         lines.append("budgets:")
-        for database, limit in sorted(budgets.items()):
+        for key, cap in sorted(budgets.items()):
+            everywhere = f", {fleet[key]:g} fleet-wide" if key in fleet else ""
             lines.append(
-                f"  database {database}: {leases.get(database, 0):g}/{limit:g} leases, "
-                f"{waiters.get(database, 0):g} waiting"
+                f"  {key}: {held.get(key, 0):g}/{cap:g} held here{everywhere}, "
+                f"{waiting.get(key, 0):g} waiting, {timeouts.get(key, 0):g} timeouts"
             )
     return lines
 

@@ -270,36 +270,42 @@ def _tunnels(stats: Any) -> Iterator[Metric]:
     yield from (up, state, forwards, channels, connects, restarts, failures)
 
 
-# Budget fields read when the fleet part of stats() is present (names as in issue 5).
+# BudgetStats fields (issue 5): one budget per database ("db:<id>") or bastion ("ssh:<bastion>").
 _BUDGET_FIELDS = (
-    ("budget_limit", ("limit", "max_connections", "cap"), "gauge", "Connection budget"),
-    ("budget_leases", ("leases", "held", "in_use"), "gauge", "Leases held now"),
-    ("budget_waiters", ("waiters", "waiting"), "gauge", "Checkouts waiting for a lease"),
-    ("budget_waits", ("waits", "waited"), "counter", "Checkouts that had to wait for a lease"),
-    ("budget_timeouts", ("timeouts", "exhausted"), "counter", "Waits that timed out"),
+    ("budget_cap", "cap", "gauge", "Connections (or SSH sessions) allowed at once"),
+    ("budget_held", "held", "gauge", "Leases this process holds"),
+    ("budget_waiting", "waiting", "gauge", "Checkouts of this process waiting for a lease"),
+    ("budget_granted", "granted", "counter", "Leases granted to this process"),
+    ("budget_timeouts", "timeouts", "counter", "Waits that ended in PoolExhaustedError"),
+    ("budget_shed", "shed", "counter", "Idle pooled connections closed so others could proceed"),
+    ("budget_round_trips", "round_trips", "counter", "Redis round trips for leases"),
+    ("budget_fleet_held", "fleet_held", "gauge", "Leases held fleet-wide (last renewal)"),
+    ("budget_fleet_waiting", "fleet_waiting", "gauge", "Waiters fleet-wide (last renewal)"),
+    ("budget_fleet_processes", "fleet_processes", "gauge", "Processes sharing the budget"),
 )
 
 
 def _fleet(stats: Any) -> Iterator[Metric]:
     budgets = getattr(stats, "budgets", None)
     if budgets is None:
-        budgets = getattr(stats, "fleet", None)
-    if budgets is None:
         return
-    if isinstance(budgets, dict):
-        budgets = [{"database_id": key, **_as_dict(value)} for key, value in budgets.items()]
-    elif not isinstance(budgets, list | tuple):
-        budgets = getattr(budgets, "budgets", None) or []
+    mode = GaugeMetricFamily(
+        f"{PREFIX}_budget_mode",
+        "1 for the budget's mode (embedded, fleet, local fallback)",
+        labels=["budget", "mode"],
+    )
     families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
-    for name, _fields, kind, doc in _BUDGET_FIELDS:
+    for name, _field, kind, doc in _BUDGET_FIELDS:
         family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-        families[name] = family(f"{PREFIX}_{name}", doc, labels=["database"])
+        families[name] = family(f"{PREFIX}_{name}", doc, labels=["budget"])
     for budget in budgets:
-        database = str(_get(budget, "database_id", _get(budget, "database", "?")))
-        for name, fields, _kind, _doc in _BUDGET_FIELDS:
-            value = _first(budget, fields)
+        key = str(_get(budget, "key", "?"))
+        mode.add_metric([key, str(_get(budget, "mode", "unknown"))], 1)
+        for name, field, _kind, _doc in _BUDGET_FIELDS:
+            value = _get(budget, field)
             if isinstance(value, int | float) and not isinstance(value, bool):
-                families[name].add_metric([database], float(value))
+                families[name].add_metric([key], float(value))  # None: not in fleet mode
+    yield mode
     yield from families.values()
 
 
@@ -307,22 +313,6 @@ def _get(item: Any, name: str, default: Any = None) -> Any:
     if isinstance(item, dict):
         return item.get(name, default)
     return getattr(item, name, default)
-
-
-def _first(item: Any, names: Iterable[str]) -> Any:
-    for name in names:
-        value = _get(item, name)
-        if value is not None:
-            return value
-    return None
-
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return value
-    if hasattr(value, "model_dump"):
-        return dict(value.model_dump())
-    return dict(vars(value)) if hasattr(value, "__dict__") else {"leases": value}
 
 
 def registry_for(source: StatsSource, *, pool_events: bool = True) -> CollectorRegistry:

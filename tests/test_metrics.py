@@ -130,7 +130,22 @@ def test_tunnel_and_budget_fields_when_present() -> None:
                 forwards=(forward, forward),
             )
         ],
-        budgets=[{"database_id": 7, "limit": 6, "leases": 4, "waiters": 1, "waits": 9}],
+        budgets=[
+            SimpleNamespace(
+                key="db:7",
+                cap=6,
+                mode="fleet",
+                held=4,
+                waiting=1,
+                granted=9,
+                timeouts=0,
+                shed=2,
+                fleet_held=5,
+                fleet_waiting=None,
+                fleet_processes=2,
+                round_trips=11,
+            )
+        ],
     )
     registry = registry_for(SimpleNamespace(stats=lambda: stats), pool_events=False)
     bastion = {"bastion": "ops@10.0.0.5:22"}
@@ -142,6 +157,11 @@ def test_tunnel_and_budget_fields_when_present() -> None:
         registry.get_sample_value("enginehouse_tunnel_state", {**bastion, "state": "connected"})
         == 1
     )
-    assert registry.get_sample_value("enginehouse_budget_limit", {"database": "7"}) == 6
-    assert registry.get_sample_value("enginehouse_budget_leases", {"database": "7"}) == 4
-    assert registry.get_sample_value("enginehouse_budget_waits_total", {"database": "7"}) == 9
+    budget = {"budget": "db:7"}
+    assert registry.get_sample_value("enginehouse_budget_cap", budget) == 6
+    assert registry.get_sample_value("enginehouse_budget_held", budget) == 4
+    assert registry.get_sample_value("enginehouse_budget_granted_total", budget) == 9
+    assert registry.get_sample_value("enginehouse_budget_shed_total", budget) == 2
+    assert registry.get_sample_value("enginehouse_budget_fleet_held", budget) == 5
+    assert registry.get_sample_value("enginehouse_budget_fleet_waiting", budget) is None
+    assert registry.get_sample_value("enginehouse_budget_mode", {**budget, "mode": "fleet"}) == 1
