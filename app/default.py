@@ -6,17 +6,22 @@ shut down and the next call starts one with the new settings.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
 
+from app.errors import ManagerShutDownError
 from app.manager import EngineManager
 from app.once import Once
 from app.settings import ManagerSettings
 from app.specs import DatabaseSpec
 from app.stats import ManagerStats
+
+T = TypeVar("T")
+_ATTEMPTS = 3  # starts tried when configure() keeps racing them
 
 
 class DefaultEngines:
@@ -35,15 +40,33 @@ class DefaultEngines:
 
     def manager(self) -> EngineManager:
         """The running default manager, started now if need be."""
-        manager = self._manager
-        if manager is not None and not manager.closed:
-            return manager
-        version = self._version
-        timeout = self._settings.ask_timeout if self._settings else 30.0
-        return self._starts.run(version, lambda: self._create(version), timeout)
+        for _attempt in range(_ATTEMPTS):
+            manager = self._manager
+            if manager is not None and not manager.closed:
+                return manager
+            if manager is not None:
+                self._retire()  # shut down by a direct call: the next one starts anew
+            version = self._version
+            timeout = self._settings.ask_timeout if self._settings else 30.0
+            manager = self._starts.run(version, partial(self._create, version), timeout)
+            if version == self._version and not manager.closed:
+                return manager
+            # configure() ran while it started: it has the old settings and no owner.
+            manager.shutdown()
+        raise ManagerShutDownError("the default manager was reconfigured during each start")
+
+    def _call(self, call: Callable[[EngineManager], T]) -> T:
+        """``call(manager)``, once more on the new manager if a configure() retired it."""
+        manager = self.manager()
+        try:
+            return call(manager)
+        except ManagerShutDownError:
+            if self._manager is manager:
+                raise
+            return call(self.manager())
 
     def get(self, database: DatabaseSpec, **request: Any) -> Engine:
-        return self.manager().get(database, **request)
+        return self._call(lambda manager: manager.get(database, **request))
 
     @contextmanager
     def connect(self, database: DatabaseSpec, **request: Any) -> Iterator[Connection]:
@@ -51,13 +74,13 @@ class DefaultEngines:
             yield connection
 
     def dispose(self, database_id: int | str) -> int:
-        return self.manager().dispose(database_id)
+        return self._call(lambda manager: manager.dispose(database_id))
 
     def stats(self) -> ManagerStats:
-        return self.manager().stats()
+        return self._call(lambda manager: manager.stats())
 
     def sweep(self) -> None:
-        self.manager().sweep()
+        self._call(lambda manager: manager.sweep())
 
     def shutdown(self) -> None:
         """Stop the default manager; the next call starts a new one."""

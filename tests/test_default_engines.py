@@ -127,3 +127,55 @@ def test_concurrent_first_use_starts_exactly_one_manager(
         assert supervisors() == supervisors_before + 1
     finally:
         fresh.shutdown()
+
+
+def test_configure_during_start_never_hands_out_a_stale_manager(
+    monkeypatch: pytest.MonkeyPatch, spec: DatabaseSpec
+) -> None:
+    fresh = DefaultEngines()
+    built: list[EngineManager] = []
+
+    class Reconfigured(EngineManager):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+            if len(built) == 1:  # a configure() lands while the first manager starts
+                fresh.configure(mode="new", cleanup_interval=60)
+
+    monkeypatch.setattr(app.default, "EngineManager", Reconfigured)
+    fresh.configure(mode="singleton", cleanup_interval=60)
+    try:
+        manager = fresh.manager()
+        assert manager.settings.mode is Mode.NEW and not manager.closed
+        assert built[0].closed  # the stale one was not left running
+        assert fresh.get(spec) is not fresh.get(spec)
+    finally:
+        fresh.shutdown()
+    assert all(m.closed for m in built)
+
+
+def test_call_racing_a_configure_is_served_by_the_new_manager(
+    default_engines: DefaultEngines, spec: DatabaseSpec
+) -> None:
+    default_engines.configure(cleanup_interval=60)
+    old = default_engines.manager()
+    old_get = old.get
+
+    def get_after_reconfigure(*args: Any, **kwargs: Any) -> Any:
+        default_engines.configure(mode="new", cleanup_interval=60)  # shuts `old` down
+        return old_get(*args, **kwargs)
+
+    old.get = get_after_reconfigure  # type: ignore[method-assign]
+    engine = default_engines.get(spec)
+    assert engine is not None
+    assert old.closed and default_engines.manager().settings.mode is Mode.NEW
+
+
+def test_manager_shut_down_directly_is_replaced(
+    default_engines: DefaultEngines, spec: DatabaseSpec
+) -> None:
+    default_engines.configure(cleanup_interval=60)
+    first = default_engines.manager()
+    first.shutdown()
+    assert default_engines.get(spec) is not None
+    assert default_engines.manager() is not first
