@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 from pydantic import SecretStr
 from secret_scan import assert_no_secret, register_secret
 from sqlalchemy import event, text
@@ -17,6 +18,7 @@ from app import DatabaseSpec, DefaultEngines, EngineManager, engines
 from app import adapters as adapters_module
 from app.adapters import PostgresAdapter
 from app.errors import InvalidSpecError
+from app.metrics import disable_pool_events, registry_for
 
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -167,3 +169,25 @@ def test_email_prefix_mode_impersonates_the_login(uri: str, login: str) -> None:
         assert manager.stats().engines[0].user == login
     with EngineManager(cleanup_interval=60) as manager:  # default: the name as given
         assert manager.get(spec, user=email).url.username == email
+
+
+def test_secrets_never_become_metric_labels_or_values(visible_tokens: EngineManager) -> None:
+    register_secret("eh-metric-secret-extra")
+    spec = DatabaseSpec(
+        id="tok-metrics",
+        uri=PG_URI,
+        impersonate_user=True,
+        encrypted_extra={
+            "engine_params": {"connect_args": {"options": "-ceh.k=eh-metric-secret-extra"}}
+        },
+    )
+    registry = registry_for(visible_tokens)
+    try:
+        for token in (ALICE_1, ALICE_2):
+            with visible_tokens.connect(spec, user="postgres", access_token=token) as conn:
+                conn.execute(text("SELECT 1"))
+        exposition = generate_latest(registry).decode()
+    finally:
+        disable_pool_events()
+    assert 'database="tok-metrics"' in exposition
+    assert_no_secret(exposition, what="metrics")
