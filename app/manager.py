@@ -177,8 +177,14 @@ class EngineManager:
 
     def sweep(self) -> None:
         """Run one Janitor round now (evict idle engines, enforce ``max_engines``)."""
-        janitor = self._where_is(self._live(), "janitor")
-        janitor.tell(Tick(scheduled=False))
+        system = self._live()
+        for _attempt in range(2):
+            try:
+                self._where_is(system, "janitor").tell(Tick(scheduled=False))
+                return
+            except pykka.ActorDeadError:
+                continue  # it died after WhereIs answered: the next WhereIs restarts it
+        raise ActorUnavailableError("janitor died twice while handling Tick")
 
     def stats(self) -> ManagerStats:
         """Counters, pools and actor health."""
