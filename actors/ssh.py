@@ -181,7 +181,6 @@ def connect(spec: SSHTunnelSpec, key: paramiko.PKey | None, timeout: float) -> p
         transport.close()
         sock.close()
         raise
-    sock.settimeout(None)
     transport.set_keepalive(0)  # the Janitor's health round sends our keepalives
     return transport
 
