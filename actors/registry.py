@@ -135,6 +135,10 @@ class EngineRegistry(pykka.ThreadingActor):
                 self._enforce_bound(self._max_engines)
             self._aliases[message.key] = engine_key
             self._publish()
+        elif message.key not in self._snapshot.entries:
+            # A crashed predecessor's late publish (from on_failure) hid it: show it again,
+            # or every later get() of this key would take this round trip.
+            self._publish()
         entry = self._entries[engine_key]
         entry.last_used = time.monotonic()
         return entry

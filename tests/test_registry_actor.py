@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pykka
@@ -256,3 +257,16 @@ def test_stop_disposes_every_engine(
     ref.stop(block=True, timeout=TIMEOUT)
     assert disposed == [entry.engine]
     assert len(snapshot.entries) == 0
+
+
+def test_a_hidden_entry_is_published_again(
+    registry: tuple[pykka.ActorRef[Any], Snapshot], spec: DatabaseSpec, settings: ManagerSettings
+) -> None:
+    """A crashed predecessor may publish an empty snapshot late; the next miss repairs it."""
+    ref, snapshot = registry
+    key, plan = request(spec, settings)
+    entry: CachedEngine = ask(ref, GetEngine(key, plan))
+    snapshot.entries = MappingProxyType({})  # what the old registry's on_failure publishes
+    assert ask(ref, GetEngine(key, plan)) is entry
+    assert snapshot.entries.get(key) is entry
+    assert ask(ref, GetStats()).created == 1
