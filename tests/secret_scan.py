@@ -25,6 +25,8 @@ SECRETS: set[str] = {
     "tunnel-s3cr3t",
     "key-passphrase-s3cr3t",
     "bad-pw-s3cr3t",
+    "tunnel-pass-0123",  # tests/sshd_fixtures.py: the bastion user's password
+    "key-phrase-4567",  # tests/sshd_fixtures.py: private key passphrase
 }
 """Strings that must never appear in a log record, an error or CLI output."""
 
