@@ -75,8 +75,10 @@ class EngineRegistry(pykka.ThreadingActor):
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "registry",
         prepare: UrlPreparer | None = None,
+        on_engine_created: EngineHook | None = None,
     ) -> None:
         super().__init__()
+        self._on_engine_created = on_engine_created  # the manager's budget hook
         self._snapshot = snapshot
         self._max_engines = max_engines
         self._supervisor = supervisor
@@ -243,6 +245,14 @@ class EngineRegistry(pykka.ThreadingActor):
                 "create_engine", _mask(exc, plan), database_id=plan.database_id
             ) from None
         self._counts["created"] += 1
+        if self._on_engine_created is not None:
+            try:
+                self._on_engine_created(engine, plan)
+            except Exception as exc:  # an engine outside its budget must not be handed out
+                engine.dispose()
+                raise EngineCreationError(
+                    "on_engine_created", _mask(exc, plan), database_id=plan.database_id
+                ) from None
         for hook in tuple(ENGINE_HOOKS):
             try:
                 hook(engine, plan)

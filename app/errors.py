@@ -74,3 +74,7 @@ class UnsafeURIError(InvalidSpecError):
     def __init__(self, rule: str, reason: str) -> None:
         self.rule = rule
         super().__init__("uri", f"refused by rule {rule!r}: {reason}")
+
+
+class FleetUnavailableError(EngineManagerError, ConnectionError):
+    """Fleet mode: Redis is unreachable and ``fleet_fallback="closed"`` refuses new connections."""

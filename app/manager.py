@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from actors import ChildSpec, EngineRegistry, Janitor, RestartPolicy, Snapshot, Supervisor
 from actors.tunnels import TunnelDirectory, TunnelHealthRound, TunnelPreparer, directory_lookup
 from app import credentials, forking
+from app.budget import Budgets
 from app.errors import (
     ActorTimeoutError,
     ActorUnavailableError,
@@ -36,7 +37,7 @@ from app.plan import build_plan, request_key
 from app.safety import check_uri
 from app.settings import ManagerSettings, Mode
 from app.specs import DatabaseSpec
-from app.stats import ActorStats, EngineStats, ManagerStats
+from app.stats import ActorStats, BudgetStats, EngineStats, ManagerStats
 from messages.janitor import Tick
 from messages.registry import (
     BuildUncached,
@@ -80,6 +81,7 @@ class EngineManager:
         self._hits = itertools.count()
         self._closed = False
         self._starts: Once[_System] = Once()
+        self._budgets = Budgets(self.settings, self._live)
         self._system = self._start()
         forking.track(self)
         _live_managers.add(self)
@@ -207,6 +209,7 @@ class EngineManager:
             ],
             actors=[ActorStats(**vars(child)) for child in supervision.children],
             tunnels=list(self._ask(system, "tunnels", GetTunnelStats())),
+            budgets=[BudgetStats(**vars(status)) for status in self._budgets.stats()],
         )
 
     def shutdown(self) -> None:
@@ -273,6 +276,7 @@ class EngineManager:
         )
         children = [
             tunnels,
+            ChildSpec("budget", self._budgets.start_keeper, policy),
             ChildSpec(
                 "registry",
                 lambda sup: EngineRegistry.start(
@@ -282,6 +286,7 @@ class EngineManager:
                     prepare=TunnelPreparer(
                         directory_lookup(sup, settings.ask_timeout), settings.ask_timeout
                     ),
+                    on_engine_created=self._budgets.on_engine_created,
                 ),
                 policy,
             ),
@@ -293,7 +298,10 @@ class EngineManager:
                     idle_timeout=settings.idle_timeout,
                     max_engines=settings.max_engines,
                     ask_timeout=settings.ask_timeout,
-                    rounds=[TunnelHealthRound(directory_lookup(sup, settings.ask_timeout))],
+                    rounds=[
+                        TunnelHealthRound(directory_lookup(sup, settings.ask_timeout)),
+                        self._budgets.janitor_round,
+                    ],
                 ),
                 policy,
             ),

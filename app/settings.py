@@ -5,12 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, ImportString, ValidationError
+from pydantic import (
+    Field,
+    ImportString,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigurationError
+from app.fleet import check_url as check_fleet_url
 
 
 class Mode(StrEnum):
@@ -80,6 +88,36 @@ class ManagerSettings(BaseSettings):
     impersonate_with_email_prefix: bool = Field(
         default=False, description="impersonate 'alice' for user 'alice@example.com'"
     )
+    # -- connection budgets and fleet mode (see docs/fleet.md) --
+    default_max_connections: int | None = Field(
+        default=None, ge=1, description="per-database connection cap when extra sets none"
+    )
+    max_tunnels_per_bastion: int | None = Field(
+        default=None, ge=1, description="SSH sessions allowed at once per bastion"
+    )
+    fleet_url: SecretStr | None = Field(
+        default=None, description="redis://host:port/db: budgets hold across processes"
+    )
+    fleet_fallback: Literal["closed", "local"] = "closed"
+    fleet_lease_ttl: float = Field(
+        default=90.0, gt=0, description="s a fleet lease outlives its last renewal"
+    )
+    fleet_prefix: str = Field(default="enginehouse", min_length=1)
+
+    @field_validator("fleet_url")
+    @classmethod
+    def _check_fleet_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_fleet_url(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _renewed_in_time(self) -> ManagerSettings:
+        if self.fleet_url is not None and self.fleet_lease_ttl < 2 * self.cleanup_interval:
+            raise ConfigurationError(
+                "fleet_lease_ttl", "must be at least 2 x cleanup_interval (leases renew each round)"
+            )
+        return self
 
     @classmethod
     def build(cls, **values: Any) -> ManagerSettings:
@@ -88,5 +126,8 @@ class ManagerSettings(BaseSettings):
             return cls(**values)
         except ValidationError as exc:
             first = exc.errors(include_input=False, include_url=False)[0]
+            cause = first.get("ctx", {}).get("error")
+            if isinstance(cause, ConfigurationError):
+                raise ConfigurationError(cause.field, cause.reason) from None
             field = ".".join(str(part) for part in first["loc"]) or "settings"
             raise ConfigurationError(field, first["msg"]) from None

@@ -38,6 +38,29 @@ class ActorStats(BaseModel):
     gave_up: str | None
 
 
+class BudgetStats(BaseModel):
+    """One connection budget (``db:<id>``) or tunnel budget (``ssh:<bastion>``).
+
+    ``held``/``waiting`` count this process; ``fleet_*`` are what Redis said at
+    the last renewal (``None`` when embedded).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    cap: int
+    mode: str
+    held: int
+    waiting: int
+    granted: int
+    timeouts: int
+    shed: int
+    fleet_held: int | None = None
+    fleet_waiting: int | None = None
+    fleet_processes: int | None = None
+    round_trips: int = 0
+
+
 class ManagerStats(BaseModel):
     """Counters since the manager started (or since the fork that made this process)."""
 
@@ -55,3 +78,4 @@ class ManagerStats(BaseModel):
     engines: list[EngineStats]
     actors: list[ActorStats]
     tunnels: list[TunnelStats] = Field(default_factory=list)
+    budgets: list[BudgetStats] = Field(default_factory=list)

@@ -53,6 +53,8 @@ class EnginePlan:
     tunnel: SSHTunnelSpec | None = None
     redact: tuple[str, ...] = ()
     """Texts from ``encrypted_extra`` to mask in any error about this plan."""
+    max_connections: int | None = None
+    """``extra["max_connections"]``: this database's connection budget (None: the default)."""
 
     def __repr__(self) -> str:
         return (

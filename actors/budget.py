@@ -1,0 +1,559 @@
+"""The BudgetKeeper actor: sole owner of connection and tunnel budgets.
+
+A budget (``db:<DatabaseSpec.id>`` or ``ssh:<bastion>``) caps how many
+physical connections (or SSH sessions) exist at once. The keeper counts the
+permits it granted and keeps a FIFO of waiters, each a pykka future that the
+caller waits on with its ``pool_timeout``; no lock is involved anywhere.
+
+Embedded (no ``fleet_url``) the cap holds across every engine of the process.
+With ``fleet_url`` each permit is also a lease in Redis (:mod:`app.fleet`), so
+the cap holds across processes and hosts; the keeper renews leases on the
+Janitor's rounds, and learns there how many processes share the budget.
+
+Giving back: a waiter that cannot be served makes the keeper shed idle pooled
+connections of the same budget (closed in place, their leases freed), and
+publish "shed tokens" on the :class:`Board`: each token makes one connection
+close on check-in instead of returning idle to its pool. Across the fleet a
+process sheds what it holds beyond its fair share (cap / processes) while
+other processes wait.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import pykka
+from sqlalchemy.util import queue as sqla_queue
+
+from app import fleet
+from app.errors import FleetUnavailableError, ManagerShutDownError, PoolExhaustedError
+from messages.budget import (
+    Acquire,
+    Attach,
+    BudgetStatus,
+    Cancel,
+    GetBudgetStats,
+    Lease,
+    Poke,
+    Release,
+    Renew,
+)
+from messages.supervision import ChildExited
+
+log = logging.getLogger("enginehouse.budget")
+
+_RETRY_DOWN = 0.5
+"""Seconds between reconnect attempts while Redis is away."""
+_RETRY_REFUSED = 0.005
+"""Seconds between two Redis acquire attempts for the same budget's head waiter."""
+_TICKET_TTL = 1.0
+"""A waiting ticket in Redis lives this long unless its waiter polls again."""
+
+
+class Board:
+    """Where the keeper publishes shed tokens, read lock-free by check-in listeners.
+
+    ``shed[key]`` is an iterator; ``next()`` on it is atomic, so each token
+    closes exactly one checked-in connection. The keeper replaces it whole.
+    """
+
+    __slots__ = ("limits", "shed")
+
+    def __init__(self) -> None:
+        self.shed: dict[str, Iterator[int]] = {}
+        self.limits: dict[str, int] = {}
+        """Per budget, how many connections each of its pools may keep (our share)."""
+
+
+class _Waiter:
+    __slots__ = ("deadline", "future", "queued", "ticket")
+
+    def __init__(self, ticket: int, deadline: float) -> None:
+        self.ticket = ticket
+        self.deadline = deadline
+        self.queued = False  # its ticket is in the Redis queue
+        self.future: pykka.ThreadingFuture[Lease] = pykka.ThreadingFuture()
+
+
+class _Budget:
+    """One budget's permits, waiters and what the fleet last told us about it."""
+
+    def __init__(self, key: str, cap: int) -> None:
+        self.key = key
+        self.cap = cap
+        self.held: set[str] = set()
+        self.lost: set[str] = set()  # permits Redis no longer vouches for: shed them
+        self.orphans: list[str] = []  # released while Redis was away: release on return
+        self.waiters: deque[_Waiter] = deque()
+        self.engines: list[tuple[weakref.ref[Any], int]] = []  # (engine, its own limit)
+        self.target = cap  # our fair share: cap, or cap / processes while others wait
+        self.closing = 0  # idle connections we closed whose release is still on its way
+        self.next_try = 0.0
+        self.granted = self.timeouts = self.shed = self.round_trips = 0
+        self.fleet_held: int | None = None
+        self.fleet_waiting: int | None = None
+        self.processes: int | None = None
+
+    @property
+    def excess(self) -> int:
+        """Permits held beyond our fair share (0 unless other processes wait)."""
+        return max(0, len(self.held) - len(self.lost) - self.target)
+
+
+class BudgetKeeper(pykka.ThreadingActor):
+    """Owns budgets; see the module docstring."""
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        board: Board,
+        *,
+        generation: int,
+        fleet_url: str | None = None,
+        fleet_fallback: str = "closed",
+        lease_ttl: float = 30.0,
+        prefix: str = "enginehouse",
+        redis_timeout: float = 1.0,
+        supervisor: pykka.ActorRef[Any] | None = None,
+        name: str = "budget",
+    ) -> None:
+        super().__init__()
+        self._board = board
+        self._generation = generation
+        self._url = fleet_url
+        self._fallback = fleet_fallback
+        self._ttl = lease_ttl
+        self._prefix = prefix
+        self._redis_timeout = redis_timeout
+        self._supervisor = supervisor
+        self._name = name
+        self._store: fleet.LeaseStore | None = None
+        self._outage: tuple[type[BaseException], ...] = ()
+        self._process = fleet.process_id()
+        self._ids = itertools.count(1)
+        self._budgets: dict[str, _Budget] = {}
+        self._down_since: float | None = None
+        self._last_ok = time.monotonic()
+        self._next_reconnect = 0.0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def on_start(self) -> None:
+        if self._url is not None:
+            # Created here, in this process's keeper: never a client inherited over fork().
+            self._store = fleet.LeaseStore(
+                self._url, prefix=self._prefix, timeout=self._redis_timeout
+            )
+            self._outage = fleet.outage_errors()
+        self._board.shed.clear()
+        self._board.limits.clear()
+
+    def on_stop(self) -> None:
+        gone = ManagerShutDownError("the manager shut down while this caller waited")
+        for budget in self._budgets.values():
+            while budget.waiters:
+                _fail(budget.waiters.popleft(), gone)
+            if self._store is not None and self._down_since is None and budget.held:
+                self._call(self._store.release, budget, sorted(budget.held - budget.lost))
+        if self._store is not None:
+            self._store.close()
+
+    def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._supervisor is not None:
+            reason = f"{type(exc).__name__}: {exc}"
+            self._supervisor.tell(ChildExited(self._name, self.actor_urn, reason))
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Acquire):
+            return self._acquire(message)
+        if isinstance(message, Release):
+            return self._release(message)
+        if isinstance(message, Poke):
+            budget = self._budgets.get(message.key)
+            return self._serve(budget) if budget is not None else None
+        if isinstance(message, Cancel):
+            return self._cancel(message)
+        if isinstance(message, Attach):
+            return self._attach(message)
+        if isinstance(message, Renew):
+            return self._renew()
+        if isinstance(message, GetBudgetStats):
+            return tuple(self._status(b) for b in self._budgets.values())
+        raise TypeError(f"unexpected message {type(message).__name__}")
+
+    # -- handlers --------------------------------------------------------------
+
+    def _acquire(self, message: Acquire) -> pykka.ThreadingFuture[Lease]:
+        budget = self._budget(message.key, message.cap)
+        waiter = _Waiter(message.ticket, time.monotonic() + message.timeout)
+        budget.waiters.append(waiter)
+        self._serve(budget)
+        if waiter in budget.waiters:
+            self._rebalance(budget)
+        return waiter.future
+
+    def _release(self, message: Release) -> None:
+        budget = self._budgets.get(message.key)
+        if budget is None or message.lease_id not in budget.held:
+            return  # a lease of an earlier keeper, or released twice
+        budget.held.discard(message.lease_id)
+        budget.closing = max(0, budget.closing - 1)
+        if message.lease_id in budget.lost:
+            budget.lost.discard(message.lease_id)  # Redis never had it (or dropped it)
+        elif self._store is not None:
+            if budget.excess <= 0 and budget.waiters and self._down_since is None:
+                # Hand the lease to our own next waiter: no Redis round trip.
+                self._grant(budget, budget.waiters.popleft(), message.lease_id)
+                self._rebalance(budget)
+                return
+            self._release_remote(budget, [message.lease_id])
+        self._serve(budget)
+        self._rebalance(budget)
+
+    def _cancel(self, message: Cancel) -> Lease | None:
+        budget = self._budgets.get(message.key)
+        if budget is None:
+            return None
+        for waiter in budget.waiters:
+            if waiter.ticket == message.ticket:
+                budget.waiters.remove(waiter)
+                budget.timeouts += 1
+                if waiter.queued and self._store is not None and self._down_since is None:
+                    self._call(self._store.withdraw, budget, self._ticket(waiter))
+                return None
+        return None  # already granted (the caller got it) or failed
+
+    def _attach(self, message: Attach) -> None:
+        budget = self._budget(message.key, message.cap)
+        budget.engines = [(r, n) for r, n in budget.engines if r() is not None]
+        budget.engines.append((message.engine, message.limit))
+        self._limit_pools(budget)
+
+    def _renew(self) -> None:
+        now = time.monotonic()
+        if self._store is not None:
+            if self._down_since is not None:
+                self._reconnect()
+            if self._down_since is not None:
+                self._while_down(now)
+            else:
+                for budget in list(self._budgets.values()):
+                    self._sync(budget)
+        for budget in self._budgets.values():
+            self._expire_waiters(budget, now)
+            self._serve(budget)
+            self._rebalance(budget)
+
+    # -- granting --------------------------------------------------------------
+
+    def _serve(self, budget: _Budget) -> None:
+        """Grant permits to waiters in arrival order while there is room."""
+        while budget.waiters:
+            waiter = budget.waiters[0]
+            try:
+                lease_id = self._try_take(budget, waiter)
+            except (FleetUnavailableError, PoolExhaustedError) as exc:
+                _fail(budget.waiters.popleft(), exc)
+                continue
+            if lease_id is None:
+                return
+            self._grant(budget, budget.waiters.popleft(), lease_id)
+
+    def _grant(self, budget: _Budget, waiter: _Waiter, lease_id: str) -> None:
+        if waiter.queued and self._store is not None and self._down_since is None:
+            self._call(self._store.withdraw, budget, self._ticket(waiter))
+        budget.held.add(lease_id)
+        budget.granted += 1
+        waiter.future.set(Lease(budget.key, lease_id, self._generation))
+
+    def _try_take(self, budget: _Budget, waiter: _Waiter) -> str | None:
+        """A new lease id if the budget has room for one more, else None."""
+        if len(budget.held) >= budget.cap:
+            return None
+        lease_id = f"{self._process}|{next(self._ids)}"
+        if self._store is None:
+            return lease_id
+        if self._down_since is not None:
+            self._reconnect()
+        if self._down_since is None:
+            now = time.monotonic()
+            if now < budget.next_try:
+                return None
+            answer = self._call(
+                self._store.acquire,
+                budget,
+                budget.cap,
+                self._ttl,
+                lease_id,
+                self._ticket(waiter),
+                _TICKET_TTL,
+            )
+            if answer is not None:
+                granted, budget.fleet_held, budget.fleet_waiting = answer
+                if granted:
+                    waiter.queued = False  # the script took its ticket out
+                    return lease_id
+                waiter.queued = True
+                budget.next_try = now + _RETRY_REFUSED
+                return None
+        return self._take_while_down(budget, lease_id)
+
+    def _take_while_down(self, budget: _Budget, lease_id: str) -> str | None:
+        if self._fallback != "local":
+            raise FleetUnavailableError(
+                f"budget {budget.key}: Redis at {self._where()} is unreachable and "
+                "fleet_fallback='closed' refuses new connections"
+            )
+        return lease_id if len(budget.held) < self._local_share(budget) else None
+
+    def _local_share(self, budget: _Budget) -> int:
+        """While Redis is away: our share of the cap, from the processes last seen."""
+        return max(1, budget.cap // max(1, budget.processes or 1))
+
+    # -- giving back -----------------------------------------------------------
+
+    def _rebalance(self, budget: _Budget) -> None:
+        """Close what must be given back: idle connections first, then shed tokens.
+
+        Given back: permits our own waiters need when we are at our limit,
+        permits beyond our fair share while other processes wait, and
+        permits Redis no longer vouches for.
+        """
+        limit = budget.cap
+        if self._store is not None:
+            limit = self._local_share(budget) if self._down_since else min(limit, budget.target)
+        local = len(budget.waiters) if len(budget.held) >= limit else 0
+        wanted = local + budget.excess + len(budget.lost) - budget.closing
+        if wanted > 0:
+            closed = _close_idle(budget, wanted)
+            budget.closing += closed
+            budget.shed += closed
+            wanted -= closed
+        if wanted > 0:
+            self._board.shed[budget.key] = iter(range(wanted))
+        else:
+            self._board.shed.pop(budget.key, None)
+
+    # -- fleet -----------------------------------------------------------------
+
+    def _sync(self, budget: _Budget) -> None:
+        """Renew our leases of ``budget``, learn the fleet's state, rebalance."""
+        assert self._store is not None
+        if budget.orphans:
+            orphans, budget.orphans = budget.orphans, []
+            self._release_remote(budget, orphans)
+        if not budget.held and not budget.waiters:
+            return
+        mine = sorted(budget.held - budget.lost)
+        renewal = self._call(
+            self._store.renew, budget, budget.cap, self._ttl, self._process, mine
+        )
+        if renewal is None:
+            return
+        budget.fleet_held = renewal.held
+        budget.fleet_waiting = renewal.others_waiting
+        budget.processes = renewal.processes
+        if renewal.lost:
+            log.warning(
+                "budget %s: %d leases no longer fit the fleet cap; shedding their connections",
+                budget.key,
+                len(renewal.lost),
+            )
+        budget.lost.update(renewal.lost)
+        budget.target = renewal.share(budget.cap) if renewal.others_waiting else budget.cap
+        self._limit_pools(budget)
+
+    def _release_remote(self, budget: _Budget, lease_ids: list[str]) -> None:
+        assert self._store is not None
+        if self._down_since is not None:
+            budget.orphans.extend(lease_ids)
+            return
+        answer = self._call(self._store.release, budget, lease_ids)
+        if answer is None:
+            budget.orphans.extend(lease_ids)
+        else:
+            budget.fleet_held, budget.fleet_waiting = answer
+
+    def _call(self, method: Any, budget: _Budget, *args: Any) -> Any:
+        """One Redis round trip for ``budget``; None (outage noted) when Redis is away."""
+        budget.round_trips += 1
+        try:
+            result = method(budget.key, *args)
+        except self._outage as exc:
+            self._went_down(exc)
+            return None
+        self._last_ok = time.monotonic()
+        return result
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self._down_since is not None:
+            return
+        self._down_since = time.monotonic()
+        self._next_reconnect = self._down_since + _RETRY_DOWN
+        if self._fallback == "local":
+            log.warning(
+                "fleet: Redis at %s unreachable (%s); serving under a local share of each "
+                "budget until it returns (fleet_fallback='local')",
+                self._where(),
+                type(exc).__name__,
+            )
+        else:
+            log.error(
+                "fleet: Redis at %s unreachable (%s); refusing new connections until it "
+                "returns (fleet_fallback='closed')",
+                self._where(),
+                type(exc).__name__,
+            )
+
+    def _reconnect(self) -> None:
+        now = time.monotonic()
+        if self._store is None or now < self._next_reconnect:
+            return
+        self._next_reconnect = now + _RETRY_DOWN
+        try:
+            self._store.ping()
+        except self._outage:
+            return
+        outage = now - (self._down_since or now)
+        self._down_since = None
+        self._last_ok = now
+        log.warning("fleet: Redis at %s is back after %.1fs; reconciling leases",
+                    self._where(), outage)
+        for budget in list(self._budgets.values()):
+            self._sync(budget)
+
+    def _while_down(self, now: float) -> None:
+        """Closed: once our leases have expired in Redis, stop using their connections."""
+        if self._fallback == "local" or now - self._last_ok < self._ttl:
+            return
+        for budget in self._budgets.values():
+            unvouched = budget.held - budget.lost
+            if unvouched:
+                budget.lost.update(unvouched)
+                self._rebalance(budget)
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _limit_pools(self, budget: _Budget) -> None:
+        """Size each engine's pool to our share, so threads queue in the pool, not here."""
+        target = min(budget.cap, budget.target)
+        self._board.limits[budget.key] = target
+        for ref, limit in budget.engines:
+            pool = getattr(ref(), "pool", None)
+            if pool is not None:
+                limit_pool(pool, min(limit, target))
+
+    def _budget(self, key: str, cap: int) -> _Budget:
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = _Budget(key, cap)
+        budget.cap = cap  # the latest spec wins
+        return budget
+
+    def _ticket(self, waiter: _Waiter) -> str:
+        return f"{self._process}|w{waiter.ticket}"
+
+    def _expire_waiters(self, budget: _Budget, now: float) -> None:
+        # Callers cancel at their deadline; this only catches callers that never did.
+        for waiter in [w for w in budget.waiters if now > w.deadline + 5.0]:
+            budget.waiters.remove(waiter)
+            budget.timeouts += 1
+            _fail(waiter, PoolExhaustedError(f"budget {budget.key}: waited past pool_timeout"))
+
+    def _where(self) -> str:
+        return self._store.where if self._store is not None else "-"
+
+    def _status(self, budget: _Budget) -> BudgetStatus:
+        if self._store is None:
+            mode = "local"
+        elif self._down_since is None:
+            mode = "fleet"
+        else:
+            mode = "fleet-fallback" if self._fallback == "local" else "fleet-down"
+        return BudgetStatus(
+            key=budget.key,
+            cap=budget.cap,
+            mode=mode,
+            held=len(budget.held),
+            waiting=len(budget.waiters),
+            granted=budget.granted,
+            timeouts=budget.timeouts,
+            shed=budget.shed,
+            fleet_held=budget.fleet_held,
+            fleet_waiting=budget.fleet_waiting,
+            fleet_processes=budget.processes,
+            round_trips=budget.round_trips,
+        )
+
+
+def _fail(waiter: _Waiter, exc: BaseException) -> None:
+    waiter.future.set_exception((type(exc), exc, None))
+
+
+def _close_idle(budget: _Budget, wanted: int) -> int:
+    """Close up to ``wanted`` idle pooled connections of the budget's engines.
+
+    The record stays in its pool, empty; its next checkout reconnects (and
+    asks for a permit again). Closing fires the pool's ``close`` event, whose
+    listener releases the lease.
+    """
+    closed = 0
+    for ref, _limit in budget.engines:
+        engine = ref()
+        pool = getattr(engine, "pool", None)
+        idle = getattr(pool, "_pool", None)  # QueuePool's queue of idle records
+        if idle is None:
+            continue
+        for _ in range(idle.qsize()):
+            if closed >= wanted:
+                return closed
+            try:
+                record = idle.get(False)
+            except sqla_queue.Empty:
+                break
+            try:
+                if record.dbapi_connection is not None:
+                    record.invalidate()
+                    closed += 1
+            finally:
+                try:
+                    idle.put(record, False)
+                except sqla_queue.Full:
+                    pool._dec_overflow()  # type: ignore[union-attr]
+    return closed
+
+
+def prepare_pool(pool: Any, cap: int) -> int:
+    """Turn a fresh QueuePool's ``pool_size + max_overflow`` into one bound; return it.
+
+    The budget resizes pools at run time (a process's fair share changes as
+    processes come and go), which QueuePool only supports through its overflow
+    counter: so the queue is made unbounded (``maxsize=0``) and
+    ``max_overflow`` becomes the total. ``stats()`` then reports ``size`` 0
+    and ``overflow`` = connections. Returns the engine's own limit (<= cap);
+    0 for pools that are not QueuePools (the creator still enforces the cap).
+    """
+    idle = getattr(pool, "_pool", None)
+    overflow = getattr(pool, "_max_overflow", None)
+    if idle is None or overflow is None:
+        return 0
+    size = idle.maxsize
+    limit = cap if size == 0 or overflow == -1 else min(cap, size + overflow)
+    idle.maxsize = 0
+    pool._overflow = 0  # no connection exists yet: it now counts connections
+    limit_pool(pool, limit)
+    return limit
+
+
+def limit_pool(pool: Any, limit: int) -> None:
+    """Let a prepared QueuePool hold at most ``limit`` connections (>= 1)."""
+    idle = getattr(pool, "_pool", None)
+    if idle is not None and idle.maxsize == 0 and hasattr(pool, "_max_overflow") and limit > 0:
+        pool._max_overflow = limit

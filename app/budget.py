@@ -1,0 +1,310 @@
+"""Connection and tunnel budgets, caller side: the pool hook and the waiting loop.
+
+:meth:`Budgets.on_engine_created` is the registry's hook. It wraps the new
+engine's pool creator, so each *physical* connect first takes a permit from
+the BudgetKeeper actor (one ask) and the pool's ``close``/``close_detached``
+events give it back (one tell). A query on an already pooled connection
+sends nothing; check-in costs one dict lookup (the keeper's shed tokens).
+
+The SSH tunnel code uses the same permits per bastion: :meth:`Budgets.hold_tunnel`
+before opening a session, :meth:`Budgets.release` after closing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pykka
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool
+
+from actors.budget import Board, BudgetKeeper, limit_pool, prepare_pool
+from app import fleet, forking
+from app.errors import (
+    ActorTimeoutError,
+    ActorUnavailableError,
+    ConfigurationError,
+    PoolExhaustedError,
+)
+from app.settings import ManagerSettings
+from messages.budget import (
+    Acquire,
+    Attach,
+    BudgetStatus,
+    Cancel,
+    GetBudgetStats,
+    Lease,
+    Poke,
+    Renew,
+)
+from messages.budget import Release as ReleaseMessage
+from messages.registry import EnginePlan
+
+log = logging.getLogger("enginehouse.budget")
+
+DEFAULT_POOL_TIMEOUT = 30.0
+"""SQLAlchemy's own default ``pool_timeout``: how long a waiter waits for a permit."""
+_POKE_EVERY = 0.05
+"""Fleet waiters remind the keeper this often to try Redis again."""
+
+
+class Budgets:
+    """One manager's budgets (it survives forks; the keeper is started again per process)."""
+
+    def __init__(self, settings: ManagerSettings, live: Callable[[], object]) -> None:
+        self._settings = settings
+        self._live = live  # the manager's _live(): restarts the actors after a fork
+        self._url = settings.fleet_url.get_secret_value() if settings.fleet_url else None
+        self._board = Board()
+        self._ref: pykka.ActorRef[Any] | None = None
+        self._generation = -1
+        self._tickets = itertools.count(1)
+        self._by_connection: dict[int, Lease] = {}
+        if self._url is not None:
+            self._check_fleet(self._url)
+
+    # -- supervision -----------------------------------------------------------
+
+    def start_keeper(self, supervisor: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
+        """The supervisor's factory for the ``budget`` child (also after a restart)."""
+        settings = self._settings
+        ref = BudgetKeeper.start(
+            self._board,
+            generation=forking.state.generation,
+            fleet_url=self._url,
+            fleet_fallback=settings.fleet_fallback,
+            lease_ttl=settings.fleet_lease_ttl,
+            prefix=settings.fleet_prefix,
+            redis_timeout=min(1.0, settings.ask_timeout / 4),
+            supervisor=supervisor,
+        )
+        self._ref, self._generation = ref, forking.state.generation
+        return ref
+
+    def janitor_round(self) -> None:
+        """The Janitor's extra round: renew leases, rebalance (a tell; never raises)."""
+        ref = self._ref
+        if ref is not None and self._generation == forking.state.generation:
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(Renew())
+
+    # -- the registry's hook ---------------------------------------------------
+
+    def on_engine_created(self, engine: Engine, plan: EnginePlan) -> None:
+        """Put ``engine`` under its database's budget (no-op when no cap applies)."""
+        cap = plan.max_connections or self._settings.default_max_connections
+        if cap is None:
+            return
+        key = f"db:{plan.database_id}"
+        timeout = float(plan.kwargs.get("pool_timeout", DEFAULT_POOL_TIMEOUT))
+        pool = engine.pool
+        limit = prepare_pool(pool, cap)
+        self._wrap_creator(pool, key, cap, timeout, limit)
+        # Pool events (not engine events): the statement path stays event-free, and
+        # dispose()'s recreated pool inherits them with its dispatch.
+        event.listen(pool, "close", self._closed)
+        event.listen(pool, "close_detached", self._closed_detached)
+        event.listen(pool, "checkin", self._checkin_listener(key))
+        self._tell(Attach(key, cap, weakref.ref(engine), limit))
+
+    # -- permits ---------------------------------------------------------------
+
+    def acquire(self, key: str, cap: int, timeout: float) -> Lease:
+        """Wait (first come, first served) up to ``timeout`` s for a permit of ``key``."""
+        ref = self._keeper()
+        ticket = next(self._tickets)
+        ask_timeout = self._settings.ask_timeout
+        try:
+            future = ref.ask(Acquire(key, cap, ticket, timeout), timeout=ask_timeout)
+        except pykka.ActorDeadError:
+            raise ActorUnavailableError("the budget keeper is down") from None
+        except pykka.Timeout:
+            raise ActorTimeoutError(
+                f"budget keeper did not answer within {ask_timeout:g}s"
+            ) from None
+        deadline = time.monotonic() + timeout
+        poke = _POKE_EVERY if self._url is not None else None
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            wait = remaining if poke is None else min(poke, remaining)
+            try:
+                lease: Lease = future.get(timeout=wait)
+                return lease
+            except pykka.Timeout:
+                if time.monotonic() >= deadline:
+                    break
+                ref.tell(Poke(key))
+        try:
+            late: Lease | None = ref.ask(Cancel(key, ticket), timeout=ask_timeout)  # type: ignore[assignment]
+        except (pykka.ActorDeadError, pykka.Timeout):
+            late = None
+        if late is not None:
+            return late
+        try:
+            return future.get(timeout=0)  # granted between our timeout and the cancel
+        except pykka.Timeout:
+            pass
+        where = "across the fleet" if self._url is not None else "in this process"
+        raise PoolExhaustedError(
+            f"budget {key}: no connection within pool_timeout={timeout:g}s "
+            f"(max_connections={cap} {where})"
+        )
+
+    def release(self, lease: Lease) -> None:
+        """Give a permit back (idempotent per connection; ignores leases of a parent process)."""
+        ref = self._ref
+        if ref is None or lease.generation != forking.state.generation:
+            return
+        with contextlib.suppress(pykka.ActorDeadError):
+            ref.tell(ReleaseMessage(lease.key, lease.lease_id))
+
+    @contextmanager
+    def hold(self, key: str, cap: int, timeout: float) -> Iterator[Lease]:
+        """``with budgets.hold(key, cap, timeout):`` a permit for the block."""
+        lease = self.acquire(key, cap, timeout)
+        try:
+            yield lease
+        finally:
+            self.release(lease)
+
+    def hold_tunnel(self, bastion: str, timeout: float) -> Lease | None:
+        """A permit for one SSH session to ``bastion`` (None when uncapped).
+
+        Integration point for the tunnel code: call it before opening a
+        session and :meth:`release` the lease after closing it.
+        """
+        cap = self._settings.max_tunnels_per_bastion
+        if cap is None:
+            return None
+        return self.acquire(f"ssh:{bastion}", cap, timeout)
+
+    def stats(self) -> tuple[BudgetStatus, ...]:
+        ref = self._keeper()
+        try:
+            status: tuple[BudgetStatus, ...] = ref.ask(  # type: ignore[assignment]
+                GetBudgetStats(), timeout=self._settings.ask_timeout
+            )
+        except (pykka.ActorDeadError, pykka.Timeout):
+            return ()
+        return status
+
+    # -- internals -------------------------------------------------------------
+
+    def _keeper(self) -> pykka.ActorRef[Any]:
+        if self._generation != forking.state.generation:
+            self._live()  # a forked child: start this process's actors first
+        ref = self._ref
+        if ref is None:
+            raise ActorUnavailableError("the budget keeper is not running")
+        return ref
+
+    def _tell(self, message: object) -> None:
+        with contextlib.suppress(pykka.ActorDeadError):
+            self._keeper().tell(message)
+
+    def _wrap_creator(self, pool: Pool, key: str, cap: int, timeout: float, limit: int) -> None:
+        inner = pool._invoke_creator  # the engine's connect(), do_connect events included
+        budgets = self
+        limits = self._board.limits
+
+        def creator(connection_record: Any = None) -> Any:
+            if limit:  # after dispose() the recreated pool is unbounded again: bound it
+                owner = getattr(connection_record, "_ConnectionRecord__pool", None)
+                if getattr(owner, "_max_overflow", None) == -1:
+                    limit_pool(owner, min(limit, limits.get(key, cap)))
+            lease = budgets.acquire(key, cap, timeout)
+            try:
+                connection = inner(connection_record)
+            except BaseException:
+                budgets.release(lease)
+                raise
+            budgets._track(connection, lease)
+            return connection
+
+        pool._creator = creator  # recreate() (dispose) passes it on to the next pool
+
+    def _track(self, connection: Any, lease: Lease) -> None:
+        self._by_connection[id(connection)] = lease
+        # Safety net: a connection dropped without a close event still frees its permit
+        # (a driver whose connections take no weak references relies on the events only).
+        with contextlib.suppress(TypeError):
+            weakref.finalize(connection, self._forget, id(connection)).atexit = False
+
+    def _forget(self, connection_id: int) -> None:
+        lease = self._by_connection.pop(connection_id, None)
+        if lease is not None:
+            self.release(lease)
+
+    def _closed(self, dbapi_connection: Any, record: Any) -> None:
+        self._closed_detached(dbapi_connection)
+
+    def _closed_detached(self, dbapi_connection: Any) -> None:
+        # The event fires just before the pool closes the connection: close it here
+        # first (closing twice is harmless) and free the permit only once it is gone.
+        if id(dbapi_connection) in self._by_connection:
+            _close_and_wait(dbapi_connection)
+            self._forget(id(dbapi_connection))
+
+    def _checkin_listener(self, key: str) -> Callable[[Any, Any], None]:
+        shed = self._board.shed
+
+        def on_checkin(dbapi_connection: Any, record: Any) -> None:
+            tokens = shed.get(key)
+            if tokens is None or dbapi_connection is None:
+                return
+            if next(tokens, None) is not None:
+                record.invalidate()  # closes it: the close event frees the permit
+
+        return on_checkin
+
+    def _check_fleet(self, url: str) -> None:
+        settings = self._settings
+        try:
+            fleet.check_reachable(url, settings.fleet_prefix, min(1.0, settings.ask_timeout / 4))
+        except ConfigurationError as exc:
+            if settings.fleet_fallback != "local":
+                raise
+            log.warning("%s; starting under local shares (fleet_fallback='local')", exc)
+
+
+_SERVER_GONE_WAIT = 1.0
+"""Longest wait, in s, for the server to drop a closed connection."""
+
+
+def _close_and_wait(dbapi_connection: Any) -> None:
+    """Close a DBAPI connection and wait until the server has dropped it.
+
+    A server ends its side after the client says goodbye (PostgreSQL's backend
+    leaves pg_stat_activity and then closes its socket); without this wait the
+    permit could go to a new connection while the old one still counts on the
+    server. A duplicate of the socket's descriptor keeps the socket open past
+    ``close()``: end of file on it means the server's side is gone.
+    """
+    watch: socket.socket | None = None
+    with contextlib.suppress(Exception):
+        fileno = getattr(dbapi_connection, "fileno", None)
+        descriptor = fileno() if callable(fileno) else -1
+        if descriptor >= 0:
+            watch = socket.socket(fileno=os.dup(descriptor))
+    with contextlib.suppress(Exception):
+        dbapi_connection.close()
+    if watch is None:
+        return
+    try:
+        watch.settimeout(_SERVER_GONE_WAIT)
+        while watch.recv(4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        watch.close()

@@ -1,0 +1,103 @@
+"""Conversation with the BudgetKeeper actor (connection and tunnel budgets).
+
+A physical connect costs one :class:`Acquire` ask; everything else is a
+``tell`` (releases, pokes, renewals) or a rare ask (cancel, stats). Queries
+on an already pooled connection send nothing.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A permit for one physical connection (or SSH session) of budget ``key``.
+
+    ``generation`` is the fork generation that granted it: a lease inherited
+    across ``fork()`` belongs to the parent and is never released by the child.
+    """
+
+    key: str
+    lease_id: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Acquire:
+    """Ask: a ``ThreadingFuture[Lease]``, already set when a permit is free.
+
+    The caller waits on that future for at most ``timeout`` seconds; waiters
+    are served first come, first served.
+    """
+
+    key: str
+    cap: int
+    ticket: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Ask: stop waiting; answers the :class:`Lease` if one was granted meanwhile, else None."""
+
+    key: str
+    ticket: int
+
+
+@dataclass(frozen=True)
+class Release:
+    """Tell: the connection holding ``lease_id`` was closed."""
+
+    key: str
+    lease_id: str
+
+
+@dataclass(frozen=True)
+class Poke:
+    """Tell (fleet): a waiter is still waiting; try Redis again for the head of the queue."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Attach:
+    """Tell: ``engine`` draws on budget ``key``; its idle connections may be shed for waiters."""
+
+    key: str
+    cap: int
+    engine: weakref.ref[Any]
+    limit: int
+    """The engine's own bound on connections (pool_size + max_overflow, at most cap)."""
+
+
+@dataclass(frozen=True)
+class Renew:
+    """Tell (from the Janitor's round): renew fleet leases, reconcile, rebalance, expire waiters."""
+
+
+@dataclass(frozen=True)
+class GetBudgetStats:
+    """Ask: a tuple of :class:`BudgetStatus`."""
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """One budget as the keeper sees it."""
+
+    key: str
+    cap: int
+    mode: str
+    """``local`` (embedded), ``fleet``, ``fleet-down`` (fail closed) or ``fleet-fallback``."""
+    held: int
+    waiting: int
+    granted: int
+    timeouts: int
+    shed: int
+    fleet_held: int | None
+    fleet_waiting: int | None
+    fleet_processes: int | None
+    round_trips: int
+    """Redis round trips made for this budget (0 when embedded)."""

@@ -1,0 +1,92 @@
+"""A worker process for the fleet tests and benchmark: ``python tests/fleet_worker.py CONFIG_JSON``.
+
+``action="load"``: ``threads`` threads run ``queries`` statements each (or for
+``seconds``) through ``EngineManager.connect``; prints one JSON line with the
+counts. ``action="hold"``: checks out ``hold`` connections, prints ``READY``
+and sleeps until killed (the SIGKILL test).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sqlalchemy import text
+
+from app import DatabaseSpec, EngineManager
+
+
+def main(config: dict[str, Any]) -> None:
+    spec = DatabaseSpec(**config["spec"])
+    with EngineManager(**config["settings"]) as manager:
+        if config["action"] == "hold":
+            hold(manager, spec, config["hold"])
+        else:
+            load(manager, spec, config)
+
+
+def hold(manager: EngineManager, spec: DatabaseSpec, count: int) -> None:
+    engine = manager.get(spec)
+    held = [engine.connect() for _ in range(count)]
+    for connection in held:
+        connection.execute(text("SELECT 1"))
+    print("READY", flush=True)
+    while True:
+        time.sleep(60)
+
+
+def load(manager: EngineManager, spec: DatabaseSpec, config: dict[str, Any]) -> None:
+    sql = text(config.get("sql", "SELECT 1"))
+    queries = config.get("queries")
+    seconds = config.get("seconds")
+    done: list[int] = []
+    errors: list[str] = []
+    start_gate = time.monotonic() + config.get("delay", 0.0)
+
+    def run() -> None:
+        count = 0
+        while time.monotonic() < start_gate:
+            time.sleep(0.001)
+        end = time.monotonic() + seconds if seconds else None
+        while (queries is None or count < queries) and (end is None or time.monotonic() < end):
+            try:
+                with manager.connect(spec) as connection:
+                    connection.execute(sql)
+                count += 1
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                if len(errors) > 1000:
+                    break
+                time.sleep(0.01)
+        done.append(count)
+
+    threads = [threading.Thread(target=run) for _ in range(config["threads"])]
+    began = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - max(began, start_gate)
+    budgets = [b.model_dump() for b in manager.stats().budgets]
+    print(
+        json.dumps(
+            {
+                "queries": sum(done),
+                "errors": len(errors),
+                "first_errors": errors[:3],
+                "elapsed": elapsed,
+                "budgets": budgets,
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
