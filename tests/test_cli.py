@@ -251,3 +251,44 @@ def test_bench_list_and_unknown(capsys: pytest.CaptureFixture[str]) -> None:
     unknown = call(capsys, "bench", "bench_nothing")
     assert unknown.returncode == 2
     assert "unknown benchmark" in unknown.stderr
+
+
+def tunnel_spec(port: int, password: str = "tunnel-pass-0123", **extra: Any) -> dict[str, Any]:
+    return {
+        "id": 8,
+        "uri": with_password(PG),
+        "ssh_tunnel": {
+            "server_address": "127.0.0.1",
+            "server_port": port,
+            "username": "ehtunnel",
+            "password": password,
+            **extra,
+        },
+    }
+
+
+def test_check_through_an_ssh_tunnel(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, sshd: Any
+) -> None:
+    spec = write_spec(tmp_path, tunnel_spec(sshd.port, host_key=sshd.host_key_line))
+    result = call(capsys, "check", str(spec), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = {step["name"]: step for step in json.loads(result.stdout)["steps"]}
+    assert steps["tunnel"]["status"] == "ok"
+    assert f"via ehtunnel@127.0.0.1:{sshd.port}" in steps["tunnel"]["detail"]
+    assert steps["query"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("case", ["refused", "wrong-password"])
+def test_check_tunnel_failures(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, sshd: Any, case: str
+) -> None:
+    register_secret("wrong-tunnel-pw")
+    if case == "refused":
+        data = tunnel_spec(free_port())
+    else:
+        data = tunnel_spec(sshd.port, password="wrong-tunnel-pw", host_key=sshd.host_key_line)
+    result = call(capsys, "check", str(write_spec(tmp_path, data)), "--timeout", "5")
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "check failed (tunnel, exit 4)" in result.stderr
+    assert "ehtunnel@127.0.0.1" in result.stderr
