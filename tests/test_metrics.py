@@ -8,6 +8,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import sqlalchemy
@@ -165,3 +166,25 @@ def test_tunnel_and_budget_fields_when_present() -> None:
     assert registry.get_sample_value("enginehouse_budget_fleet_held", budget) == 5
     assert registry.get_sample_value("enginehouse_budget_fleet_waiting", budget) is None
     assert registry.get_sample_value("enginehouse_budget_mode", {**budget, "mode": "fleet"}) == 1
+
+
+def test_tunnel_series_from_a_real_bastion(sshd: Any) -> None:
+    spec = DatabaseSpec(
+        id=303,
+        uri=PG_HOST_URI,
+        ssh_tunnel={
+            "server_address": "127.0.0.1",
+            "server_port": sshd.port,
+            "username": "ehtunnel",
+            "password": "tunnel-pass-0123",
+            "host_key": sshd.host_key_line,
+        },
+    )
+    with EngineManager(cleanup_interval=60) as manager, manager.connect(spec) as connection:
+        assert connection.execute(sqlalchemy.text("select 1")).scalar_one() == 1
+        registry = registry_for(manager, pool_events=False)
+        bastion = {"bastion": f"ehtunnel@127.0.0.1:{sshd.port}"}
+        assert registry.get_sample_value("enginehouse_tunnel_up", bastion) == 1
+        assert registry.get_sample_value("enginehouse_tunnel_forwards", bastion) == 1
+        assert registry.get_sample_value("enginehouse_tunnel_active_channels", bastion) == 1
+        assert registry.get_sample_value("enginehouse_tunnel_connects_total", bastion) == 1
