@@ -108,3 +108,23 @@ def test_calls_racing_a_registry_crash_succeed_or_fail_clearly(tmp_path: Path) -
         assert manager.stats().restarts == 1
         live = [ref for ref in pykka.ActorRegistry.get_by_class(EngineRegistry) if ref.is_alive()]
         assert registry not in live and len(live) == 1
+
+
+def test_hit_path_makes_no_actor_round_trip(
+    manager: EngineManager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = DatabaseSpec(id="hits", uri=f"sqlite:///{tmp_path / 'hits.db'}")
+    engine = manager.get(spec)  # the miss: one ask
+    asks = []
+    real_ask = pykka.ActorRef.ask
+
+    def counting_ask(self: Any, *args: Any, **kwargs: Any) -> Any:
+        asks.append(args[0])
+        return real_ask(self, *args, **kwargs)
+
+    monkeypatch.setattr(pykka.ActorRef, "ask", counting_ask)
+    hits = together(32, lambda _: manager.get(spec))
+    assert all(hit is engine for hit in hits)
+    assert asks == []
+    monkeypatch.undo()
+    assert manager.stats().hits == 32

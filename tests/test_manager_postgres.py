@@ -163,3 +163,22 @@ def test_new_mode_leaves_no_connection(leak_name: str, poll: Callable[..., objec
                 conn.execute(text("select 1"))
         manager.get(db).connect().close()  # an engine nobody disposed: shutdown does
     poll(lambda: app_connections(leak_name) == 0, what="NEW-mode connections to close")
+
+
+def test_dispose_covers_every_schema_and_user_and_stats_show_pools(
+    manager: EngineManager,
+) -> None:
+    db = spec(impersonate_user=True, extra={"engine_params": {"pool_size": 3}})
+    engines = [
+        manager.get(db, user="postgres"),
+        manager.get(db, user="postgres", schema=SCHEMAS[0]),
+        manager.get(db, user="postgres", catalog=CATALOG),
+    ]
+    with engines[1].connect():
+        status = next(e for e in manager.stats().engines if e.schema_name == SCHEMAS[0])
+        assert (status.pool_class, status.size, status.checked_out) == ("QueuePool", 3, 1)
+        assert status.user == "postgres" and "postgres" in status.url
+    assert manager.stats().engine_count == 3
+    assert manager.dispose(db.id) == 3
+    assert manager.stats().engine_count == 0
+    assert all(manager.get(db, user="postgres") is not e for e in engines[:1])

@@ -16,7 +16,7 @@ from actors.policy import RestartPolicy, RestartType
 from actors.registry import EngineRegistry, Snapshot
 from actors.supervisor import ChildSpec, Supervisor
 from app import DatabaseSpec, EngineManager
-from app.errors import ActorUnavailableError, EngineManagerError
+from app.errors import ActorTimeoutError, ActorUnavailableError, EngineManagerError
 from messages.registry import GetStats, RegistryStats, Sweep
 from messages.supervision import (
     Forward,
@@ -274,3 +274,29 @@ def test_supervisor_crash_fails_clearly_and_leaks_nothing(
         manager.get(DatabaseSpec(id="other", uri=sqlite_db.uri))
     manager.shutdown()
     poll(lambda: set(threading.enumerate()) <= before, what="every actor thread to end")
+
+
+def test_a_busy_supervisor_gives_a_timeout_error_not_a_hang(
+    sqlite_db: DatabaseSpec, poll: Callable[..., object]
+) -> None:
+    before = set(threading.enumerate())
+    # The restart backoff (>= 2.4 s with jitter) keeps the supervisor busy far past ask_timeout.
+    manager = crashing_manager(ask_timeout=0.5, restart_backoff=3.0, restart_backoff_max=3.0)
+    try:
+        registry = child_ref(manager, "registry")
+        registry.tell("inject a failure")
+        poll(lambda: not registry.is_alive())
+        with pytest.raises(ActorTimeoutError, match=r"0\.5s"):
+            manager.get(sqlite_db)
+
+        def restarted() -> bool:
+            try:
+                return manager.stats().restarts == 1
+            except ActorTimeoutError:
+                return False  # still in its backoff
+
+        poll(restarted, what="the delayed restart")
+        assert manager.get(sqlite_db) is not None
+    finally:
+        manager.shutdown()
+    poll(lambda: set(threading.enumerate()) <= before, what="threads to end")
