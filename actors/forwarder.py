@@ -145,7 +145,8 @@ class Forward:
             _pump(relay.client, relay.channel)
         finally:
             if relay.channel is not None:
-                relay.channel.close()
+                with contextlib.suppress(Exception):  # paramiko raises EOFError on a dead link
+                    relay.channel.close()
             relay.client.close()
             self._relays.pop(relay_id, None)
             self.last_activity = time.monotonic()

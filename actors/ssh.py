@@ -180,6 +180,8 @@ def connect(spec: SSHTunnelSpec, key: paramiko.PKey | None, timeout: float) -> p
     except BaseException:
         transport.close()
         sock.close()
+        if transport.is_alive():  # leave no thread behind
+            transport.join(timeout)
         raise
     transport.set_keepalive(0)  # the Janitor's health round sends our keepalives
     return transport

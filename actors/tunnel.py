@@ -42,6 +42,8 @@ from messages.tunnel import (
 
 log = logging.getLogger("enginehouse.tunnel")
 
+_JOIN_TIMEOUT = 5.0
+
 
 class Link:
     """The bastion's current transport, as the actor last set it."""
@@ -297,6 +299,8 @@ class TunnelSupervisor(pykka.ThreadingActor):
         self.link.transport = None
         if transport is not None:
             transport.close()
+            if transport.is_alive():  # close() leaves its thread to notice within ~0.1 s
+                transport.join(_JOIN_TIMEOUT)
 
     def _close_all(self) -> None:
         self.link.closed = True

@@ -20,9 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pykka
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 
 from actors.policy import RestartPolicy
+from actors.registry import ENGINE_HOOKS
 from actors.tunnel import Link, TunnelSupervisor
 from app.errors import TunnelError
 from messages.registry import EnginePlan
@@ -182,7 +185,9 @@ class TunnelPreparer:
             *pool_listeners(link, ref, self._timeout),
         ]
         url = plan.url.set(host="127.0.0.1", port=local_port)
-        return dataclasses.replace(plan, url=url, kwargs=kwargs)
+        prepared = dataclasses.replace(plan, url=url, kwargs=kwargs)
+        _PREPARED[id(prepared)] = (prepared, link, ref, self._timeout)
+        return prepared
 
     def _open(self, plan: EnginePlan, host: str, port: int) -> tuple[int, Any, Link]:
         spec = plan.tunnel
@@ -228,6 +233,40 @@ def _default_port(plan: EnginePlan) -> int:
     raise TunnelError(f"database {plan.database_id}: give the port in the URI to tunnel it")
 
 
+_PREPARED: dict[int, tuple[EnginePlan, Link, pykka.ActorRef[Any], float]] = {}
+"""Plans this module prepared, until :func:`tunnel_engine_hook` sees their engine."""
+
+
+def tunnel_engine_hook(engine: Engine, plan: EnginePlan) -> None:
+    """An ``ENGINE_HOOKS`` hook: before each new connection, make sure the transport lives.
+
+    So a connection through a tunnel that cannot be reopened fails with the
+    ``TunnelError`` that says why, not with the driver's "server closed the
+    connection".
+    """
+    pending = _PREPARED.pop(id(plan), None)
+    if pending is None or pending[0] is not plan:
+        return
+    _, link, ref, timeout = pending
+
+    def before_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        if not link.active():
+            _ensure(link, ref, timeout, "a new connection found the transport dead")
+
+    event.listen(engine, "do_connect", before_connect)
+
+
+def _ensure(link: Link, ref: pykka.ActorRef[Any], timeout: float, reason: str) -> None:
+    try:
+        ref.ask(EnsureConnected(reason), timeout=timeout)
+    except (pykka.ActorDeadError, pykka.Timeout):
+        raise TunnelError(f"SSH tunnel to bastion {link.bastion} is not answering") from None
+
+
+if tunnel_engine_hook not in ENGINE_HOOKS:
+    ENGINE_HOOKS.append(tunnel_engine_hook)
+
+
 def pool_listeners(
     link: Link, ref: pykka.ActorRef[Any], timeout: float
 ) -> list[tuple[Callable[..., None], str]]:
@@ -247,13 +286,7 @@ def pool_listeners(
             if record.info.get(_GENERATION) == link.generation:
                 return  # the hot path: two attribute reads
         else:
-            reason = "a pool checkout found the transport dead"
-            try:
-                ref.ask(EnsureConnected(reason), timeout=timeout)
-            except (pykka.ActorDeadError, pykka.Timeout):
-                raise TunnelError(
-                    f"SSH tunnel to bastion {link.bastion} is not answering"
-                ) from None
+            _ensure(link, ref, timeout, "a pool checkout found the transport dead")
         raise DisconnectionError(f"SSH transport to {link.bastion} was restarted")
 
     return [(on_connect, "connect"), (on_checkout, "checkout")]
