@@ -143,7 +143,10 @@ class _State:
             return
         from app.metrics import start_metrics_server
 
-        self.metrics_server = start_metrics_server(manager, port=int(self.metrics_port))
+        try:
+            self.metrics_server = start_metrics_server(manager, port=int(self.metrics_port))
+        except OSError as exc:  # e.g. several workers given the same port
+            log.warning("metrics endpoint not started on port %s: %s", self.metrics_port, exc)
 
     def get_engine(
         self,
@@ -236,10 +239,14 @@ class EngineManagerExtension:
         database: Any,
         catalog: str | None = None,
         schema: str | None = None,
+        nullpool: bool | None = None,
         source: Any = None,
         override_ssh_tunnel: Any = None,
     ) -> Iterator[Engine]:
         """Shaped like Superset's ``Database.get_sqla_engine``: yields an engine.
+
+        ``nullpool`` is accepted for compatibility and ignored: the manager's
+        mode decides (NEW: a NullPool engine per call; SINGLETON: cached pools).
 
         The engine is cached and shared, so nothing is disposed on exit (in
         NEW mode each engine has a NullPool: there is nothing to keep).
@@ -258,6 +265,7 @@ def get_sqla_engine(
     database: Any,
     catalog: str | None = None,
     schema: str | None = None,
+    nullpool: bool | None = None,
     source: Any = None,
     override_ssh_tunnel: Any = None,
 ) -> Iterator[Engine]:

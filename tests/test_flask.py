@@ -187,3 +187,32 @@ def test_superset_models_become_masked_specs() -> None:
 def test_outside_an_app_context_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="app context"):
         _ = EngineManagerExtension().manager
+
+
+def test_metrics_port_and_superset_call_shape() -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = make_app(ENGINEHOUSE_METRICS_PORT=port)
+
+    @app.route("/superset-shaped")
+    def superset_shaped() -> Any:
+        # the exact call shape of Superset's Database.get_sqla_engine
+        with get_sqla_engine(
+            WAREHOUSE, catalog=None, schema="public", nullpool=True, source=None
+        ) as engine:
+            return jsonify(url=engine.url.render_as_string(hide_password=True))
+
+    extension = EngineManagerExtension(app)
+    try:
+        assert app.test_client().get("/superset-shaped").status_code == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as page:
+            body = page.read().decode()
+        assert 'enginehouse_engines{database="11"} 1.0' in body
+        assert_no_secret(body, what="metrics page")
+    finally:
+        with app.app_context():
+            extension.shutdown()
