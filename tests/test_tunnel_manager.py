@@ -132,9 +132,7 @@ def test_fifty_concurrent_queries_through_one_bastion(sshd: ThrowawaySshd) -> No
 
 
 @pytest.mark.parametrize("mode", ["singleton", "new"])
-def test_killed_session_restarts_with_the_same_local_port(
-    mode: str, sshd: ThrowawaySshd
-) -> None:
+def test_killed_session_restarts_with_the_same_local_port(mode: str, sshd: ThrowawaySshd) -> None:
     db = database(1, bastion(sshd))
     with make_manager(mode) as manager:
         engine = manager.get(db)
@@ -166,9 +164,7 @@ def test_janitor_round_restarts_a_dropped_session(sshd: ThrowawaySshd) -> None:
 
 
 @pytest.mark.parametrize("mode", ["singleton", "new"])
-def test_bastion_down_for_good_raises_tunnel_error(
-    mode: str, private_sshd: ThrowawaySshd
-) -> None:
+def test_bastion_down_for_good_raises_tunnel_error(mode: str, private_sshd: ThrowawaySshd) -> None:
     db = database(1, bastion(private_sshd))
     name = f"{USER}@127.0.0.1:{private_sshd.port}"
     with make_manager(mode, restart_max=2, restart_backoff=0.01, restart_backoff_max=0.05) as m:
