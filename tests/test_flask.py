@@ -216,3 +216,27 @@ def test_metrics_port_and_superset_call_shape() -> None:
     finally:
         with app.app_context():
             extension.shutdown()
+
+
+def test_the_worked_example_in_docs_superset_md_runs() -> None:
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "superset.md").read_text(), re.S)
+    example = next(block for block in blocks if "class Database" in block)
+    example = example.replace("postgresql+psycopg://postgres:s3cret@127.0.0.1:5432/test", PG)
+    result = subprocess.run(
+        [sys.executable, "-c", example],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    charts, engines = result.stdout.strip().splitlines()
+    assert len(set(re.findall(r"'backend': (\d+)", charts))) == 1  # one pooled connection reused
+    assert "'engines': 1" in engines
