@@ -44,7 +44,11 @@ class TokenHolder:
 
     def set(self, token: str | SecretStr) -> None:
         """Use ``token`` for the engine's next new connections (one attribute store)."""
-        self.secret = token if isinstance(token, SecretStr) else SecretStr(token)
+        current = self.secret
+        if isinstance(token, SecretStr):
+            self.secret = token
+        elif current is None or current.get_secret_value() != token:
+            self.secret = SecretStr(token)  # a refresh; the same token again costs a compare
 
     def __repr__(self) -> str:
         # Engine keys digest the engine arguments' reprs: naming the owner keeps two
