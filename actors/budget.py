@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pykka
+from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.util import queue as sqla_queue
 
 from app import fleet
@@ -94,6 +95,7 @@ class _Budget:
         self.engines: list[tuple[weakref.ref[Any], int]] = []  # (engine, its own limit)
         self.target = cap  # our fair share: cap, or cap / processes while others wait
         self.closing = 0  # idle connections we closed whose release is still on its way
+        self.owed = 0  # permits to give back to the fleet, set once per Janitor round
         self.next_try = 0.0
         self.granted = self.timeouts = self.shed = self.round_trips = 0
         self.fleet_held: int | None = None
@@ -205,10 +207,13 @@ class BudgetKeeper(pykka.ThreadingActor):
             return  # a lease of an earlier keeper, or released twice
         budget.held.discard(message.lease_id)
         budget.closing = max(0, budget.closing - 1)
+        budget.owed = max(0, budget.owed - 1)
+        if self._store is not None:
+            self._limit_pools(budget)
         if message.lease_id in budget.lost:
             budget.lost.discard(message.lease_id)  # Redis never had it (or dropped it)
         elif self._store is not None:
-            if budget.excess <= 0 and budget.waiters and self._down_since is None:
+            if budget.owed <= 0 and budget.waiters and self._down_since is None:
                 # Hand the lease to our own next waiter: no Redis round trip.
                 self._grant(budget, budget.waiters.popleft(), message.lease_id)
                 self._rebalance(budget)
@@ -272,6 +277,8 @@ class BudgetKeeper(pykka.ThreadingActor):
         budget.held.add(lease_id)
         budget.granted += 1
         waiter.future.set(Lease(budget.key, lease_id, self._generation))
+        if self._store is not None:
+            self._limit_pools(budget)
 
     def _try_take(self, budget: _Budget, waiter: _Waiter) -> str | None:
         """A new lease id if the budget has room for one more, else None."""
@@ -326,11 +333,11 @@ class BudgetKeeper(pykka.ThreadingActor):
         permits beyond our fair share while other processes wait, and
         permits Redis no longer vouches for.
         """
-        limit = budget.cap
-        if self._store is not None:
-            limit = self._local_share(budget) if self._down_since else min(limit, budget.target)
+        limit = budget.cap  # in the fleet, below the cap Redis serves waiters in turn
+        if self._store is not None and self._down_since is not None:
+            limit = self._local_share(budget)
         local = len(budget.waiters) if len(budget.held) >= limit else 0
-        wanted = local + budget.excess + len(budget.lost) - budget.closing
+        wanted = local + budget.owed + len(budget.lost) - budget.closing
         if wanted > 0:
             closed = _close_idle(budget, wanted)
             budget.closing += closed
@@ -368,6 +375,10 @@ class BudgetKeeper(pykka.ThreadingActor):
             )
         budget.lost.update(renewal.lost)
         budget.target = renewal.share(budget.cap) if renewal.others_waiting else budget.cap
+        # Give back what we hold beyond our share once per round: between rounds
+        # Redis still serves waiters in turn, so a process briefly over its share
+        # costs a reconnect per round, never one per query.
+        budget.owed = budget.excess
         self._limit_pools(budget)
 
     def _release_remote(self, budget: _Budget, lease_ids: list[str]) -> None:
@@ -442,8 +453,18 @@ class BudgetKeeper(pykka.ThreadingActor):
     # -- helpers ---------------------------------------------------------------
 
     def _limit_pools(self, budget: _Budget) -> None:
-        """Size each engine's pool to our share, so threads queue in the pool, not here."""
+        """Size each engine's pool so that threads queue in their pool, not here.
+
+        Embedded, a pool may hold the whole cap. In the fleet it may hold one
+        connection more than we have permits, up to our fair share: so at most
+        one thread per pool waits for Redis (one ticket per process in the
+        fleet's queue), and the others wait for a pooled connection, which
+        costs no reconnect.
+        """
         target = min(budget.cap, budget.target)
+        if self._store is not None:
+            share = self._local_share(budget) if self._down_since else target
+            target = min(share, len(budget.held) + 1)
         self._board.limits[budget.key] = target
         for ref, limit in budget.engines:
             pool = getattr(ref(), "pool", None)
@@ -553,7 +574,27 @@ def prepare_pool(pool: Any, cap: int) -> int:
 
 
 def limit_pool(pool: Any, limit: int) -> None:
-    """Let a prepared QueuePool hold at most ``limit`` connections (>= 1)."""
+    """Let a prepared QueuePool hold at most ``limit`` connections (>= 1).
+
+    Threads already blocked in the pool's queue never look at the bound
+    again: growing puts an empty record in the queue for each new slot (the
+    thread that takes it connects, through the budget); shrinking drops empty
+    records (connections the budget closed) beyond the bound.
+    """
     idle = getattr(pool, "_pool", None)
-    if idle is not None and idle.maxsize == 0 and hasattr(pool, "_max_overflow") and limit > 0:
-        pool._max_overflow = limit
+    if idle is None or idle.maxsize != 0 or not hasattr(pool, "_max_overflow") or limit <= 0:
+        return
+    pool._max_overflow = limit
+    while pool._overflow < limit and pool._inc_overflow():
+        idle.put(_ConnectionRecord(pool, connect=False), False)
+    for _ in range(idle.qsize()):
+        if pool._overflow <= limit:
+            return
+        try:
+            record = idle.get(False)
+        except sqla_queue.Empty:
+            return
+        if record.dbapi_connection is None:
+            pool._dec_overflow()
+        else:
+            idle.put(record, False)
