@@ -232,7 +232,10 @@ def has_adapter(backend: str) -> bool:
         return True
     if backend in _NOT_PLUGGED:
         return False
-    return bool(entry_points(group=ENTRY_POINT_GROUP, name=backend))
+    if entry_points(group=ENTRY_POINT_GROUP, name=backend):
+        return True
+    _NOT_PLUGGED.add(backend)
+    return False
 
 
 def refresh_adapters() -> None:

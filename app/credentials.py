@@ -21,6 +21,8 @@ from sqlalchemy import event
 from sqlalchemy.dialects import plugins
 from sqlalchemy.engine import URL, CreateEnginePlugin, Dialect, Engine
 
+from app.errors import InvalidSpecError
+
 if TYPE_CHECKING:
     from app.adapters import DialectAdapter
 
@@ -46,8 +48,12 @@ class TokenHolder:
         """Use ``token`` for the engine's next new connections (one attribute store)."""
         current = self.secret
         if isinstance(token, SecretStr):
+            if not token.get_secret_value():
+                raise InvalidSpecError("access_token", "must be a non-empty string")
             self.secret = token
         elif current is None or current.get_secret_value() != token:
+            if not isinstance(token, str) or not token:
+                raise InvalidSpecError("access_token", "must be a non-empty string")
             self.secret = SecretStr(token)  # a refresh; the same token again costs a compare
 
     def __repr__(self) -> str:

@@ -191,3 +191,16 @@ def test_secrets_never_become_metric_labels_or_values(visible_tokens: EngineMana
         disable_pool_events()
     assert 'database="tok-metrics"' in exposition
     assert_no_secret(exposition, what="metrics")
+
+
+@pytest.mark.parametrize("bad", ["", SecretStr(""), 42])
+def test_a_malformed_token_is_refused_before_any_connection(bad: Any) -> None:
+    spec = DatabaseSpec(id="tok-bad", uri=PG_URI)
+    with EngineManager(cleanup_interval=60) as manager:
+        engine = manager.get(spec, user="alice", access_token=PW_1)
+        with pytest.raises(InvalidSpecError) as caught:
+            manager.get(spec, user="alice", access_token=bad)  # on a hit
+        assert caught.value.field == "access_token"
+        with pytest.raises(InvalidSpecError):
+            manager.get(spec, user="carol", access_token=bad)  # on a miss
+        assert manager.get(spec, user="alice", access_token=PW_1) is engine
