@@ -16,13 +16,22 @@ import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pykka
 from pydantic import SecretStr
 from sqlalchemy.engine import Connection, Engine
 
-from actors import ChildSpec, EngineRegistry, Janitor, RestartPolicy, Snapshot, Supervisor
+from actors import (
+    ChildSpec,
+    EngineRegistry,
+    Janitor,
+    RestartLedger,
+    RestartPolicy,
+    Snapshot,
+    Supervisor,
+)
 from actors.tunnels import TunnelDirectory, TunnelHealthRound, TunnelPreparer, directory_lookup
 from app import credentials, forking
 from app.budget import Budgets
@@ -81,6 +90,8 @@ class EngineManager:
         self._hits = itertools.count()
         self._closed = False
         self._starts: Once[_System] = Once()
+        # The facade supervises the Supervisor: same intensity, no backoff (a rare bug path).
+        self._supervisor_ledger = RestartLedger(_policy(self.settings))
         self._budgets = Budgets(self.settings, self._live)
         self._system = self._start()
         forking.track(self)
@@ -202,7 +213,7 @@ class EngineManager:
             disposals=registry.disposals,
             created=registry.created,
             uncached_created=registry.uncached_created,
-            restarts=supervision.restarts,
+            restarts=supervision.restarts + self._supervisor_ledger.restarts,
             engines=[
                 EngineStats(schema_name=pool.schema, **_without(vars(pool), "schema"))
                 for pool in registry.engines
@@ -365,14 +376,37 @@ class EngineManager:
 
     def _ask_supervisor(self, system: _System, message: object) -> Any:
         timeout = self.settings.ask_timeout
-        try:
-            return system.supervisor.ask(message, timeout=timeout)
-        except pykka.ActorDeadError:
-            raise ActorUnavailableError("the supervisor is down") from None
-        except pykka.Timeout:
-            raise ActorTimeoutError(
-                f"supervisor did not answer {type(message).__name__} within {timeout:g}s"
-            ) from None
+        for _attempt in range(2):
+            try:
+                return system.supervisor.ask(message, timeout=timeout)
+            except pykka.ActorDeadError:
+                system = self._revive(system)
+            except pykka.Timeout:
+                raise ActorTimeoutError(
+                    f"supervisor did not answer {type(message).__name__} within {timeout:g}s"
+                ) from None
+        raise ActorUnavailableError(f"the supervisor died twice handling {type(message).__name__}")
+
+    def _revive(self, dead: _System) -> _System:
+        """A new actor system once the supervisor crashed (its children stopped with it)."""
+        key = ("revive", dead.supervisor.actor_urn)
+        restart = partial(self._restart_after_crash, dead)
+        return self._starts.run(key, restart, self.settings.ask_timeout)
+
+    def _restart_after_crash(self, dead: _System) -> _System:
+        if self._closed:
+            raise ManagerShutDownError("this EngineManager was shut down")
+        if self._system is not dead:
+            return self._system  # a fork or an earlier revival replaced it already
+        if self._supervisor_ledger.next_delay() is None:
+            policy = self._supervisor_ledger.policy
+            raise ActorUnavailableError(
+                f"the supervisor crashed more than {policy.max_restarts} times "
+                f"within {policy.period:g}s"
+            )
+        log.warning("the supervisor crashed: starting a fresh actor system")
+        self._system = self._start()
+        return self._system
 
 
 def _refresh_token(entry: CachedEngine, token: str | SecretStr) -> None:
@@ -380,6 +414,15 @@ def _refresh_token(entry: CachedEngine, token: str | SecretStr) -> None:
     holder = credentials.holder_of(entry.plan.kwargs)
     if holder is not None:
         holder.set(token)
+
+
+def _policy(settings: ManagerSettings) -> RestartPolicy:
+    return RestartPolicy(
+        max_restarts=settings.restart_max,
+        period=settings.restart_period,
+        backoff=settings.restart_backoff,
+        backoff_max=settings.restart_backoff_max,
+    )
 
 
 def _count_value(counter: itertools.count[int]) -> int:

@@ -128,3 +128,20 @@ def test_hit_path_makes_no_actor_round_trip(
     assert asks == []
     monkeypatch.undo()
     assert manager.stats().hits == 32
+
+
+def test_threads_racing_a_supervisor_crash_start_one_new_system(
+    tmp_path: Path, poll: Callable[..., object]
+) -> None:
+    from actors import Supervisor
+
+    specs = [DatabaseSpec(id=i, uri=f"sqlite:///{tmp_path / f'{i}.db'}") for i in range(8)]
+    with EngineManager(cleanup_interval=60, ask_timeout=10, restart_backoff=0) as manager:
+        supervisor = manager._system.supervisor  # private; fine in a test
+        supervisor.tell("inject a failure")
+        poll(lambda: not supervisor.is_alive())
+        engines = together(32, lambda i: manager.get(specs[i % len(specs)]))
+        assert len({id(e) for e in engines}) == len(specs)
+        assert manager.stats().restarts == 1
+        live = [r for r in pykka.ActorRegistry.get_by_class(Supervisor) if r.is_alive()]
+        assert manager._system.supervisor in live and supervisor not in live

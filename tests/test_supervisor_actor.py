@@ -257,22 +257,38 @@ def test_exceeding_restart_intensity_fails_clearly(
     poll(lambda: set(threading.enumerate()) <= before, what="threads to end after shutdown")
 
 
-def test_supervisor_crash_fails_clearly_and_leaks_nothing(
+def test_supervisor_crash_is_survived_by_the_facade(
     sqlite_db: DatabaseSpec, poll: Callable[..., object]
 ) -> None:
     before = set(threading.enumerate())
     manager = crashing_manager()
-    manager.get(sqlite_db)
+    engine = manager.get(sqlite_db)
     supervisor = manager._system.supervisor
     children = [child_ref(manager, "registry"), child_ref(manager, "janitor")]
     supervisor.tell("inject a failure")
     poll(lambda: not supervisor.is_alive())
     poll(lambda: not any(child.is_alive() for child in children), what="children to stop")
-    with pytest.raises(ActorUnavailableError, match="supervisor"):
-        manager.stats()
-    with pytest.raises(ActorUnavailableError):
-        manager.get(DatabaseSpec(id="other", uri=sqlite_db.uri))
+    fresh = manager.get(sqlite_db)  # the facade starts a new actor system
+    assert fresh is not engine
+    assert manager._system.supervisor is not supervisor
+    stats = manager.stats()
+    assert stats.restarts == 1
+    assert all(actor.alive for actor in stats.actors)
     manager.shutdown()
+    poll(lambda: set(threading.enumerate()) <= before, what="every actor thread to end")
+
+
+def test_supervisor_crashing_too_often_fails_clearly(
+    sqlite_db: DatabaseSpec, poll: Callable[..., object]
+) -> None:
+    before = set(threading.enumerate())
+    with crashing_manager(restart_max=0) as manager:
+        supervisor = manager._system.supervisor
+        supervisor.tell("inject a failure")
+        poll(lambda: not supervisor.is_alive())
+        for call in (manager.stats, lambda: manager.get(sqlite_db)):
+            with pytest.raises(ActorUnavailableError, match="supervisor crashed"):
+                call()
     poll(lambda: set(threading.enumerate()) <= before, what="every actor thread to end")
 
 
