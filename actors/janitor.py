@@ -78,7 +78,10 @@ class Janitor(pykka.ThreadingActor):
         try:
             self._sweep()
             for extra in self._rounds:
-                extra()
+                try:
+                    extra()
+                except Exception:  # one faulty round must not stop sweeps (or other rounds)
+                    log.exception("janitor round %r failed", extra)
         finally:
             self._count += 1
             self._last = time.time()

@@ -118,3 +118,22 @@ def test_unknown_ask_goes_to_the_caller(recorder: pykka.ActorRef[Any]) -> None:
         assert janitor.is_alive()
     finally:
         janitor.stop()
+
+
+def test_a_failing_round_does_not_stop_the_janitor(
+    recorder: pykka.ActorRef[Any], poll: Callable[..., object]
+) -> None:
+    calls = itertools.count()
+
+    def faulty() -> None:
+        raise RuntimeError("round failed")
+
+    janitor = start_janitor(recorder, interval=0.02, rounds=[faulty, lambda: next(calls)])
+    try:
+        poll(lambda: ask(janitor, GetJanitorStats()).rounds >= 3)
+        assert janitor.is_alive()
+        assert int(repr(calls)[6:-1]) >= 3  # the round after the faulty one still runs
+        assert len(sweeps(recorder)) >= 3
+        assert not [m for m in ask(recorder, "seen") if isinstance(m, ChildExited)]
+    finally:
+        janitor.stop()
