@@ -75,10 +75,13 @@ def spec_error(data: dict[str, Any]) -> InvalidSpecError:
         ),
     ],
 )
-def test_invalid_spec_names_the_field(data: dict[str, Any], field: str, words: str) -> None:
+def test_invalid_spec_names_the_field(
+    data: dict[str, Any], field: str, words: str, manager: EngineManager, good: DatabaseSpec
+) -> None:
     error = spec_error({"id": 1, **data})
     assert error.field == field
     assert words in str(error)
+    still_serves(manager, good)
 
 
 def test_max_overflow_minus_one_is_fine() -> None:
