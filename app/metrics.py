@@ -342,10 +342,13 @@ class MetricsServer:
 
 
 def start_metrics_server(
-    source: StatsSource, port: int = 9464, addr: str = "127.0.0.1"
+    source: StatsSource, port: int = 9464, addr: str = "127.0.0.1", *, pool_events: bool = True
 ) -> MetricsServer:
-    """Serve ``source``'s metrics over HTTP (``port=0``: any free port); loopback by default."""
-    registry = registry_for(source)
+    """Serve ``source``'s metrics over HTTP (``port=0``: any free port); loopback by default.
+
+    ``pool_events=False`` leaves out the checkout timers (and their cost per checkout).
+    """
+    registry = registry_for(source, pool_events=pool_events)
     server, thread = start_http_server(port, addr=addr, registry=registry)
 
     def shutdown() -> None:
