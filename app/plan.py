@@ -113,16 +113,20 @@ def _with_encrypted_extra(
     try:
         check_engine_params(merged)
     except InvalidSpecError as exc:
-        # Name the field, not the (secret) value.
+        # Name the field; only the pool class check quotes a value, and it may be a secret.
         field = "encrypted_extra." + exc.field.removeprefix("extra.")
-        raise InvalidSpecError(field, "invalid value in the merged engine parameters") from None
+        reason = "unknown pool class" if field.endswith(".poolclass") else exc.reason
+        raise InvalidSpecError(field, reason) from None
     # SQLAlchemy quotes unknown argument names in its errors: mask keys and values.
     return merged, tuple(sorted(_texts(secret), key=len, reverse=True))
 
 
+_STRUCTURE = frozenset({"engine_params", "connect_args"})  # our vocabulary, not secrets
+
+
 def _texts(value: Any) -> set[str]:
     if isinstance(value, dict):
-        found = {str(key) for key in value}
+        found = {str(key) for key in value if key not in _STRUCTURE}
         for item in value.values():
             found |= _texts(item)
         return found

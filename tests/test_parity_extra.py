@@ -80,6 +80,16 @@ def test_fingerprint_changes_with_encrypted_extra_but_holds_only_a_digest() -> N
     assert "eh-app-a" not in a.fingerprint and len(a.fingerprint) == 32
 
 
+def test_merged_engine_params_are_checked_naming_the_secret_field() -> None:
+    spec = DatabaseSpec(id=1, uri=PG_URI, encrypted_extra={"engine_params": {"pool_size": -5}})
+    with EngineManager(cleanup_interval=60) as manager:
+        with pytest.raises(InvalidSpecError) as caught:
+            manager.get(spec)
+        assert manager.stats().created == 0
+    assert caught.value.field == "encrypted_extra.engine_params.pool_size"
+    assert caught.value.reason == "must be >= 0"
+
+
 # -- merged into the engine, on real servers ---------------------------------------------
 
 
