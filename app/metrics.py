@@ -34,6 +34,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from actors.registry import ENGINE_HOOKS
+from app.errors import PoolExhaustedError
 from messages.registry import EnginePlan
 
 log = logging.getLogger("enginehouse.metrics")
@@ -99,7 +100,7 @@ class PoolEvents(Collector):
             start = time.perf_counter()
             try:
                 connection = acquire()
-            except sa_exc.TimeoutError:
+            except (sa_exc.TimeoutError, PoolExhaustedError):  # the budget raises the latter
                 timeouts.inc()
                 raise
             finally:

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from secret_scan import assert_no_secret, register_secret
 
 from app import DatabaseSpec, EngineManager
+from app.errors import PoolExhaustedError
 from app.metrics import MetricsServer, registry_for, start_metrics_server
 
 PG_HOST_URI = os.environ.get(
@@ -98,6 +99,20 @@ def test_checkout_timeout_is_counted(served: tuple[EngineManager, MetricsServer]
     samples = scrape(server.url)
     assert samples[("enginehouse_pool_timeouts_total", db("302"))] == 1
     assert samples[("enginehouse_pool_wait_seconds_count", db("302"))] == 2
+
+
+def test_budget_exhaustion_is_counted_as_a_timeout() -> None:
+    spec = DatabaseSpec(id=304, uri=PG_HOST_URI, extra={"engine_params": {"pool_timeout": 0.2}})
+    with EngineManager(cleanup_interval=60, default_max_connections=1) as manager:
+        registry = registry_for(manager)
+        engine = manager.get(spec)
+        with engine.connect(), pytest.raises(PoolExhaustedError):
+            engine.connect()
+        assert (
+            registry.get_sample_value("enginehouse_pool_timeouts_total", {"database": "304"}) == 1
+        )
+        budget = {"budget": "db:304"}
+        assert registry.get_sample_value("enginehouse_budget_cap", budget) == 1
 
 
 def test_stopped_endpoint_refuses(served: tuple[EngineManager, MetricsServer]) -> None:
