@@ -577,7 +577,7 @@ def limit_pool(pool: Any, limit: int) -> None:
     """Let a prepared QueuePool hold at most ``limit`` connections (>= 1).
 
     Threads already blocked in the pool's queue never look at the bound
-    again: growing puts an empty record in the queue for each new slot (the
+    again: growing puts an empty record in the queue when none is idle (the
     thread that takes it connects, through the budget); shrinking drops empty
     records (connections the budget closed) beyond the bound.
     """
@@ -585,7 +585,9 @@ def limit_pool(pool: Any, limit: int) -> None:
     if idle is None or idle.maxsize != 0 or not hasattr(pool, "_max_overflow") or limit <= 0:
         return
     pool._max_overflow = limit
-    while pool._overflow < limit and pool._inc_overflow():
+    if idle.qsize() == 0 and pool._overflow < limit and pool._inc_overflow():
+        # Nothing idle: threads may be blocked in the queue. One empty record wakes
+        # one of them; it connects, and the next grant grows the pool again.
         idle.put(_ConnectionRecord(pool, connect=False), False)
     for _ in range(idle.qsize()):
         if pool._overflow <= limit:

@@ -25,6 +25,7 @@ from typing import Any
 
 import pykka
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
@@ -49,6 +50,7 @@ from messages.budget import (
 )
 from messages.budget import Release as ReleaseMessage
 from messages.registry import EnginePlan
+from messages.supervision import WhereIs
 
 log = logging.getLogger("enginehouse.budget")
 
@@ -109,6 +111,7 @@ class Budgets:
         timeout = float(plan.kwargs.get("pool_timeout", DEFAULT_POOL_TIMEOUT))
         pool = engine.pool
         limit = prepare_pool(pool, cap)
+        _translate_timeouts(pool, key, cap)
         self._wrap_creator(pool, key, cap, timeout, limit)
         # Pool events (not engine events): the statement path stays event-free, and
         # dispose()'s recreated pool inherits them with its dispatch.
@@ -204,6 +207,13 @@ class Budgets:
         if self._generation != forking.state.generation:
             self._live()  # a forked child: start this process's actors first
         ref = self._ref
+        if ref is None:  # the supervisor is still starting its children: ask it
+            supervisor = getattr(self._live(), "supervisor", None)
+            try:
+                found = supervisor.ask(WhereIs("budget"), timeout=self._settings.ask_timeout)  # type: ignore[union-attr]
+            except (AttributeError, pykka.ActorDeadError, pykka.Timeout):
+                found = None
+            ref = found if isinstance(found, pykka.ActorRef) else self._ref
         if ref is None:
             raise ActorUnavailableError("the budget keeper is not running")
         return ref
@@ -222,6 +232,7 @@ class Budgets:
                 owner = getattr(connection_record, "_ConnectionRecord__pool", None)
                 if getattr(owner, "_max_overflow", None) == -1:
                     limit_pool(owner, min(limit, limits.get(key, cap)))
+                    _translate_timeouts(owner, key, cap)
             lease = budgets.acquire(key, cap, timeout)
             try:
                 connection = inner(connection_record)
@@ -308,3 +319,27 @@ def _close_and_wait(dbapi_connection: Any) -> None:
         pass
     finally:
         watch.close()
+
+
+def _translate_timeouts(pool: Any, key: str, cap: int) -> None:
+    """A thread that waited ``pool_timeout`` in the pool's own queue gets PoolExhaustedError too.
+
+    The budget sizes the pool, so its queue is where most waiters wait; the
+    error should say which budget ran out, whichever queue the caller was in.
+    """
+    do_get = getattr(pool, "_do_get", None)
+    if do_get is None or getattr(do_get, "_enginehouse_budget", False):
+        return
+    timeout = getattr(pool, "_timeout", DEFAULT_POOL_TIMEOUT)
+
+    def checked_do_get() -> Any:
+        try:
+            return do_get()
+        except sa_exc.TimeoutError:
+            raise PoolExhaustedError(
+                f"budget {key}: no connection within pool_timeout={timeout:g}s "
+                f"(max_connections={cap}; all of this pool's share in use)"
+            ) from None
+
+    checked_do_get._enginehouse_budget = True  # type: ignore[attr-defined]
+    pool._do_get = checked_do_get  # type: ignore[method-assign]

@@ -1,0 +1,255 @@
+"""Fleet budgets: the cap holds across processes through leases in Redis (issue 5).
+
+Real Redis (the shared one with a per-test key prefix, or a private one for
+outages) and real PostgreSQL; connections are counted in pg_stat_activity by
+application_name while the load runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fleet_fixtures import (
+    SHARED_REDIS,
+    PgSampler,
+    PrivateRedis,
+    lease_members,
+    pg_spec_dict,
+    start_worker,
+    unique,
+    worker_result,
+)
+from sqlalchemy import text
+
+from app import DatabaseSpec, EngineManager
+from app.errors import FleetUnavailableError
+
+# Short TTL and rounds so that recovery happens within a test; production uses longer.
+FAST = {"cleanup_interval": 0.5, "fleet_lease_ttl": 2.0, "ask_timeout": 10}
+
+
+def settings(url: str, prefix: str, **more: Any) -> dict[str, Any]:
+    return {"fleet_url": url, "fleet_prefix": prefix, **FAST, **more}
+
+
+def budget_of(manager: EngineManager, database: DatabaseSpec) -> Any:
+    return next(b for b in manager.stats().budgets if b.key == f"db:{database.id}")
+
+
+def test_four_processes_of_eight_threads_never_exceed_the_cap(fleet_prefix: str) -> None:
+    app = unique("eh-fleet")
+    spec = pg_spec_dict(unique("db"), app, 6, pool_timeout=60)
+    config = {
+        "action": "load",
+        "threads": 8,
+        "queries": 30,
+        "sql": "SELECT pg_sleep(0.003)",
+        "spec": spec,
+        "settings": settings(SHARED_REDIS, fleet_prefix),
+    }
+    with PgSampler(app) as sampler:
+        workers = [start_worker(config) for _ in range(4)]
+        results = [worker_result(worker) for worker in workers]
+    assert [r["errors"] for r in results] == [0, 0, 0, 0], [r["first_errors"] for r in results]
+    assert [r["queries"] for r in results] == [8 * 30] * 4  # all queries completed
+    assert len(sampler.samples) > 20
+    assert 1 <= sampler.peak <= 6, sampler.peak
+    for result in results:
+        (budget,) = result["budgets"]
+        assert budget["mode"] == "fleet" and budget["cap"] == 6
+        assert budget["fleet_held"] is not None and budget["fleet_held"] <= 6
+
+
+def test_sigkilled_holder_loses_its_leases_after_the_ttl(fleet_prefix: str, poll: Any) -> None:
+    app = unique("eh-fleet")
+    spec = pg_spec_dict(unique("db"), app, 3, pool_timeout=30)
+    config = {"action": "hold", "hold": 3, "spec": spec}
+    holder = start_worker({**config, "settings": settings(SHARED_REDIS, fleet_prefix)})
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "READY"
+        budget = f"db:{spec['id']}"
+        held = lease_members(SHARED_REDIS, fleet_prefix, budget)
+        assert len(held) == 3
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            holder.kill()
+    database = DatabaseSpec(**spec)
+    with EngineManager(**settings(SHARED_REDIS, fleet_prefix)) as manager:
+        engine = manager.get(database)
+        # Each connect waits (FIFO, pool_timeout 30 s) until the dead process's leases expire.
+        connections = [engine.connect() for _ in range(3)]
+        try:
+            assert all(c.execute(text("SELECT 1")).scalar() == 1 for c in connections)
+            now_held = lease_members(SHARED_REDIS, fleet_prefix, budget)
+            assert len(now_held) == 3 and not set(now_held) & set(held)
+            assert PgSampler(app).now() == 3
+        finally:
+            for connection in connections:
+                connection.close()
+
+
+@pytest.fixture
+def outage_manager(
+    private_redis: PrivateRedis, request: pytest.FixtureRequest
+) -> Iterator[tuple[EngineManager, DatabaseSpec, str]]:
+    app = unique("eh-fleet")
+    database = DatabaseSpec(**pg_spec_dict(unique("db"), app, 3, pool_timeout=5))
+    values = settings(private_redis.url, unique("eh-outage"), fleet_fallback=request.param)
+    with EngineManager(**values) as manager:
+        yield manager, database, values["fleet_prefix"]
+
+
+@pytest.mark.parametrize("outage_manager", ["closed"], indirect=True)
+def test_redis_outage_fails_closed_then_recovers(
+    outage_manager: tuple[EngineManager, DatabaseSpec, str],
+    private_redis: PrivateRedis,
+    poll: Any,
+) -> None:
+    manager, database, prefix = outage_manager
+    with manager.connect(database) as connection:
+        assert connection.execute(text("SELECT 1")).scalar() == 1
+    private_redis.stop()
+    other = manager.get(database, schema="information_schema")  # needs a new connection
+    with pytest.raises(FleetUnavailableError, match="fleet_fallback='closed'"), other.connect():
+        pass
+    assert budget_of(manager, database).mode == "fleet-down"
+    private_redis.start()  # empty: no persistence, every lease is gone
+
+    def connects() -> bool:
+        try:
+            with other.connect() as connection:
+                return connection.execute(text("SELECT 1")).scalar() == 1
+        except FleetUnavailableError:
+            return False
+
+    poll(connects, timeout=30, what="new connections after Redis returned")
+    budget = f"db:{database.id}"
+    poll(lambda: budget_of(manager, database).mode == "fleet", what="fleet mode again")
+    # Reconciled: every connection this process holds has a lease in the new Redis.
+    poll(
+        lambda: len(lease_members(private_redis.url, prefix, budget))
+        == budget_of(manager, database).held,
+        what="leases re-registered",
+    )
+    assert budget_of(manager, database).held <= 3
+
+
+@pytest.mark.parametrize("outage_manager", ["local"], indirect=True)
+def test_redis_outage_with_local_fallback_keeps_serving(
+    outage_manager: tuple[EngineManager, DatabaseSpec, str],
+    private_redis: PrivateRedis,
+    poll: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manager, database, prefix = outage_manager
+    engine = manager.get(database)
+    stop = threading.Event()
+    failures: list[str] = []
+    done: list[int] = []
+
+    def load() -> None:
+        count = 0
+        while not stop.is_set():
+            try:
+                with engine.connect() as connection:
+                    connection.execute(text("SELECT pg_sleep(0.002)"))
+                count += 1
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+        done.append(count)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        poll(lambda: budget_of(manager, database).held >= 1, what="load running")
+        with caplog.at_level(logging.WARNING, logger="enginehouse.budget"):
+            private_redis.stop()
+            poll(
+                lambda: budget_of(manager, database).mode == "fleet-fallback",
+                what="the outage noticed",
+            )
+            other = manager.get(database, schema="information_schema")
+            with other.connect() as connection:  # a new connection, under the local share
+                assert connection.execute(text("SELECT 1")).scalar() == 1
+        assert any("fleet_fallback='local'" in r.getMessage() for r in caplog.records)
+        private_redis.start()
+        poll(lambda: budget_of(manager, database).mode == "fleet", what="fleet mode again")
+        budget = f"db:{database.id}"
+        poll(
+            lambda: 0 < len(lease_members(private_redis.url, prefix, budget)) <= 3,
+            what="leases reconciled into the restarted Redis",
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert failures == []
+    assert all(count > 0 for count in done)
+    assert budget_of(manager, database).held <= 3
+
+
+def _forked_child(
+    manager: EngineManager, spec: dict[str, Any], results: Any, index: int
+) -> None:
+    database = DatabaseSpec(**spec)
+    errors: list[str] = []
+
+    def work() -> None:
+        for _ in range(20):
+            try:
+                with manager.connect(database) as connection:
+                    connection.execute(text("SELECT pg_sleep(0.002)"))
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    held = [b.held for b in manager.stats().budgets]
+    manager.shutdown()  # gives this child's leases back
+    results.put((index, errors, held))
+
+
+def test_fork_after_use_keeps_the_budget(fleet_prefix: str) -> None:
+    app = unique("eh-fleet")
+    spec = pg_spec_dict(unique("db"), app, 4, pool_timeout=60)
+    database = DatabaseSpec(**spec)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    with EngineManager(**settings(SHARED_REDIS, fleet_prefix)) as manager:
+        engine = manager.get(database)
+        held = [engine.connect() for _ in range(2)]  # used before the fork, kept open
+        for connection in held:
+            connection.execute(text("SELECT 1"))
+        with PgSampler(app) as sampler:
+            children = [
+                context.Process(target=_forked_child, args=(manager, spec, results, i))
+                for i in range(3)
+            ]
+            for child in children:
+                child.start()
+            outcomes = sorted(results.get(timeout=120) for _ in children)
+            for child in children:
+                child.join(timeout=60)
+        assert [child.exitcode for child in children] == [0, 0, 0]
+        assert [errors for _, errors, _ in outcomes] == [[], [], []]
+        assert 1 <= sampler.peak <= 4, sampler.peak
+        # The parent's connections survived its children and still hold their leases.
+        assert all(c.execute(text("SELECT 2")).scalar() == 2 for c in held)
+        assert budget_of(manager, database).held == 2
+        for connection in held:
+            connection.close()
