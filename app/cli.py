@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import urllib.error
@@ -20,6 +21,7 @@ from typing import Any
 from app.check import ExitCode, Report, check_file
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+"""Where ``bench`` finds ``bench_*.py``; the ENGINEHOUSE_BENCHMARKS_DIR variable overrides it."""
 
 EPILOG = """exit codes: 0 ok, 1 internal error, 2 bad input (usage, spec, URL), 3 driver missing,
 4 SSH tunnel, 5 connect/auth (stats: endpoint unreachable), 6 query (stats: not an
@@ -318,10 +320,11 @@ def _natural(text: str) -> tuple[int, int | str]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    available = sorted(p.stem for p in BENCHMARKS_DIR.glob("bench_*.py"))
+    folder = Path(os.environ.get("ENGINEHOUSE_BENCHMARKS_DIR") or BENCHMARKS_DIR)
+    available = sorted(p.stem for p in folder.glob("bench_*.py"))
     if not available:
         print(
-            f"bench: no benchmarks found in {BENCHMARKS_DIR} (run from a source checkout)",
+            f"bench: no benchmarks found in {folder} (run from a source checkout)",
             file=sys.stderr,
         )
         return int(ExitCode.BAD_INPUT)
@@ -340,7 +343,7 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.full:
             command.append("--quick")
         print(f"$ {' '.join(command[1:])}", flush=True)
-        code = subprocess.run(command, cwd=BENCHMARKS_DIR.parent, check=False).returncode
+        code = subprocess.run(command, cwd=folder.parent, check=False).returncode
         if code != 0:
             print(f"bench: {name} failed with exit code {code}", file=sys.stderr)
             return code

@@ -292,3 +292,37 @@ def test_check_tunnel_failures(
     assert result.returncode == 4, result.stdout + result.stderr
     assert "check failed (tunnel, exit 4)" in result.stderr
     assert "ehtunnel@127.0.0.1" in result.stderr
+
+
+def test_bench_runs_each_benchmark_quick_and_stops_at_a_failure(tmp_path: Path) -> None:
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    script = "import sys\nprint('{name} ran with', sys.argv[1:])\nsys.exit({code})\n"
+    (folder / "bench_a.py").write_text(script.format(name="a", code=0))
+    (folder / "bench_b.py").write_text(script.format(name="b", code=9))
+    (folder / "bench_c.py").write_text(script.format(name="c", code=0))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ENGINEHOUSE_BENCHMARKS_DIR": str(folder)}
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "bench"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 9
+    assert "a ran with ['--quick']" in result.stdout
+    assert "b ran with ['--quick']" in result.stdout
+    assert "c ran with" not in result.stdout
+    assert "bench_b failed with exit code 9" in result.stderr
+    full = subprocess.run(
+        [sys.executable, "-m", "app", "bench", "bench_c", "--full"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert full.returncode == 0
+    assert "c ran with []" in full.stdout
