@@ -1,0 +1,371 @@
+"""SSH tunnel benchmarks (issue 4): our forwarder vs direct vs sshtunnel 0.5.1, one run.
+
+    python -m benchmarks.bench_tunnel            # full run (~1-2 min), writes docs + plots
+    python -m benchmarks.bench_tunnel --quick    # smoke run, prints only
+
+Starts its own throwaway sshd (tests/sshd_fixtures.py, which installs
+openssh-server through scripts/install-sshd.sh when missing) forwarding to the
+PostgreSQL at ENGINEHOUSE_TEST_PG (default 127.0.0.1:5432). Alternatives run
+interleaved in the same run; ratios are what to trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pykka
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from actors.policy import RestartPolicy
+from actors.tunnel import TunnelSupervisor
+from app import DatabaseSpec, EngineManager, SSHTunnelSpec
+from benchmarks.common import (
+    PLOTS_DIR,
+    ROOT,
+    machine_info,
+    percentile,
+    plotting_available,
+    utc_now,
+    write_results,
+)
+from messages.tunnel import CloseTunnel, EnsureConnected, Forwarded, OpenForward
+
+sys.path.insert(0, str(ROOT / "tests"))
+from sshd_fixtures import PASSWORD, USER, ThrowawaySshd, remove_sshd, start_sshd
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DOC = ROOT / "docs" / "benchmarks.md"
+STALL = 0.030  # a new connection slower than this counts as a stall (the ~45 ms kind)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+# -- alternatives -------------------------------------------------------------------
+
+
+class Sides:
+    """The three ways to reach PostgreSQL: direct, our tunnel, sshtunnel's."""
+
+    def __init__(self, server: ThrowawaySshd) -> None:
+        from sshtunnel import SSHTunnelForwarder
+
+        self.server = server
+        self.tunnel = SSHTunnelSpec(
+            server_address="127.0.0.1", server_port=server.port, username=USER, password=PASSWORD
+        )
+        self.manager = EngineManager(mode="singleton", cleanup_interval=300, ask_timeout=30)
+        self.db = DatabaseSpec(
+            id=1, uri=PG, ssh_tunnel=self.tunnel, extra={"engine_params": {"pool_size": 1}}
+        )
+        self.ours: Engine = self.manager.get(self.db)
+        self.forwarder = SSHTunnelForwarder(
+            ("127.0.0.1", server.port),
+            ssh_username=USER,
+            ssh_password=PASSWORD,
+            remote_bind_address=("127.0.0.1", 5432),
+            local_bind_address=("127.0.0.1", 0),
+        )
+        self.forwarder.start()
+        self.ports = {
+            "direct": 5432,
+            "enginehouse": int(self.ours.url.port or 0),
+            "sshtunnel": int(self.forwarder.local_bind_port),
+        }
+        # All three are the manager's engines, so only the network path differs.
+        pool = {"engine_params": {"pool_size": 1}}
+        sshtunnel_uri = PG.replace(":5432/", f":{self.ports['sshtunnel']}/")
+        self.engines = {
+            "direct": self.manager.get(DatabaseSpec(id=2, uri=PG, extra=pool)),
+            "enginehouse": self.ours,
+            "sshtunnel": self.manager.get(DatabaseSpec(id=3, uri=sshtunnel_uri, extra=pool)),
+        }
+
+    def close(self) -> None:
+        self.manager.shutdown()
+        self.forwarder.stop(force=True)
+
+
+def select_one(engine: Engine) -> Callable[[], object]:
+    def call() -> object:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT 1")).scalar()
+
+    return call
+
+
+def new_connection(port: int) -> Callable[[], object]:
+    def call() -> object:
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="test") as conn:
+            return conn.execute("SELECT 1").fetchone()
+
+    return call
+
+
+def interleaved(
+    calls: dict[str, Callable[[], object]], rounds: int, batch: int
+) -> dict[str, list[float]]:
+    """Seconds per call, per alternative; order rotated every round."""
+    names = list(calls)
+    for name in names:  # warm up
+        for _ in range(batch):
+            calls[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            call = calls[name]
+            for _ in range(batch):
+                start = time.perf_counter()
+                call()
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+# -- benchmarks ---------------------------------------------------------------------
+
+
+def bench_pooled(sides: Sides, rounds: int) -> dict[str, list[float]]:
+    calls = {name: select_one(engine) for name, engine in sides.engines.items()}
+    return interleaved(calls, rounds=rounds, batch=50)
+
+
+def bench_new_connections(sides: Sides, tries: int) -> dict[str, list[float]]:
+    calls = {name: new_connection(port) for name, port in sides.ports.items()}
+    return interleaved(calls, rounds=tries, batch=1)
+
+
+def bench_start_stop(
+    server: ThrowawaySshd, spec: SSHTunnelSpec, reps: int
+) -> dict[str, list[float]]:
+    """Cold start (SSH handshake + auth + first forward), restart after a drop, and stop."""
+    from sshtunnel import SSHTunnelForwarder
+
+    policy = RestartPolicy(max_restarts=reps * 2, period=600, backoff=0.0, backoff_max=0.0)
+    out: dict[str, list[float]] = {
+        "enginehouse start": [],
+        "enginehouse restart": [],
+        "enginehouse stop": [],
+        "sshtunnel start": [],
+        "sshtunnel stop": [],
+    }
+    for _ in range(reps):
+        start = time.perf_counter()
+        ref = TunnelSupervisor.start(
+            spec, policy=policy, connect_timeout=10, ask_timeout=30, idle_timeout=600
+        )
+        forwarded: Forwarded = ref.ask(OpenForward("127.0.0.1", 5432, owner=1), timeout=30)
+        out["enginehouse start"].append(time.perf_counter() - start)
+        server.kill_sessions()
+        deadline = time.monotonic() + 10
+        while forwarded.link.active() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        start = time.perf_counter()
+        ref.ask(EnsureConnected("benchmark"), timeout=30)
+        out["enginehouse restart"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ref.ask(CloseTunnel(), timeout=30)
+        ref.actor_stopped.wait(30)
+        out["enginehouse stop"].append(time.perf_counter() - start)
+
+        forwarder = SSHTunnelForwarder(
+            ("127.0.0.1", server.port),
+            ssh_username=USER,
+            ssh_password=PASSWORD,
+            remote_bind_address=("127.0.0.1", 5432),
+            local_bind_address=("127.0.0.1", 0),
+        )
+        start = time.perf_counter()
+        forwarder.start()
+        out["sshtunnel start"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        forwarder.stop()
+        out["sshtunnel stop"].append(time.perf_counter() - start)
+    return out
+
+
+def bench_second_database(server: ThrowawaySshd, spec: SSHTunnelSpec, count: int) -> dict[str, Any]:
+    """get() (a miss) for new databases behind an open bastion vs new direct databases."""
+    with EngineManager(mode="singleton", cleanup_interval=300, ask_timeout=30) as manager:
+        start = time.perf_counter()
+        manager.get(DatabaseSpec(id="first", uri=PG, ssh_tunnel=spec))
+        first = time.perf_counter() - start
+        tunneled: list[float] = []
+        direct: list[float] = []
+        for index in range(count):
+            for kind, samples in (("t", tunneled), ("d", direct)):
+                database = DatabaseSpec(
+                    id=f"{kind}{index}", uri=PG, ssh_tunnel=spec if kind == "t" else None
+                )
+                start = time.perf_counter()
+                manager.get(database)
+                samples.append(time.perf_counter() - start)
+        tunnels = manager.stats().tunnels
+        connects = tunnels[0].connects if tunnels else 0
+    return {"first": first, "tunneled": tunneled, "direct": direct, "connects": connects}
+
+
+# -- report -------------------------------------------------------------------------
+
+
+def report(results: dict[str, Any], tries: int) -> str:
+    pooled, fresh = results["pooled"], results["new_connections"]
+    med = {name: statistics.median(v) for name, v in pooled.items()}
+    p90 = {name: percentile(v, 90) for name, v in fresh.items()}
+    p50 = {name: percentile(v, 50) for name, v in fresh.items()}
+    stalls = {name: sum(1 for s in v if s > STALL) for name, v in fresh.items()}
+    start = {name: statistics.median(v) for name, v in results["start_stop"].items()}
+    second = results["second_database"]
+    t_med, d_med = statistics.median(second["tunneled"]), statistics.median(second["direct"])
+    pooled_ratio = med["enginehouse"] / med["direct"]
+    fresh_ratio = p90["enginehouse"] / p90["direct"]
+    lines = [
+        "| measure | direct | enginehouse tunnel | sshtunnel 0.5.1 | goal |",
+        "| --- | --- | --- | --- | --- |",
+        f"| pooled SELECT 1, median | {ms(med['direct'])} | {ms(med['enginehouse'])} "
+        f"(**{pooled_ratio:.2f}x**) | {ms(med['sshtunnel'])} "
+        f"({med['sshtunnel'] / med['direct']:.2f}x) | <= 3x "
+        f"{'met' if pooled_ratio <= 3 else 'NOT met'} |",
+        f"| new connection + SELECT 1, median | {ms(p50['direct'])} | {ms(p50['enginehouse'])} "
+        f"| {ms(p50['sshtunnel'])} | |",
+        f"| new connection + SELECT 1, p90 | {ms(p90['direct'])} | {ms(p90['enginehouse'])} "
+        f"(**{fresh_ratio:.2f}x**) | {ms(p90['sshtunnel'])} "
+        f"({p90['sshtunnel'] / p90['direct']:.2f}x) | <= 2x "
+        f"{'met' if fresh_ratio <= 2 else 'NOT met'} |",
+        f"| new connections over {STALL * 1000:.0f} ms (of {tries}) | {stalls['direct']} "
+        f"| {stalls['enginehouse']} | {stalls['sshtunnel']} | none |",
+        f"| tunnel start (SSH handshake, auth, first forward), median | | "
+        f"{ms(start['enginehouse start'])} | {ms(start['sshtunnel start'])} | |",
+        f"| tunnel restart after a dropped session, median | | "
+        f"{ms(start['enginehouse restart'])} | (no restart: new forwarder) | |",
+        f"| tunnel stop, median | | {ms(start['enginehouse stop'])} "
+        f"| {ms(start['sshtunnel stop'])} | |",
+        f"| get() miss, new database behind the open bastion, median | {ms(d_med)} (no tunnel) "
+        f"| {ms(t_med)} ({t_med / d_med:.2f}x; SSH handshakes: {second['connects']}) | | |",
+        f"| first get() through a cold bastion | | {ms(second['first'])} | | |",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    colors = {"direct": "tab:gray", "enginehouse": "tab:blue", "sshtunnel": "tab:red"}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, values in results["new_connections"].items():
+        ordered = sorted(v * 1000 for v in values)
+        ys = [(i + 1) / len(ordered) for i in range(len(ordered))]
+        ax.plot(ordered, ys, label=name, color=colors[name])
+    ax.set_xscale("log")
+    ax.set_xlabel("new connection + SELECT 1 (ms, log scale)")
+    ax.set_ylabel("fraction of connections")
+    ax.axhline(0.9, color="black", linewidth=0.5, linestyle=":")
+    ax.set_title("New PostgreSQL connection: direct vs through an SSH tunnel (CDF)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(PLOTS_DIR / "tunnel_new_connection.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    names = list(results["pooled"])
+    data = [[v * 1e6 for v in results["pooled"][n]] for n in names]
+    ax.boxplot(data, vert=False, showfliers=False)
+    ax.set_yticks(range(1, len(names) + 1), names)
+    ax.set_xlabel("pooled SELECT 1 (us)")
+    ax.set_title("Pooled SELECT 1: direct vs through an SSH tunnel")
+    ax.grid(axis="x", alpha=0.3)
+    paths.append(PLOTS_DIR / "tunnel_pooled.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_doc(table: str, when: str, tries: int) -> None:
+    section = f"""## SSH tunnels
+
+Issue 4. `python -m benchmarks.bench_tunnel` (needs the test PostgreSQL; starts its own
+sshd through `scripts/install-sshd.sh`, ~1-2 min; `--quick` for a smoke run). Last full
+run: {when}, on the 2-core CI-like container. Three ways to reach the same PostgreSQL,
+interleaved in one run: direct, our tunnel (one `TunnelSupervisor`, our paramiko
+forwarder), and sshtunnel 0.5.1 (`SSHTunnelForwarder`, as Superset uses it), both over
+the same local sshd. Ratios are against direct; absolute times vary +-40% between runs.
+
+{table}
+
+New connections: {tries} tries per side (psycopg connect + `SELECT 1` + close). Pooled:
+QueuePool of one connection, 50 queries per side per round. Restart = time for
+`EnsureConnected` after sshd's session processes were killed (the local port stays).
+The second-database row is `EngineManager.get()` for a database not seen before (a miss:
+registry ask, plan, `create_engine`) behind the already-open bastion, against the same
+miss without a tunnel: no new SSH handshake is made (the handshake count is from `stats()`).
+
+![new connection latency](img/tunnel_new_connection.png)
+![pooled latency](img/tunnel_pooled.png)
+"""
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    pattern = re.compile(r"^## SSH tunnels\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: section + "\n", doc, count=1)
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + section
+    DOC.write_text(doc.rstrip("\n") + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_tunnel", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smoke run; writes no docs")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
+    logging.getLogger("sshtunnel").setLevel(logging.CRITICAL)
+    tries = 100 if args.quick else 1000
+    server = start_sshd()
+    results: dict[str, Any] = {}
+    try:
+        sides = Sides(server)
+        try:
+            results["pooled"] = bench_pooled(sides, rounds=4 if args.quick else 40)
+            results["new_connections"] = bench_new_connections(sides, tries)
+        finally:
+            sides.close()
+        results["start_stop"] = bench_start_stop(server, sides.tunnel, 3 if args.quick else 20)
+        results["second_database"] = bench_second_database(
+            server, sides.tunnel, 5 if args.quick else 50
+        )
+    finally:
+        remove_sshd(server)
+        pykka.ActorRegistry.stop_all(timeout=10)
+    table = report(results, tries)
+    print(table)
+    when = utc_now()
+    path = write_results("tunnel", {"machine": machine_info(), "when": when, **results})
+    print(f"results: {path}")
+    if not args.quick:
+        if plotting_available() and not args.no_plots:
+            for path in plot(results):
+                print(f"plot: {path}")
+        write_doc(table, when, tries)
+        print(f"updated {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
