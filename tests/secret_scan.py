@@ -116,6 +116,16 @@ class _Recorder(logging.Handler):
 
 _recorder = _Recorder()
 _previous_level: int | None = None
+_attached: list[logging.Logger] = []
+
+
+def _attach_to_isolated_loggers() -> None:
+    """Loggers with ``propagate=False`` never reach the root: record them directly."""
+    for logger in list(logging.root.manager.loggerDict.values()):
+        isolated = isinstance(logger, logging.Logger) and not logger.propagate
+        if isolated and _recorder not in logger.handlers:
+            logger.addHandler(_recorder)
+            _attached.append(logger)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -124,11 +134,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _previous_level = root.level
     root.setLevel(logging.DEBUG)
     root.addHandler(_recorder)
+    _attach_to_isolated_loggers()
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
     _recorder.current_test = item.nodeid
+    _attach_to_isolated_loggers()  # loggers configured by earlier tests or imports
     yield
     _recorder.current_test = "(outside any test)"
 
@@ -136,6 +148,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     root = logging.getLogger()
     root.removeHandler(_recorder)
+    for logger in _attached:
+        logger.removeHandler(_recorder)
+    _attached.clear()
     if _previous_level is not None:
         root.setLevel(_previous_level)
     leaks = _recorder.leaks()

@@ -50,6 +50,27 @@ def test_a_logged_secret_fails_the_session_without_showing_it(tmp_path: Path) ->
     assert PLANTED not in output
 
 
+def test_a_non_propagating_logger_is_scanned_too(tmp_path: Path) -> None:
+    result = _run_session(
+        tmp_path,
+        f"""
+        import logging
+        from secret_scan import register_secret
+
+        register_secret({PLANTED!r})
+        isolated = logging.getLogger("thirdparty.isolated")
+        isolated.propagate = False
+
+        def test_leaks():
+            isolated.warning("token=%s", {PLANTED!r})
+        """,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "thirdparty.isolated" in output
+    assert PLANTED not in output
+
+
 def test_a_clean_session_passes(tmp_path: Path) -> None:
     result = _run_session(
         tmp_path,
