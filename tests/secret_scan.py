@@ -122,8 +122,9 @@ _attached: list[logging.Logger] = []
 def _attach_to_isolated_loggers() -> None:
     """Loggers with ``propagate=False`` never reach the root: record them directly."""
     for logger in list(logging.root.manager.loggerDict.values()):
-        isolated = isinstance(logger, logging.Logger) and not logger.propagate
-        if isolated and _recorder not in logger.handlers:
+        if not isinstance(logger, logging.Logger):
+            continue  # a PlaceHolder: no logger of that exact name yet
+        if not logger.propagate and _recorder not in logger.handlers:
             logger.addHandler(_recorder)
             _attached.append(logger)
 
