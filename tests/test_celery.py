@@ -35,8 +35,10 @@ def worker() -> Iterator[tuple[Any, str, subprocess.Popen[bytes]]]:
         "ENGINEHOUSE_TEST_CELERY_BROKER": BROKER,
         "ENGINEHOUSE_TEST_CELERY_QUEUE": queue,
     }
-    os.environ["ENGINEHOUSE_TEST_CELERY_QUEUE"] = queue  # read when celery_tasks is imported
-    os.environ["ENGINEHOUSE_TEST_CELERY_BROKER"] = BROKER
+    saved = {name: os.environ.get(name) for name in env if name.startswith("ENGINEHOUSE_TEST_")}
+    os.environ.update(  # read when celery_tasks is imported
+        ENGINEHOUSE_TEST_CELERY_QUEUE=queue, ENGINEHOUSE_TEST_CELERY_BROKER=BROKER
+    )
     sys.modules.pop("celery_tasks", None)
     import celery_tasks
 
@@ -72,6 +74,11 @@ def worker() -> Iterator[tuple[Any, str, subprocess.Popen[bytes]]]:
     finally:
         _stop(process)
         redis.Redis.from_url(BROKER).delete(f"{queue}:parent")
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
