@@ -168,6 +168,24 @@ class TunnelPreparer:
         self._lookup = lookup
         # Under the caller's own ask to the registry, leave it time to hear our error.
         self._timeout = ask_timeout * 0.8
+        self._warm: dict[tuple[str, str, int], Link] = {}
+
+    def warm(self, plan: EnginePlan) -> None:
+        """Open ``plan``'s forward now, in the caller's thread, unless it is open already.
+
+        The facade calls this before asking the registry, so a slow or dead
+        bastion holds only its own callers, never the registry; the registry's
+        own call then finds the forward open (two quick asks).
+        """
+        spec = plan.tunnel
+        if spec is None or not plan.url.host:
+            return
+        port = plan.url.port if plan.url.port is not None else _default_port(plan)
+        key = (spec.fingerprint, plan.url.host, port)
+        link = self._warm.get(key)
+        if link is not None and link.active():
+            return
+        self._warm[key] = self._open(plan, plan.url.host, port)[2]
 
     def __call__(self, plan: EnginePlan) -> EnginePlan:
         spec = plan.tunnel

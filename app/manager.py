@@ -318,6 +318,10 @@ class EngineManager:
             ),
         ]
         supervisor = Supervisor.start(children)
+        # Opens SSH sessions in the caller's thread, so a slow bastion never holds the registry.
+        self._tunnels = TunnelPreparer(
+            directory_lookup(supervisor, settings.ask_timeout), settings.ask_timeout
+        )
         return _System(forking.state.generation, snapshot, supervisor)
 
     def _live(self) -> _System:
@@ -353,6 +357,8 @@ class EngineManager:
         """Build and validate a plan in the caller's thread (hooks never run in an actor)."""
         plan = build_plan(database, key, self.settings, access_token=access_token)
         check_uri(plan.url, database, self.settings)
+        if plan.tunnel is not None:
+            self._tunnels.warm(plan)
         return plan
 
     def _ask(self, system: _System, name: str, message: object) -> Any:

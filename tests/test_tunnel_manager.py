@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -192,3 +193,57 @@ def test_shutdown_closes_every_tunnel(sshd: ThrowawaySshd) -> None:
     manager.shutdown()
     assert not tunnel_threads()
     sessions_settle(sshd, before)
+
+
+def test_a_silent_bastion_does_not_hold_the_registry(sshd: ThrowawaySshd) -> None:
+    """While one bastion stalls its handshake, other databases still get engines."""
+    tarpit = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stalled = database(1, bastion(sshd).model_copy(update={"server_port": tarpit.getsockname()[1]}))
+    outcome: list[BaseException] = []
+    finished = threading.Event()
+    with make_manager("singleton", ask_timeout=60, tunnel_connect_timeout=15) as manager:
+
+        def blocked_get() -> None:
+            try:
+                manager.get(stalled)
+            except BaseException as exc:  # recorded for the assertion below
+                outcome.append(exc)
+            finally:
+                finished.set()
+
+        caller = threading.Thread(target=blocked_get, daemon=True)
+        caller.start()
+        try:
+            accepted.append(tarpit.accept()[0])  # the handshake has begun, and now waits
+            direct = DatabaseSpec(id=2, uri=PG_URI)
+            assert scalar(manager.get(direct), "SELECT 1") == 1
+            assert scalar(manager.get(database(3, bastion(sshd))), "SELECT 1") == 1
+            assert not finished.is_set()  # the stalled caller was still waiting
+        finally:
+            for conn in accepted:
+                conn.close()
+            tarpit.close()
+        caller.join(60)
+    assert finished.is_set()
+    assert len(outcome) == 1 and isinstance(outcome[0], TunnelError)
+    assert f"127.0.0.1:{stalled.ssh_tunnel.server_port}" in str(outcome[0])  # type: ignore[union-attr]
+
+
+def test_idle_session_closes_and_reopens_on_the_same_port(sshd: ThrowawaySshd) -> None:
+    db = database(1, bastion(sshd))
+    with make_manager("singleton", tunnel_idle_timeout=0.01) as manager:
+        engine = manager.get(db)
+        assert scalar(engine, "SELECT 1") == 1
+        engine.dispose()  # no pooled connection keeps a channel open
+        wait_until(lambda: only_tunnel(manager).forwards[0].active_channels == 0, what="idle")
+
+        def swept_idle() -> bool:
+            manager.sweep()  # a health round; idle once tunnel_idle_timeout has passed
+            return only_tunnel(manager).state == "idle"
+
+        wait_until(swept_idle, what="the session to close")
+        assert scalar(manager.get(db), "SELECT 1") == 1
+        tunnel = only_tunnel(manager)
+        assert (tunnel.state, tunnel.connects, tunnel.restarts) == ("connected", 2, 0)
+        assert tunnel.forwards[0].local_port == engine.url.port
