@@ -326,3 +326,11 @@ def test_bench_runs_each_benchmark_quick_and_stops_at_a_failure(tmp_path: Path) 
     )
     assert full.returncode == 0
     assert "c ran with []" in full.stdout
+
+
+def test_check_mariadb_wrong_password(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    mysql = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
+    uri = mysql.replace("://root@", f"://no_such_user_eh:{PASSWORD}@")
+    result = call(capsys, "check", str(write_spec(tmp_path, {"id": 3, "uri": uri})))
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "Access denied for user 'no_such_user_eh'" in result.stderr
