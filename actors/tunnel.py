@@ -167,8 +167,9 @@ class TunnelSupervisor(pykka.ThreadingActor):
             else:
                 self._keepalive()
             return
-        if self._gave_up is not None and self._ledger.recent:
-            return  # still within the period that made us give up; a caller may retry
+        recent = self._ledger.recent
+        if self._gave_up is not None and recent and message.now - recent[-1] <= self._policy.period:
+            return  # still within the period that made us give up
         try:
             self._ensure_connected(EnsureConnected("health check found the transport dead"))
         except EngineManagerError as exc:
@@ -214,6 +215,7 @@ class TunnelSupervisor(pykka.ThreadingActor):
                 f"{self._policy.max_restarts} reconnects within {self._policy.period:g}s; "
                 f"last error: {self._last_error or reason}"
             )
+            log.error("giving up on SSH tunnel to %s: %s", self._spec.bastion, self._gave_up)
             raise TunnelError(
                 f"SSH tunnel to bastion {self._spec.bastion} is down: gave up after {self._gave_up}"
             )

@@ -336,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger("paramiko").setLevel(logging.WARNING)
     logging.getLogger("sshtunnel").setLevel(logging.CRITICAL)
+    logging.getLogger("enginehouse.tunnel").setLevel(logging.ERROR)  # restarts are measured
     tries = 100 if args.quick else 1000
     server = start_sshd()
     results: dict[str, Any] = {}

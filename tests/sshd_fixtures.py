@@ -17,11 +17,15 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
+
+from actors.ssh import HOST_KEY_PINS
 
 ROOT = Path(__file__).resolve().parent.parent
 SSHD = "/usr/sbin/sshd"
@@ -198,6 +202,15 @@ def _children(pid: int) -> list[int]:
     return pids + [grandchild for child in pids for grandchild in _children(child)]
 
 
+def tunnel_threads() -> list[threading.Thread]:
+    """Threads our tunnels start: paramiko transports, forward listeners and relays."""
+    return [
+        thread
+        for thread in threading.enumerate()
+        if isinstance(thread, paramiko.Transport) or thread.name.startswith("enginehouse-")
+    ]
+
+
 def start_sshd(port: int | None = None) -> ThrowawaySshd:
     """Install if needed, then start a throwaway sshd in a new temp folder."""
     install_sshd()
@@ -210,6 +223,8 @@ def start_sshd(port: int | None = None) -> ThrowawaySshd:
 def remove_sshd(server: ThrowawaySshd) -> None:
     server.stop()
     shutil.rmtree(server.dir, ignore_errors=True)
+    # A later server may get this port with another host key: forget the pin-first pin.
+    HOST_KEY_PINS.pop(("127.0.0.1", server.port), None)
 
 
 @pytest.fixture(scope="session")
