@@ -334,3 +334,10 @@ def test_check_mariadb_wrong_password(capsys: pytest.CaptureFixture[str], tmp_pa
     result = call(capsys, "check", str(write_spec(tmp_path, {"id": 3, "uri": uri})))
     assert result.returncode == 5, result.stdout + result.stderr
     assert "Access denied for user 'no_such_user_eh'" in result.stderr
+
+
+def test_demo_runs_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    result = call(capsys, "demo", "--databases", "2", "--threads", "2", "--queries", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert call(capsys, "demo", "--no-such-option").returncode == 2
