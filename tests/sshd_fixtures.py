@@ -46,9 +46,17 @@ def free_port() -> int:
 
 
 def _ensure_user() -> None:
-    if subprocess.run(["id", USER], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "-m", "-s", "/bin/sh", USER], check=True)
-    subprocess.run(["chpasswd"], input=f"{USER}:{PASSWORD}\n", text=True, check=True)
+    """The password user; several test runs may race here (useradd/chpasswd lock files)."""
+    for _attempt in range(50):
+        if subprocess.run(["id", USER], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "-m", "-s", "/bin/sh", USER], capture_output=True)
+        done = subprocess.run(
+            ["chpasswd"], input=f"{USER}:{PASSWORD}\n", text=True, capture_output=True
+        )
+        if done.returncode == 0:
+            return
+        time.sleep(0.1)  # another process holds /etc/passwd's lock: try again
+    raise RuntimeError(f"could not set up user {USER}: {done.stderr.strip()}")
 
 
 def _keygen(path: Path, kind: str, passphrase: str = "", pem: bool = False) -> None:
