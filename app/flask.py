@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 
 from app.errors import ConfigurationError
 from app.manager import EngineManager
+from app.once import Once
 from app.settings import ManagerSettings
 from app.specs import DatabaseSpec, SSHTunnelSpec
 
@@ -126,27 +127,46 @@ class _State:
     def __init__(self, app: Flask, values: dict[str, Any]) -> None:
         self.settings = ManagerSettings.build(**values)
         self.strict_host_keys = bool(app.config.get(STRICT_HOST_KEY, False))
-        self.manager: EngineManager | None = None
         self.metrics_server: Any = None
         self.metrics_port = app.config.get(METRICS_PORT_KEY)
+        # (generation, manager) in one attribute: replaced whole, read without a lock
+        self._current: tuple[int, EngineManager | None] = (0, None)
+        self._starts: Once[EngineManager] = Once()
+
+    @property
+    def manager(self) -> EngineManager | None:
+        """The current manager, if one was started (it may have been shut down since)."""
+        return self._current[1]
 
     def running(self) -> EngineManager:
-        manager = self.manager
-        if manager is None or manager.closed:
-            manager = self.manager = EngineManager(settings=self.settings)
-            log.info("engine manager started (%s mode)", self.settings.mode.value)
-            self._serve_metrics(manager)
+        """The live manager; concurrent first uses start exactly one."""
+        generation, seen = self._current
+        if seen is not None and not seen.closed:
+            return seen
+        return self._starts.run(
+            generation, lambda: self._start(generation), self.settings.ask_timeout
+        )
+
+    def _start(self, generation: int) -> EngineManager:
+        manager = EngineManager(settings=self.settings)
+        self._current = (generation + 1, manager)
+        log.info("engine manager started (%s mode)", self.settings.mode.value)
+        self._serve_metrics()
         return manager
 
-    def _serve_metrics(self, manager: EngineManager) -> None:
+    def _serve_metrics(self) -> None:
         if self.metrics_port is None or self.metrics_server is not None:
             return
         from app.metrics import start_metrics_server
 
         try:
-            self.metrics_server = start_metrics_server(manager, port=int(self.metrics_port))
+            self.metrics_server = start_metrics_server(self, port=int(self.metrics_port))
         except OSError as exc:  # e.g. several workers given the same port
             log.warning("metrics endpoint not started on port %s: %s", self.metrics_port, exc)
+
+    def stats(self) -> Any:
+        """The current manager's stats (what the metrics endpoint reads)."""
+        return self.running().stats()
 
     def get_engine(
         self,
@@ -171,7 +191,8 @@ class _State:
         server, self.metrics_server = self.metrics_server, None
         if server is not None:
             server.stop()
-        manager, self.manager = self.manager, None
+        generation, manager = self._current
+        self._current = (generation + 1, None)
         if manager is not None:
             manager.shutdown()
 

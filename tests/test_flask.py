@@ -240,3 +240,33 @@ def test_the_worked_example_in_docs_superset_md_runs() -> None:
     charts, engines = result.stdout.strip().splitlines()
     assert len(set(re.findall(r"'backend': (\d+)", charts))) == 1  # one pooled connection reused
     assert "'engines': 1" in engines
+
+
+def test_concurrent_first_uses_start_one_manager() -> None:
+    import threading
+
+    app = make_app(ENGINE_MANAGER_AUTO_START_CLEANUP=False)
+    extension = EngineManagerExtension(app)
+    barrier = threading.Barrier(16)
+    seen: list[Any] = []
+
+    def first_use() -> None:
+        with app.app_context():
+            barrier.wait(timeout=30)
+            seen.append(extension.manager)
+
+    threads = [threading.Thread(target=first_use) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    try:
+        assert len(seen) == 16
+        assert len({id(manager) for manager in seen}) == 1
+        seen[0].shutdown()  # closed behind the extension's back: the next use replaces it
+        with app.app_context():
+            replacement = extension.manager
+        assert replacement is not seen[0] and not replacement.closed
+    finally:
+        with app.app_context():
+            extension.shutdown()
