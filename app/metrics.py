@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -74,6 +74,12 @@ class PoolEvents(Collector):
             buckets=USAGE_BUCKETS,
             registry=None,
         )
+        self.pending = Gauge(
+            f"{PREFIX}_pool_pending",
+            "Threads waiting for a connection right now (HikariCP: PendingThreads)",
+            ["database"],
+            registry=None,
+        )
         self.connections = Counter(
             f"{PREFIX}_pool_connections_created",
             "Physical DBAPI connections opened",
@@ -82,7 +88,7 @@ class PoolEvents(Collector):
         )
 
     def collect(self) -> Iterable[Metric]:
-        for metric in (self.wait, self.timeouts, self.usage, self.connections):
+        for metric in (self.wait, self.timeouts, self.usage, self.pending, self.connections):
             yield from metric.collect()
 
     def instrument(self, engine: Engine, plan: EnginePlan) -> None:
@@ -92,18 +98,21 @@ class PoolEvents(Collector):
         timeouts = self.timeouts.labels(label)
         usage = self.usage.labels(label)
         connections = self.connections.labels(label)
+        pending = self.pending.labels(label)
         acquire = engine.raw_connection
 
         # No pool event fires *before* a checkout, so the engine's single entry
         # point to its pool (Connection calls engine.raw_connection()) is wrapped.
         def timed_raw_connection() -> Any:
             start = time.perf_counter()
+            pending.inc()
             try:
                 connection = acquire()
             except (sa_exc.TimeoutError, PoolExhaustedError):  # the budget raises the latter
                 timeouts.inc()
                 raise
             finally:
+                pending.dec()
                 wait.observe(time.perf_counter() - start)
             return connection
 

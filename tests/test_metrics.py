@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -113,6 +115,33 @@ def test_budget_exhaustion_is_counted_as_a_timeout() -> None:
         )
         budget = {"budget": "db:304"}
         assert registry.get_sample_value("enginehouse_budget_cap", budget) == 1
+
+
+def test_pending_checkouts_are_visible_while_they_wait(
+    served: tuple[EngineManager, MetricsServer],
+) -> None:
+    manager, server = served
+    spec = DatabaseSpec(
+        id=305,
+        uri=PG_HOST_URI,
+        extra={"engine_params": {"pool_size": 1, "max_overflow": 0, "pool_timeout": 60}},
+    )
+    engine = manager.get(spec)
+    label = {"database": "305"}
+    held = engine.connect()
+    waiter = threading.Thread(target=lambda: engine.connect().close())
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 30
+        while server.registry.get_sample_value("enginehouse_pool_pending", label) != 1:
+            assert time.monotonic() < deadline, "the waiting checkout never showed as pending"
+            time.sleep(0.01)  # polling interval
+        assert scrape(server.url)[("enginehouse_pool_pending", db("305"))] == 1
+    finally:
+        held.close()
+        waiter.join(timeout=30)
+    assert server.registry.get_sample_value("enginehouse_pool_pending", label) == 0
+    assert server.registry.get_sample_value("enginehouse_pool_wait_seconds_count", label) == 2
 
 
 def test_stopped_endpoint_refuses(served: tuple[EngineManager, MetricsServer]) -> None:
