@@ -279,6 +279,7 @@ def _pool_table(samples: Samples) -> list[str]:
         "in use": "enginehouse_pool_checked_out",
         "idle": "enginehouse_pool_checked_in",
         "overflow": "enginehouse_pool_overflow",
+        "pending": "enginehouse_pool_pending",
         "timeouts": "enginehouse_pool_timeouts_total",
     }
     table = {title: _by_label(samples, name, "database") for title, name in columns.items()}
