@@ -24,6 +24,7 @@ from pathlib import Path
 
 import paramiko
 import pytest
+from secret_scan import register_secret
 
 from actors.ssh import HOST_KEY_PINS
 
@@ -57,6 +58,11 @@ def _ensure_user() -> None:
             return
         time.sleep(0.1)  # another process holds /etc/passwd's lock: try again
     raise RuntimeError(f"could not set up user {USER}: {done.stderr.strip()}")
+
+
+def _register_key(text: str) -> None:
+    """Every body line of a private key is a secret no log or error may show."""
+    register_secret(*(line for line in text.splitlines() if len(line) >= 20 and "--" not in line))
 
 
 def _keygen(path: Path, kind: str, passphrase: str = "", pem: bool = False) -> None:
@@ -95,11 +101,13 @@ class ThrowawaySshd:
             path = self.dir / f"client_{name}"
             _keygen(path, kind, passphrase, pem)
             self.keys[name] = path.read_text()
+            _register_key(self.keys[name])
             authorized.append(Path(f"{path}.pub").read_text().strip())
         # A valid key that the server does not authorize.
         stranger = self.dir / "client_stranger"
         _keygen(stranger, "ed25519")
         self.keys["stranger"] = stranger.read_text()
+        _register_key(self.keys["stranger"])
         keys_file = self.dir / "authorized_keys"
         keys_file.write_text("\n".join(authorized) + "\n")
         # sshd reads authorized keys as the user: let it in (mkdtemp makes 0700).
