@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event, text
 from sqlalchemy import pool as sa_pool
-from sqlalchemy import text
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Engine
 
 from app import DatabaseSpec, EngineManager
 from app.errors import InvalidSpecError
@@ -63,21 +63,17 @@ def test_new_mode_builds_a_fresh_nullpool_engine_each_time(
 def test_new_mode_connect_disposes_on_exit(
     new_manager: EngineManager, spec: DatabaseSpec
 ) -> None:
-    from sqlalchemy import event
-
-    disposed: list[object] = []
-    real_get = new_manager.get
-
-    def spying_get(*args: Any, **kwargs: Any) -> Any:
-        engine = real_get(*args, **kwargs)
-        event.listen(engine, "engine_disposed", disposed.append)
-        return engine
-
-    new_manager.get = spying_get  # type: ignore[method-assign]
-    with new_manager.connect(spec) as conn:
-        assert conn.execute(text("select 1")).scalar() == 1
-        assert disposed == []
-    assert len(disposed) == 1
+    disposed: list[Engine] = []
+    record = disposed.append
+    event.listen(Engine, "engine_disposed", record)  # every engine, class-wide
+    try:
+        with new_manager.connect(spec) as conn:
+            assert conn.execute(text("select 1")).scalar() == 1
+            engine = conn.engine
+            assert engine not in disposed
+        assert engine in disposed
+    finally:
+        event.remove(Engine, "engine_disposed", record)
 
 
 @pytest.mark.parametrize(
