@@ -159,6 +159,13 @@ class TunnelSupervisor(pykka.ThreadingActor):
         return self._connect()
 
     def _check_health(self, message: CheckHealth) -> None:
+        # A tell: an exception here would kill this actor and its listeners with it.
+        try:
+            self._health_round(message)
+        except Exception:
+            log.exception("health check of the tunnel to %s failed", self._spec.bastion)
+
+    def _health_round(self, message: CheckHealth) -> None:
         if not self._forwards or self._state in ("idle", "new"):
             return
         if self.link.active():
