@@ -14,7 +14,7 @@ import logging
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -142,7 +142,6 @@ class EngineManager:
             _refresh_token(entry, access_token)
         return entry.engine
 
-    @contextmanager
     def connect(
         self,
         database: DatabaseSpec,
@@ -152,28 +151,39 @@ class EngineManager:
         source: str | None = None,
         user: str | None = None,
         access_token: str | SecretStr | None = None,
-    ) -> Iterator[Connection]:
+    ) -> AbstractContextManager[Connection]:
         """A connection from :meth:`get`'s engine; in NEW mode the engine is disposed after.
 
         The ``engine_context`` setting's context manager, if any, is entered
         around all of it (engine lookup included); what it raises reaches the
-        caller unchanged.
+        caller unchanged. Nothing runs before the ``with`` block is entered.
         """
+        request: dict[str, Any] = {
+            "catalog": catalog,
+            "schema": schema,
+            "source": source,
+            "user": user,
+            "access_token": access_token,
+        }
+        if self.settings.engine_context is None:
+            return _Checkout(self, database, request)
+        return self._connect_in_context(database, request)
+
+    @contextmanager
+    def _connect_in_context(
+        self, database: DatabaseSpec, request: dict[str, Any]
+    ) -> Iterator[Connection]:
         context = self.settings.engine_context
-        scope: AbstractContextManager[Any] = (
-            nullcontext()
-            if context is None
-            else context(database, catalog=catalog, schema=schema, user=user, source=source)
+        assert context is not None
+        scope: AbstractContextManager[Any] = context(
+            database,
+            catalog=request["catalog"],
+            schema=request["schema"],
+            user=request["user"],
+            source=request["source"],
         )
         with scope:
-            engine = self.get(
-                database,
-                catalog=catalog,
-                schema=schema,
-                source=source,
-                user=user,
-                access_token=access_token,
-            )
+            engine = self.get(database, **request)
             try:
                 with engine.connect() as connection:
                     yield connection
@@ -429,6 +439,44 @@ def _policy(settings: ManagerSettings) -> RestartPolicy:
         backoff=settings.restart_backoff,
         backoff_max=settings.restart_backoff_max,
     )
+
+
+class _Checkout:
+    """What :meth:`EngineManager.connect` returns when no ``engine_context`` is set.
+
+    The same steps as the generator of ``_connect_in_context`` without a
+    scope, written out as a class: ``connect()`` runs once per query, and the
+    generator machinery cost a few percent of a pooled SELECT 1
+    (docs/benchmarks.md, Core).
+    """
+
+    __slots__ = ("_connection", "_database", "_engine", "_manager", "_request")
+
+    def __init__(
+        self, manager: EngineManager, database: DatabaseSpec, request: dict[str, Any]
+    ) -> None:
+        self._manager = manager
+        self._database = database
+        self._request = request
+
+    def __enter__(self) -> Connection:
+        engine = self._manager.get(self._database, **self._request)
+        try:
+            connection = engine.connect()
+            entered = connection.__enter__()
+        except BaseException:
+            if self._manager._new_mode:
+                engine.dispose()
+            raise
+        self._engine, self._connection = engine, connection
+        return entered
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            self._connection.__exit__(*exc_info)
+        finally:
+            if self._manager._new_mode:
+                self._engine.dispose()
 
 
 def _count_value(counter: itertools.count[int]) -> int:

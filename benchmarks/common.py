@@ -1,8 +1,9 @@
 """Shared helpers for the benchmarks: interleaved timing, ratios, tables, JSON, plots.
 
 The machine is shared and noisy, so absolute times mean little. Every
-benchmark runs its alternatives interleaved (round-robin, order rotated each
-round), repeats, and reports medians and ratios measured in the same run.
+benchmark runs its alternatives interleaved (each once per round, in a
+shuffled order), repeats, and reports medians and ratios measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -71,8 +73,14 @@ def interleave(
     batch: Mapping[str, int] | int = 1,
     warmup: int = 1,
     between: Callable[[], object] | None = None,
+    seed: int = 1,
 ) -> dict[str, list[float]]:
-    """Time each alternative once per round, in rotating order; seconds per call.
+    """Time each alternative once per round, in a shuffled order; seconds per call.
+
+    The order is shuffled (seeded, so reproducible) rather than rotated: in a
+    rotation of three or more, one alternative always runs right after a
+    given other, and whatever that one leaves warm (a server process, a
+    pooled connection, CPU caches) would favour it every time.
 
     ``batch`` calls are timed together (per alternative if a mapping) so that
     sub-microsecond calls are not dwarfed by the clock itself; the sample is
@@ -87,9 +95,11 @@ def interleave(
     if between is not None:
         between()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = list(names)
+    shuffle = random.Random(seed).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for name in order:
             samples[name].append(_run_batch(alternatives[name], sizes[name]) / sizes[name])
         if between is not None:
             between()

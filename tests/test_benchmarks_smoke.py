@@ -69,9 +69,16 @@ def test_modes(spec: DatabaseSpec) -> None:
 
 
 def test_facade(spec: DatabaseSpec) -> None:
-    result = bench_core.bench_facade(spec, rounds=3, batch=2)
-    check(result, "facade", 1)
-    assert set(result.samples) == {"manager.connect()", "bare QueuePool engine"}
+    result = bench_core.bench_facade(spec, rounds=4, batch=2, reconnect_every=2)
+    check(result, "facade", 3)
+    assert list(result.samples) == [
+        bench_core.FACADE,
+        bench_core.SAME_ENGINE,
+        bench_core.BARE,
+        bench_core.TWIN,
+    ]
+    assert all(len(v) == 4 for v in result.samples.values())
+    assert [r.goal is not None for r in result.ratios] == [True, False, False]
     assert math.isfinite(result.params["overhead"])
 
 

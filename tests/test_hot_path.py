@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
 from app import DatabaseSpec, EngineManager
+from app.errors import InvalidSpecError
 
 
 def test_cached_engine_has_no_statement_events(
@@ -48,3 +50,59 @@ def test_caller_dispose_still_reaches_registry(
         time.sleep(0.01)
     assert manager.stats().engine_count == 0
     assert manager.get(pg_spec) is not engine
+
+
+# -- connect() without an engine_context: a class, not a generator -----------------
+
+
+def test_connect_runs_nothing_until_entered(manager: EngineManager, pg_spec: DatabaseSpec) -> None:
+    checkout = manager.connect(pg_spec)
+    assert manager.stats().misses == 0
+    with checkout as connection:
+        assert connection.execute(text("select 1")).scalar() == 1
+    assert manager.stats().misses == 1
+
+
+def test_connect_returns_the_connection_to_the_pool(
+    manager: EngineManager, pg_spec: DatabaseSpec
+) -> None:
+    engine = manager.get(pg_spec)
+    with manager.connect(pg_spec) as connection:
+        assert engine.pool.checkedout() == 1
+        assert not connection.closed
+    assert connection.closed
+    assert engine.pool.checkedout() == 0
+
+
+def test_connect_error_in_block_propagates_and_closes(
+    manager: EngineManager, pg_spec: DatabaseSpec
+) -> None:
+    engine = manager.get(pg_spec)
+    with pytest.raises(LookupError, match="from the block"), manager.connect(pg_spec) as connection:
+        raise LookupError("from the block")
+    assert connection.closed
+    assert engine.pool.checkedout() == 0
+
+
+def test_connect_in_new_mode_disposes_after_block_and_after_error(
+    new_manager: EngineManager, pg_spec: DatabaseSpec
+) -> None:
+    disposed: list[Engine] = []
+    for fail in (False, True):
+        try:
+            with new_manager.connect(pg_spec) as connection:
+                engine = connection.engine
+                event.listen(engine, "engine_disposed", disposed.append)
+                if fail:
+                    raise LookupError("from the block")
+        except LookupError:
+            assert fail
+        assert disposed[-1] is engine
+    assert len(disposed) == 2
+
+
+def test_connect_lookup_error_surfaces_at_entry(manager: EngineManager) -> None:
+    sqlite = DatabaseSpec(id="hot-sqlite", uri="sqlite://")
+    checkout = manager.connect(sqlite, schema="main")  # SQLite has no schemas
+    with pytest.raises(InvalidSpecError, match="schema"), checkout:
+        raise AssertionError("entered without an engine")
