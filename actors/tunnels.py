@@ -169,6 +169,8 @@ class TunnelPreparer:
         # Under the caller's own ask to the registry, leave it time to hear our error.
         self._timeout = ask_timeout * 0.8
         self._warm: dict[tuple[str, str, int], Link] = {}
+        # The supervisor of each bastion seen, so a known bastion costs one ask, not three.
+        self._refs: dict[str, pykka.ActorRef[Any]] = {}
 
     def warm(self, plan: EnginePlan) -> None:
         """Open ``plan``'s forward now, in the caller's thread, unless it is open already.
@@ -213,21 +215,26 @@ class TunnelPreparer:
         deadline = time.monotonic() + self._timeout
         for _attempt in range(3):
             remaining = max(deadline - time.monotonic(), 0.001)
-            ref: pykka.ActorRef[Any] | None = None
+            ref: pykka.ActorRef[Any] | None = self._refs.get(spec.fingerprint)
             try:
-                ref = _ask(self._lookup(), TunnelFor(spec), remaining)
+                if ref is None or not ref.is_alive():
+                    ref = _ask(self._lookup(), TunnelFor(spec), remaining)
+                    self._refs[spec.fingerprint] = ref
                 remaining = max(deadline - time.monotonic(), 0.001)
                 forwarded: Forwarded = _ask(
                     ref, OpenForward(host, port, plan.database_id), remaining
                 )
                 return forwarded.local_port, ref, forwarded.link
             except pykka.ActorDeadError:
-                continue  # that supervisor was closing (its last forward released): retry
+                # That supervisor was closing (its last forward released): ask for a new one.
+                self._refs.pop(spec.fingerprint, None)
+                continue
             except pykka.Timeout:
                 break
             except TunnelError as exc:
                 if "is closed" not in str(exc) or ref is None:
                     raise
+                self._refs.pop(spec.fingerprint, None)
                 ref.actor_stopped.wait(remaining)
         raise TunnelError(
             f"SSH tunnel to bastion {spec.bastion} did not open within {self._timeout:g}s"
