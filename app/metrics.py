@@ -7,7 +7,7 @@ Two sources feed one :class:`~prometheus_client.CollectorRegistry`:
   evictions, actor restarts, tunnels and fleet budgets when present), so
   nothing is counted twice and a scrape never races the actors.
 - :data:`POOL_EVENTS` times every connection checkout of every engine the
-  registry builds (wait histogram, timeouts, usage, physical connections),
+  registry builds (wait histogram, pending gauge, timeouts, usage, physical connections),
   through :data:`actors.registry.ENGINE_HOOKS`. It is process-wide.
 
 Labels carry a database id, an actor name or a bastion (``user@host:port``),
