@@ -341,3 +341,14 @@ def test_demo_runs_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert call(capsys, "demo", "--no-such-option").returncode == 2
+
+
+def test_check_applies_the_uri_safety_rules(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = write_spec(tmp_path, {"id": 4, "uri": f"sqlite:///{tmp_path / 'local.db'}"})
+    refused = call(capsys, "check", str(spec))
+    assert refused.returncode == 2
+    assert "sqlite-file" in refused.stderr
+    monkeypatch.setenv("ENGINEHOUSE_FORBID_UNSAFE_URIS", "false")
+    assert call(capsys, "check", str(spec)).returncode == 0
