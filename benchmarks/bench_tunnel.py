@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +43,7 @@ from benchmarks.common import (
 from messages.tunnel import CloseTunnel, EnsureConnected, Forwarded, OpenForward
 
 sys.path.insert(0, str(ROOT / "tests"))
-from sshd_fixtures import PASSWORD, USER, ThrowawaySshd, remove_sshd, start_sshd
+from sshd_fixtures import PASSWORD, USER, ThrowawaySshd, free_port, remove_sshd, start_sshd
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -78,11 +80,14 @@ class Sides:
             local_bind_address=("127.0.0.1", 0),
         )
         self.forwarder.start()
+        self.openssh, openssh_port = _openssh_forward(server)
         self.ports = {
             "direct": 5432,
             "enginehouse": int(self.ours.url.port or 0),
             "sshtunnel": int(self.forwarder.local_bind_port),
         }
+        # Reference only (new connections, round trips): OpenSSH's own client, `ssh -L`.
+        self.raw_ports = {**self.ports, "ssh -L": openssh_port}
         # All three are the manager's engines, so only the network path differs.
         pool = {"engine_params": {"pool_size": 1}}
         sshtunnel_uri = PG.replace(":5432/", f":{self.ports['sshtunnel']}/")
@@ -95,6 +100,40 @@ class Sides:
     def close(self) -> None:
         self.manager.shutdown()
         self.forwarder.stop(force=True)
+        self.openssh.terminate()
+        self.openssh.wait(10)
+
+
+def _openssh_forward(server: ThrowawaySshd) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            "ssh", "-N", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-i", str(server.dir / "client_ed25519"),
+            "-p", str(server.port), "-L", f"{port}:127.0.0.1:5432", f"{USER}@127.0.0.1",
+        ],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, port
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("ssh -L did not come up")
+
+
+def round_trip(port: int) -> Callable[[], object]:
+    conn = psycopg.connect(
+        host="127.0.0.1", port=port, user="postgres", dbname="test", autocommit=True
+    )
+
+    def call() -> object:
+        return conn.execute("SELECT 1").fetchone()
+
+    return call
 
 
 def select_one(engine: Engine) -> Callable[[], object]:
@@ -142,8 +181,13 @@ def bench_pooled(sides: Sides, rounds: int) -> dict[str, list[float]]:
 
 
 def bench_new_connections(sides: Sides, tries: int) -> dict[str, list[float]]:
-    calls = {name: new_connection(port) for name, port in sides.ports.items()}
+    calls = {name: new_connection(port) for name, port in sides.raw_ports.items()}
     return interleaved(calls, rounds=tries, batch=1)
+
+
+def bench_round_trips(sides: Sides, rounds: int) -> dict[str, list[float]]:
+    calls = {name: round_trip(port) for name, port in sides.raw_ports.items()}
+    return interleaved(calls, rounds=rounds, batch=50)
 
 
 def bench_start_stop(
@@ -220,7 +264,8 @@ def bench_second_database(server: ThrowawaySshd, spec: SSHTunnelSpec, count: int
 
 
 def report(results: dict[str, Any], tries: int) -> str:
-    pooled, fresh = results["pooled"], results["new_connections"]
+    pooled, fresh, trips = results["pooled"], results["new_connections"], results["round_trips"]
+    rtt = {name: statistics.median(v) for name, v in trips.items()}
     med = {name: statistics.median(v) for name, v in pooled.items()}
     p90 = {name: percentile(v, 90) for name, v in fresh.items()}
     p50 = {name: percentile(v, 50) for name, v in fresh.items()}
@@ -230,30 +275,39 @@ def report(results: dict[str, Any], tries: int) -> str:
     t_med, d_med = statistics.median(second["tunneled"]), statistics.median(second["direct"])
     pooled_ratio = med["enginehouse"] / med["direct"]
     fresh_ratio = p90["enginehouse"] / p90["direct"]
+
+    def row(label: str, values: dict[str, float], goal: str = "", ratio: bool = True) -> str:
+        cells = []
+        for name in ("direct", "enginehouse", "sshtunnel", "ssh -L"):
+            if name not in values:
+                cells.append("")
+                continue
+            cell = ms(values[name])
+            if ratio and name != "direct":
+                times = values[name] / values["direct"]
+                cell += f" (**{times:.2f}x**)" if name == "enginehouse" else f" ({times:.2f}x)"
+            cells.append(cell)
+        return f"| {label} | {' | '.join(cells)} | {goal} |"
+
+    verdict = {True: "met", False: "NOT met"}
     lines = [
-        "| measure | direct | enginehouse tunnel | sshtunnel 0.5.1 | goal |",
-        "| --- | --- | --- | --- | --- |",
-        f"| pooled SELECT 1, median | {ms(med['direct'])} | {ms(med['enginehouse'])} "
-        f"(**{pooled_ratio:.2f}x**) | {ms(med['sshtunnel'])} "
-        f"({med['sshtunnel'] / med['direct']:.2f}x) | <= 3x "
-        f"{'met' if pooled_ratio <= 3 else 'NOT met'} |",
-        f"| new connection + SELECT 1, median | {ms(p50['direct'])} | {ms(p50['enginehouse'])} "
-        f"| {ms(p50['sshtunnel'])} | |",
-        f"| new connection + SELECT 1, p90 | {ms(p90['direct'])} | {ms(p90['enginehouse'])} "
-        f"(**{fresh_ratio:.2f}x**) | {ms(p90['sshtunnel'])} "
-        f"({p90['sshtunnel'] / p90['direct']:.2f}x) | <= 2x "
-        f"{'met' if fresh_ratio <= 2 else 'NOT met'} |",
+        "| measure | direct | enginehouse tunnel | sshtunnel 0.5.1 | ssh -L (OpenSSH) | goal |",
+        "| --- | --- | --- | --- | --- | --- |",
+        row("pooled SELECT 1 (engine), median", med, f"<= 3x: {verdict[pooled_ratio <= 3]}"),
+        row("round trip, raw autocommit SELECT 1, median", rtt),
+        row("new connection + SELECT 1, median", p50),
+        row("new connection + SELECT 1, p90", p90, f"<= 2x: {verdict[fresh_ratio <= 2]}"),
         f"| new connections over {STALL * 1000:.0f} ms (of {tries}) | {stalls['direct']} "
-        f"| {stalls['enginehouse']} | {stalls['sshtunnel']} | none |",
-        f"| tunnel start (SSH handshake, auth, first forward), median | | "
-        f"{ms(start['enginehouse start'])} | {ms(start['sshtunnel start'])} | |",
-        f"| tunnel restart after a dropped session, median | | "
-        f"{ms(start['enginehouse restart'])} | (no restart: new forwarder) | |",
+        f"| {stalls['enginehouse']} | {stalls['sshtunnel']} | {stalls['ssh -L']} | few |",
+        f"| tunnel start (SSH handshake, auth, first forward), median | "
+        f"| {ms(start['enginehouse start'])} | {ms(start['sshtunnel start'])} | | |",
+        f"| tunnel restart after a dropped session, median | "
+        f"| {ms(start['enginehouse restart'])} | (none: a new forwarder) | | |",
         f"| tunnel stop, median | | {ms(start['enginehouse stop'])} "
-        f"| {ms(start['sshtunnel stop'])} | |",
+        f"| {ms(start['sshtunnel stop'])} | | |",
         f"| get() miss, new database behind the open bastion, median | {ms(d_med)} (no tunnel) "
-        f"| {ms(t_med)} ({t_med / d_med:.2f}x; SSH handshakes: {second['connects']}) | | |",
-        f"| first get() through a cold bastion | | {ms(second['first'])} | | |",
+        f"| {ms(t_med)} ({t_med / d_med:.2f}x; SSH handshakes: {second['connects']}) | | | |",
+        f"| first get() through a cold bastion | | {ms(second['first'])} | | | |",
     ]
     return "\n".join(lines)
 
@@ -265,7 +319,12 @@ def plot(results: dict[str, Any]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    colors = {"direct": "tab:gray", "enginehouse": "tab:blue", "sshtunnel": "tab:red"}
+    colors = {
+        "direct": "tab:gray",
+        "enginehouse": "tab:blue",
+        "sshtunnel": "tab:red",
+        "ssh -L": "tab:green",
+    }
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, values in results["new_connections"].items():
         ordered = sorted(v * 1000 for v in values)
@@ -310,8 +369,10 @@ the same local sshd. Ratios are against direct; absolute times vary +-40% betwee
 
 {table}
 
-New connections: {tries} tries per side (psycopg connect + `SELECT 1` + close). Pooled:
-QueuePool of one connection, 50 queries per side per round. Restart = time for
+New connections: {tries} tries per side, interleaved (psycopg connect + `SELECT 1` + close).
+Pooled: `EngineManager` engines for all three (QueuePool of one connection; only the network
+path differs), 50 queries per side per round, 40 rounds; each query is `SELECT 1` plus
+the pool's rollback on return, so two round trips. Restart = time for
 `EnsureConnected` after sshd's session processes were killed (the local port stays).
 The second-database row is `EngineManager.get()` for a database not seen before (a miss:
 registry ask, plan, `create_engine`) behind the already-open bastion, against the same
@@ -345,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             results["pooled"] = bench_pooled(sides, rounds=4 if args.quick else 40)
             results["new_connections"] = bench_new_connections(sides, tries)
+            results["round_trips"] = bench_round_trips(sides, rounds=4 if args.quick else 20)
         finally:
             sides.close()
         results["start_stop"] = bench_start_stop(server, sides.tunnel, 3 if args.quick else 20)
