@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -16,9 +16,17 @@ from sqlalchemy import text
 from app import DatabaseSpec, EngineManager
 from app.asgi import engine_manager, lifespan, make_lifespan
 from app.errors import ConfigurationError
+from app.metrics import disable_pool_events
 
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SPEC = DatabaseSpec(id=21, uri=PG, extra={"engine_params": {"pool_size": 2}})
+
+
+@pytest.fixture(autouse=True)
+def _pool_events_off_afterwards() -> Iterator[None]:
+    """Metrics enable process-wide checkout timers: switch them off for the next tests."""
+    yield
+    disable_pool_events()
 
 
 def make_api(life: Any) -> FastAPI:

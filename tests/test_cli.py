@@ -18,12 +18,19 @@ from secret_scan import assert_no_secret, register_secret
 
 from app import DatabaseSpec, EngineManager
 from app.cli import main
-from app.metrics import start_metrics_server
+from app.metrics import disable_pool_events, start_metrics_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PASSWORD = "s3cr3t-pw"  # the server trusts loopback, so any password works; none may be printed
 register_secret(PASSWORD)
+
+
+@pytest.fixture(autouse=True)
+def _pool_events_off_afterwards() -> Iterator[None]:
+    """Metrics enable process-wide checkout timers: switch them off for the next tests."""
+    yield
+    disable_pool_events()
 
 
 def with_password(uri: str) -> str:

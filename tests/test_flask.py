@@ -17,11 +17,19 @@ from sqlalchemy import text
 
 from app.errors import ConfigurationError
 from app.flask import EXTENSION_KEY, EngineManagerExtension, get_sqla_engine, to_spec
+from app.metrics import disable_pool_events
 from app.settings import Mode
 
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PASSWORD = "s3cr3t-pw"
 register_secret(PASSWORD)
+
+
+@pytest.fixture(autouse=True)
+def _pool_events_off_afterwards() -> Iterator[None]:
+    """Metrics enable process-wide checkout timers: switch them off for the next tests."""
+    yield
+    disable_pool_events()
 
 
 @dataclass

@@ -19,13 +19,20 @@ from secret_scan import assert_no_secret, register_secret
 
 from app import DatabaseSpec, EngineManager
 from app.errors import PoolExhaustedError
-from app.metrics import MetricsServer, registry_for, start_metrics_server
+from app.metrics import MetricsServer, disable_pool_events, registry_for, start_metrics_server
 
 PG_HOST_URI = os.environ.get(
     "ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 PASSWORD = "s3cr3t-pw"  # trust auth ignores it; it must still never show up in metrics
 register_secret(PASSWORD)
+
+
+@pytest.fixture(autouse=True)
+def _pool_events_off_afterwards() -> Iterator[None]:
+    """Metrics enable process-wide checkout timers: switch them off for the next tests."""
+    yield
+    disable_pool_events()
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
