@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +41,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return int(ExitCode.BAD_INPUT)
     try:
-        code: int = args.run(args)
+        with _lifecycle_logs(args.verbose):
+            code: int = args.run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return code
+
+
+@contextmanager
+def _lifecycle_logs(verbosity: int) -> Iterator[None]:
+    """``-v``: enginehouse's lifecycle logs (INFO) on stderr; ``-vv``: DEBUG. Masked as always."""
+    if not verbosity:
+        yield
+        return
+    logger = logging.getLogger("enginehouse")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    previous = logger.level
+    logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
         description="SQLAlchemy engines, pools and SSH tunnels: demo, checks and diagnostics.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="show lifecycle logs on stderr (-vv: debug)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -359,3 +359,18 @@ def test_check_applies_the_uri_safety_rules(
     assert "sqlite-file" in refused.stderr
     monkeypatch.setenv("ENGINEHOUSE_FORBID_UNSAFE_URIS", "false")
     assert call(capsys, "check", str(spec)).returncode == 0
+
+
+def test_verbose_shows_lifecycle_logs_masked(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import logging
+
+    logger = logging.getLogger("enginehouse")
+    handlers, level = list(logger.handlers), logger.level
+    spec = write_spec(tmp_path, {"id": 12, "uri": with_password(PG)})
+    result = call(capsys, "-v", "check", str(spec))  # call() also scans stderr for the password
+    assert result.returncode == 0
+    assert "INFO enginehouse.supervisor: started registry" in result.stderr
+    assert "INFO enginehouse.manager: manager shut down" in result.stderr
+    assert logger.handlers == handlers and logger.level == level  # left as it was
