@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import socket
 import statistics
@@ -357,7 +358,27 @@ def plot(results: dict[str, Any]) -> list[Path]:
     return paths
 
 
-def write_doc(table: str, when: str, tries: int) -> None:
+def notes(results: dict[str, Any]) -> str:
+    """What this run's numbers say, computed from them (so a rerun keeps it true)."""
+    fresh = results["new_connections"]
+    window = {n: sum(1 for s in v if 0.040 <= s < 0.050) for n, v in fresh.items()}
+    trips = {n: statistics.median(v) for n, v in results["round_trips"].items()}
+    extra = {n: (trips[n] - trips["direct"]) * 1e6 for n in trips if n != "direct"}
+    load = results["load"]
+    busy = " (other jobs were running: absolute times are inflated)" if load > 2 else ""
+    return (
+        f"Load average when the run started: {load:.1f} on {os.cpu_count()} cores{busy}; "
+        "the sides ran interleaved, so the ratios hold. New connections in the 40-50 ms "
+        "window, the signature of the ~45 ms stall seen with sshtunnel: "
+        + ", ".join(f"{n} {c}" for n, c in window.items())
+        + ". Cost a tunnel adds to one round trip: "
+        + ", ".join(f"{n} {us:.0f} us" for n, us in extra.items())
+        + " (ssh -L is OpenSSH's C client, the floor for any tunnel; ours and sshtunnel "
+        "both relay through paramiko in Python)."
+    )
+
+
+def write_doc(table: str, when: str, tries: int, note: str) -> None:
     section = f"""## SSH tunnels
 
 Issue 4. `python -m benchmarks.bench_tunnel` (needs the test PostgreSQL; starts its own
@@ -368,6 +389,8 @@ forwarder), and sshtunnel 0.5.1 (`SSHTunnelForwarder`, as Superset uses it), bot
 the same local sshd. Ratios are against direct; absolute times vary +-40% between runs.
 
 {table}
+
+{note}
 
 New connections: {tries} tries per side, interleaved (psycopg connect + `SELECT 1` + close).
 Pooled: `EngineManager` engines for all three (QueuePool of one connection; only the network
@@ -400,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("enginehouse.tunnel").setLevel(logging.ERROR)  # restarts are measured
     tries = 100 if args.quick else 1000
     server = start_sshd()
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"load": os.getloadavg()[0]}
     try:
         sides = Sides(server)
         try:
@@ -425,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if plotting_available() and not args.no_plots:
             for path in plot(results):
                 print(f"plot: {path}")
-        write_doc(table, when, tries)
+        write_doc(table, when, tries, notes(results))
         print(f"updated {DOC}")
     return 0
 
