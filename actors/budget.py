@@ -96,6 +96,7 @@ class _Budget:
         self.target = cap  # our fair share: cap, or cap / processes while others wait
         self.closing = 0  # idle connections we closed whose release is still on its way
         self.owed = 0  # permits to give back to the fleet, set once per Janitor round
+        self.lend = 0  # our connections to close for our own stuck waiters, set per round
         self.next_try = 0.0
         self.granted = self.timeouts = self.shed = self.round_trips = 0
         self.fleet_held: int | None = None
@@ -215,6 +216,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         elif self._store is not None:
             if budget.owed <= 0 and budget.waiters and self._down_since is None:
                 # Hand the lease to our own next waiter: no Redis round trip.
+                budget.lend = max(0, budget.lend - 1)
                 self._grant(budget, budget.waiters.popleft(), message.lease_id)
                 self._rebalance(budget)
                 return
@@ -333,10 +335,12 @@ class BudgetKeeper(pykka.ThreadingActor):
         permits beyond our fair share while other processes wait, and
         permits Redis no longer vouches for.
         """
-        limit = budget.cap  # in the fleet, below the cap Redis serves waiters in turn
-        if self._store is not None and self._down_since is not None:
-            limit = self._local_share(budget)
-        local = len(budget.waiters) if len(budget.held) >= limit else 0
+        if self._store is None:
+            local = len(budget.waiters) if len(budget.held) >= budget.cap else 0
+        elif self._down_since is not None:
+            local = len(budget.waiters) if len(budget.held) >= self._local_share(budget) else 0
+        else:
+            local = budget.lend
         wanted = local + budget.owed + len(budget.lost) - budget.closing
         if wanted > 0:
             closed = _close_idle(budget, wanted)
@@ -379,6 +383,10 @@ class BudgetKeeper(pykka.ThreadingActor):
         # Redis still serves waiters in turn, so a process briefly over its share
         # costs a reconnect per round, never one per query.
         budget.owed = budget.excess
+        # A waiter left over from a larger share, while we are at our share, would wait
+        # for a permit nobody gives back: once per round it takes over one of ours.
+        at_share = len(budget.held) - len(budget.lost) >= budget.target
+        budget.lend = len(budget.waiters) if at_share and not budget.owed else 0
         self._limit_pools(budget)
 
     def _release_remote(self, budget: _Budget, lease_ids: list[str]) -> None:

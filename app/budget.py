@@ -342,4 +342,4 @@ def _translate_timeouts(pool: Any, key: str, cap: int) -> None:
             ) from None
 
     checked_do_get._enginehouse_budget = True  # type: ignore[attr-defined]
-    pool._do_get = checked_do_get  # type: ignore[method-assign]
+    pool._do_get = checked_do_get

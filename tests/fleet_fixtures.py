@@ -132,6 +132,8 @@ class PgSampler:
         with psycopg.connect(PG_DSN, autocommit=True) as connection:
             while not self._stop.is_set():
                 self.samples.append(self.count(connection))
+                # A short pause leaves the 2 cores to the load (a tight loop takes one).
+                self._stop.wait(0.002)
 
     def __enter__(self) -> PgSampler:
         self._thread.start()
