@@ -198,11 +198,13 @@ def test_shutdown_closes_every_tunnel(sshd: ThrowawaySshd) -> None:
 def test_a_silent_bastion_does_not_hold_the_registry(sshd: ThrowawaySshd) -> None:
     """While one bastion stalls its handshake, other databases still get engines."""
     tarpit = socket.create_server(("127.0.0.1", 0))
+    tarpit.settimeout(60)  # never hang the suite if the handshake never starts
     accepted: list[socket.socket] = []
     stalled = database(1, bastion(sshd).model_copy(update={"server_port": tarpit.getsockname()[1]}))
     outcome: list[BaseException] = []
     finished = threading.Event()
-    with make_manager("singleton", ask_timeout=60, tunnel_connect_timeout=15) as manager:
+    # The stalled handshake may wait up to 60 s (0.3 x ask_timeout): longer than this test.
+    with make_manager("singleton", ask_timeout=200, tunnel_connect_timeout=60) as manager:
 
         def blocked_get() -> None:
             try:
@@ -224,7 +226,7 @@ def test_a_silent_bastion_does_not_hold_the_registry(sshd: ThrowawaySshd) -> Non
             for conn in accepted:
                 conn.close()
             tarpit.close()
-        caller.join(60)
+        caller.join(120)
     assert finished.is_set()
     assert len(outcome) == 1 and isinstance(outcome[0], TunnelError)
     assert f"127.0.0.1:{stalled.ssh_tunnel.server_port}" in str(outcome[0])  # type: ignore[union-attr]
