@@ -11,9 +11,11 @@ one run (interleaved, repeated, medians): see docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -71,8 +73,8 @@ class Scale:
 
 
 FULL = Scale(
-    hit_rounds=1000, facade_rounds=3000, miss_rounds=60, miss_batch=10, mode_seconds=1.5,
-    mode_repeats=6,
+    hit_rounds=1000, facade_rounds=3000, miss_rounds=60, miss_batch=10, mode_seconds=0.5,
+    mode_repeats=18,
 )
 QUICK = Scale(
     hit_rounds=40, facade_rounds=150, miss_rounds=8, miss_batch=5, mode_seconds=0.6,
@@ -185,13 +187,17 @@ def bench_modes(
                 "bare QueuePool": queue_engine.connect,
                 "bare NullPool": null_engine.connect,
             }
-            names = list(ways)
+            order = list(ways)
+            shuffle = random.Random(1).shuffle
             for threads in thread_counts:
-                for repeat in range(repeats):
-                    shift = repeat % len(names)  # rotate: no way always runs first
-                    for way in names[shift:] + names[:shift]:
+                for _ in range(repeats):
+                    # Shuffled, not rotated: a NullPool run leaves server processes
+                    # exiting, and whichever run always came next would pay for them.
+                    shuffle(order)
+                    for way in order:
                         rate = _throughput(ways[way], threads=threads, seconds=seconds)
                         throughput.setdefault(f"{way} {threads}t", []).append(rate)
+                        _settle()
     finally:
         queue_engine.dispose()
         null_engine.dispose()
@@ -235,6 +241,12 @@ def _more(
         value=paired_ratio(high, low),
         goal_text=goal_text,
     )
+
+
+def _settle(pause: float = 0.1) -> None:
+    """Between timed runs: collect the garbage a run left, let closed server processes exit."""
+    gc.collect()
+    time.sleep(pause)  # a benchmark, not a test: nothing to poll, just let the machine calm down
 
 
 def _throughput(

@@ -280,8 +280,9 @@ def plot_latencies(
     ax.set_xlabel(f"time per call, µs ({scale}box = p25-p75, whiskers = p5-p95)")
     ax.set_title(f"{title}\n{subtitle}" if subtitle else title, fontsize=11)
     for row, values in enumerate(data, start=1):
+        median = format_value(statistics.median(values) / 1e6, "s").replace("us", "µs")
         ax.annotate(
-            f"median {statistics.median(values):.3g} µs",
+            f"median {median}",
             (percentile(values, 95), row),
             xytext=(6, 0),
             textcoords="offset points",
@@ -319,8 +320,9 @@ def plot_groups(
     ax.set_xticks(range(len(group_names)), group_names)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title}\n{subtitle}" if subtitle else title, fontsize=11)
-    ax.margins(y=0.15)
-    ax.legend()
+    top = max((v for g in groups.values() for v in g.values()), default=1.0)
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the tallest bar
+    ax.legend(ncols=len(series), loc="upper center", fontsize=9, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     if note:
         fig.text(0.01, 0.01, note, fontsize=8, color="dimgray")
