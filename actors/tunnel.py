@@ -85,6 +85,7 @@ class TunnelSupervisor(pykka.ThreadingActor):
         self._key: paramiko.PKey | None = None
         self._forwards: dict[tuple[str, int], Forward] = {}
         self._owners: dict[tuple[str, int], set[Owner]] = {}
+        self._opened: dict[tuple[str, int], float] = {}  # last OpenForward per remote
         self._ledger = RestartLedger(policy)
         self._state = "new"
         self._deliberate = True  # the next connect is not a restart (first one, or after idle)
@@ -131,7 +132,7 @@ class TunnelSupervisor(pykka.ThreadingActor):
                 self._close_and_stop(CloseTunnel())  # nothing left behind
             raise
         self._owners.setdefault(remote, set()).add(message.owner)
-        self._last_used = time.monotonic()
+        self._last_used = self._opened[remote] = time.monotonic()
         return Forwarded(forward.local_port, self.link)
 
     def _release(self, message: ReleaseForwards) -> int:
@@ -166,6 +167,8 @@ class TunnelSupervisor(pykka.ThreadingActor):
             log.exception("health check of the tunnel to %s failed", self._spec.bastion)
 
     def _health_round(self, message: CheckHealth) -> None:
+        if message.live is not None:
+            self._release_evicted(message.live, message.now)
         if not self._forwards or self._state in ("idle", "new"):
             return
         if self.link.active():
@@ -181,6 +184,21 @@ class TunnelSupervisor(pykka.ThreadingActor):
             self._ensure_connected(EnsureConnected("health check found the transport dead"))
         except EngineManagerError as exc:
             log.warning("tunnel to %s still down: %s", self._spec.bastion, exc)
+
+    def _release_evicted(self, live: frozenset[Owner], now: float) -> None:
+        """Release owners without a cached engine whose forwards have been idle a while."""
+        for remote, owners in list(self._owners.items()):
+            forward = self._forwards.get(remote)
+            if forward is None or forward.active_channels:
+                continue
+            quiet = now - max(forward.last_activity, self._opened.get(remote, 0.0))
+            if quiet <= self._idle_timeout:
+                continue
+            for owner in owners - live:
+                log.info("releasing %s's forward via %s: no engine uses it", owner, forward.remote)
+                self._release(ReleaseForwards(owner))
+            if not self._forwards:
+                return  # the last forward went: this actor is stopping
 
     def _stats(self, message: GetTunnelStats) -> TunnelStats:
         if self._state == "connected" and not self.link.active():

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 
 from actors.policy import RestartPolicy
-from actors.registry import ENGINE_HOOKS
+from actors.registry import ENGINE_HOOKS, Snapshot
 from actors.tunnel import Link, TunnelSupervisor
 from app.errors import TunnelError
 from messages.registry import EnginePlan
@@ -318,13 +318,21 @@ def pool_listeners(
 
 
 class TunnelHealthRound:
-    """The Janitor's round: tell the directory to check every tunnel (never raises)."""
+    """The Janitor's round: tell the directory to check every tunnel (never raises).
 
-    def __init__(self, lookup: Lookup) -> None:
+    With the registry's ``snapshot`` (SINGLETON mode), it also says which databases
+    still have a cached engine, so forwards of evicted databases are released.
+    """
+
+    def __init__(self, lookup: Lookup, snapshot: Snapshot | None = None) -> None:
         self._lookup = lookup
+        self._snapshot = snapshot
 
     def __call__(self) -> None:
+        live = None
+        if self._snapshot is not None:
+            live = frozenset(key.database_id for key in self._snapshot.entries)
         try:
-            self._lookup().tell(CheckHealth(time.monotonic()))
+            self._lookup().tell(CheckHealth(time.monotonic(), live))
         except Exception as exc:  # the Janitor keeps ticking whatever happens here
             log.warning("tunnel health round skipped: %s", exc)

@@ -320,7 +320,10 @@ class EngineManager:
                     max_engines=settings.max_engines,
                     ask_timeout=settings.ask_timeout,
                     rounds=[
-                        TunnelHealthRound(directory_lookup(sup, settings.ask_timeout)),
+                        TunnelHealthRound(
+                            directory_lookup(sup, settings.ask_timeout),
+                            None if settings.mode is Mode.NEW else snapshot,
+                        ),
                         self._budgets.janitor_round,
                     ],
                 ),

@@ -71,9 +71,15 @@ class EnsureConnected:
 
 @dataclass(frozen=True)
 class CheckHealth:
-    """Tell (directory or supervisor): check transports; reconnect dead ones, close idle ones."""
+    """Tell (directory or supervisor): check transports; reconnect dead ones, close idle ones.
+
+    ``live``, when given, holds the owners that still have a cached engine: an owner
+    not in it whose forward stayed unused for the idle timeout is released (the
+    Janitor evicted its engines), so evicted databases leave no listener behind.
+    """
 
     now: float
+    live: frozenset[Owner] | None = None
 
 
 @dataclass(frozen=True)

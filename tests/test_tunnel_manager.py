@@ -233,11 +233,10 @@ def test_a_silent_bastion_does_not_hold_the_registry(sshd: ThrowawaySshd) -> Non
 
 
 def test_idle_session_closes_and_reopens_on_the_same_port(sshd: ThrowawaySshd) -> None:
-    db = database(1, bastion(sshd))
+    db = database(1, bastion(sshd), engine_params={"poolclass": "null"})  # no pooled channel
     with make_manager("singleton", tunnel_idle_timeout=0.01) as manager:
-        engine = manager.get(db)
+        engine = manager.get(db)  # stays cached: its forward stays too
         assert scalar(engine, "SELECT 1") == 1
-        engine.dispose()  # no pooled connection keeps a channel open
         wait_until(lambda: only_tunnel(manager).forwards[0].active_channels == 0, what="idle")
 
         def swept_idle() -> bool:
@@ -249,3 +248,17 @@ def test_idle_session_closes_and_reopens_on_the_same_port(sshd: ThrowawaySshd) -
         tunnel = only_tunnel(manager)
         assert (tunnel.state, tunnel.connects, tunnel.restarts) == ("connected", 2, 0)
         assert tunnel.forwards[0].local_port == engine.url.port
+
+
+def test_evicted_database_releases_its_forward(sshd: ThrowawaySshd) -> None:
+    before = len(sshd.sessions())
+    with make_manager("singleton", idle_timeout=0.01, tunnel_idle_timeout=0.01) as manager:
+        assert scalar(manager.get(database(1, bastion(sshd))), "SELECT 1") == 1
+
+        def released() -> bool:
+            manager.sweep()  # evicts the idle engine, then (next round) its forward
+            return manager.stats().tunnels == []
+
+        wait_until(released, what="the evicted database's tunnel to close")
+        wait_until(lambda: not tunnel_threads(), what="tunnel threads to end")
+        sessions_settle(sshd, before)
