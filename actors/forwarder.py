@@ -105,7 +105,9 @@ class Forward:
             relay.abort()
         for relay in relays:
             if relay.thread is not None:
-                relay.thread.join(_JOIN_TIMEOUT)
+                # A relay still opening its channel may be waiting for the very actor that
+                # is closing us: it ends on its own once that actor moves on.
+                relay.thread.join(_JOIN_TIMEOUT if relay.channel is not None else 0.2)
 
     # -- threads -----------------------------------------------------------------
 
