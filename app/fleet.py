@@ -6,8 +6,9 @@ Per budget three keys share one hash tag (Redis Cluster keeps them together):
   hosts need not agree on the clock). Acquire drops expired ids, checks
   ``ZCARD < cap`` and adds its id; a process killed with SIGKILL stops
   renewing, and its leases vanish after the TTL.
-- ``queue``: waiting tickets scored by arrival, for first come, first served
-  across processes (each process keeps only its oldest waiter in it).
+- ``queue``: waiting tickets scored by arrival (each process keeps only its
+  oldest waiter in it); a freed permit goes to the waiting process that holds
+  the fewest leases, then to the oldest ticket.
 - ``qdl``: the same tickets scored by deadline, so a dead waiter's ticket goes.
 
 Lease ids and tickets are ``<process>|<n>``: the renewal script counts the
@@ -39,13 +40,32 @@ for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], keep) end
 """
 
 # ARGV: cap, ttl, lease id, ticket, ticket ttl -> {granted, held, queued}
+# Who goes first when a permit frees: the waiting process holding the fewest
+# leases, then the oldest ticket; so the fleet converges on even shares.
 ACQUIRE = (
     _CLEAN
     + """
+local function owner(m) return string.match(m, '^(.*)|') or m end
 local cap = tonumber(ARGV[1])
 local held = redis.call('ZCARD', KEYS[1])
+local counts = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local p = owner(m)
+  counts[p] = (counts[p] or 0) + 1
+end
+local me = owner(ARGV[4])
+local mine = counts[me] or 0
+local since = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[4]) or now)
 local rank = redis.call('ZRANK', KEYS[2], ARGV[4])
-local ahead = rank or redis.call('ZCARD', KEYS[2])
+local queue = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+local ahead = 0
+for i = 1, #queue, 2 do
+  local p = owner(queue[i])
+  if p ~= me then
+    local c = counts[p] or 0
+    if c < mine or (c == mine and tonumber(queue[i + 1]) < since) then ahead = ahead + 1 end
+  end
+end
 local granted = 0
 if cap - held > ahead then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])

@@ -167,6 +167,7 @@ def pg_spec_dict(
 def start_worker(config: dict[str, Any]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(WORKER), json.dumps(config)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

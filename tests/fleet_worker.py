@@ -27,6 +27,8 @@ def main(config: dict[str, Any]) -> None:
     with EngineManager(**config["settings"]) as manager:
         if config["action"] == "hold":
             hold(manager, spec, config["hold"])
+        elif config["action"] == "phases":
+            phases(manager, spec, config)
         else:
             load(manager, spec, config)
 
@@ -86,6 +88,59 @@ def load(manager: EngineManager, spec: DatabaseSpec, config: dict[str, Any]) -> 
         ),
         flush=True,
     )
+
+
+def phases(manager: EngineManager, spec: DatabaseSpec, config: dict[str, Any]) -> None:
+    """Benchmark mode: each phase runs ``threads`` threads from a shared start time.
+
+    The start is a CLOCK_MONOTONIC time, the same in every process of the
+    machine (``start_at``, or read from stdin after this worker printed
+    READY), so the workers of one run load the database together although
+    they finished importing at different times.
+    """
+    engine = manager.get(spec)
+    with engine.connect() as connection:  # warm: the engine exists before the clock starts
+        connection.execute(text("SELECT 1"))
+    # Ready: the benchmark answers with the start time once every worker is ready.
+    print("READY", flush=True)
+    start = float(sys.stdin.readline()) if config.get("start_at") is None else config["start_at"]
+    results = []
+    for phase in config["phases"]:
+        sql = text(phase["sql"])
+        end = start + phase["seconds"]
+        counts: list[int] = []
+        errors: list[str] = []
+
+        def run(
+            sql: Any = sql,
+            end: float = end,
+            start: float = start,
+            counts: list[int] = counts,
+            errors: list[str] = errors,
+        ) -> None:
+            count = 0
+            time.sleep(max(0.0, start - time.monotonic()))
+            while time.monotonic() < end:
+                try:
+                    with manager.connect(spec) as connection:
+                        connection.execute(sql)
+                    count += 1
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+            counts.append(count)
+
+        threads = [threading.Thread(target=run) for _ in range(config["threads"])]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results.append(
+            {"queries": sum(counts), "seconds": phase["seconds"], "errors": len(errors),
+             "first_errors": errors[:3], "late": time.monotonic() > end + 5}
+        )
+        start = end + config.get("gap", 0.5)
+    budgets = [b.model_dump() for b in manager.stats().budgets]
+    print(json.dumps({"phases": results, "budgets": budgets}), flush=True)
 
 
 if __name__ == "__main__":
