@@ -51,7 +51,7 @@ log = logging.getLogger("enginehouse.budget")
 
 _RETRY_DOWN = 0.5
 """Seconds between reconnect attempts while Redis is away."""
-_RETRY_REFUSED = 0.005
+_RETRY_REFUSED = 0.02
 """Seconds between two Redis acquire attempts for the same budget's head waiter."""
 _TICKET_TTL = 1.0
 """A waiting ticket in Redis lives this long unless its waiter polls again."""
@@ -97,6 +97,7 @@ class _Budget:
         self.closing = 0  # idle connections we closed whose release is still on its way
         self.owed = 0  # permits to give back to the fleet, set once per Janitor round
         self.lend = 0  # our connections to close for our own stuck waiters, set per round
+        self.refused = False  # Redis said "full" to our last acquire
         self.next_try = 0.0
         self.granted = self.timeouts = self.shed = self.round_trips = 0
         self.fleet_held: int | None = None
@@ -180,7 +181,11 @@ class BudgetKeeper(pykka.ThreadingActor):
             return self._release(message)
         if isinstance(message, Poke):
             budget = self._budgets.get(message.key)
-            return self._serve(budget) if budget is not None else None
+            if budget is not None:
+                self._serve(budget)
+                if budget.waiters:
+                    self._rebalance(budget)
+            return None
         if isinstance(message, Cancel):
             return self._cancel(message)
         if isinstance(message, Attach):
@@ -306,6 +311,7 @@ class BudgetKeeper(pykka.ThreadingActor):
             )
             if answer is not None:
                 granted, budget.fleet_held, budget.fleet_waiting = answer
+                budget.refused = not granted
                 if granted:
                     waiter.queued = False  # the script took its ticket out
                     return lease_id
@@ -335,15 +341,18 @@ class BudgetKeeper(pykka.ThreadingActor):
         permits beyond our fair share while other processes wait, and
         permits Redis no longer vouches for.
         """
+        idle = 0  # waiters that idle connections of ours may serve (never a token)
         if self._store is None:
             local = len(budget.waiters) if len(budget.held) >= budget.cap else 0
         elif self._down_since is not None:
             local = len(budget.waiters) if len(budget.held) >= self._local_share(budget) else 0
         else:
             local = budget.lend
+            # The fleet is full and a caller waits while a connection of ours sits idle.
+            idle = len(budget.waiters) if budget.refused else 0
         wanted = local + budget.owed + len(budget.lost) - budget.closing
-        if wanted > 0:
-            closed = _close_idle(budget, wanted)
+        if max(wanted, idle - budget.closing) > 0:
+            closed = _close_idle(budget, max(wanted, idle - budget.closing))
             budget.closing += closed
             budget.shed += closed
             wanted -= closed

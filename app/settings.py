@@ -98,11 +98,13 @@ class ManagerSettings(BaseSettings):
     fleet_url: SecretStr | None = Field(
         default=None, description="redis://host:port/db: budgets hold across processes"
     )
-    fleet_fallback: Literal["closed", "local"] = "closed"
+    fleet_fallback: Literal["closed", "local"] = Field(
+        default="closed", description="without Redis: refuse new connections, or a local share"
+    )
     fleet_lease_ttl: float = Field(
         default=90.0, gt=0, description="s a fleet lease outlives its last renewal"
     )
-    fleet_prefix: str = Field(default="enginehouse", min_length=1)
+    fleet_prefix: str = Field(default="enginehouse", min_length=1, description="Redis key prefix")
 
     @field_validator("fleet_url")
     @classmethod
