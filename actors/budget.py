@@ -586,11 +586,11 @@ def prepare_pool(pool: Any, cap: int) -> int:
     limit = cap if size == 0 or overflow == -1 else min(cap, size + overflow)
     idle.maxsize = 0
     pool._overflow = 0  # no connection exists yet: it now counts connections
-    limit_pool(pool, limit)
+    pool._max_overflow = limit
     return limit
 
 
-def limit_pool(pool: Any, limit: int) -> None:
+def limit_pool(pool: Any, limit: int, *, wake: bool = True) -> None:
     """Let a prepared QueuePool hold at most ``limit`` connections (>= 1).
 
     Threads already blocked in the pool's queue never look at the bound
@@ -601,8 +601,9 @@ def limit_pool(pool: Any, limit: int) -> None:
     idle = getattr(pool, "_pool", None)
     if idle is None or idle.maxsize != 0 or not hasattr(pool, "_max_overflow") or limit <= 0:
         return
+    grew = limit > pool._max_overflow
     pool._max_overflow = limit
-    if idle.qsize() == 0 and pool._overflow < limit and pool._inc_overflow():
+    if wake and grew and idle.qsize() == 0 and pool._overflow < limit and pool._inc_overflow():
         # Nothing idle: threads may be blocked in the queue. One empty record wakes
         # one of them; it connects, and the next grant grows the pool again.
         idle.put(_ConnectionRecord(pool, connect=False), False)

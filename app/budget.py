@@ -231,7 +231,7 @@ class Budgets:
             if limit:  # after dispose() the recreated pool is unbounded again: bound it
                 owner = getattr(connection_record, "_ConnectionRecord__pool", None)
                 if getattr(owner, "_max_overflow", None) == -1:
-                    limit_pool(owner, min(limit, limits.get(key, cap)))
+                    limit_pool(owner, min(limit, limits.get(key, cap)), wake=False)
                     _translate_timeouts(owner, key, cap)
             lease = budgets.acquire(key, cap, timeout)
             try:
