@@ -56,16 +56,25 @@ class ManagerSettings(BaseSettings):
         env_prefix="ENGINEHOUSE_", frozen=True, extra="forbid", case_sensitive=False
     )
 
-    mode: Mode = Mode.SINGLETON
+    mode: Mode = Field(
+        default=Mode.SINGLETON,
+        description="singleton: cache engines per key; new: a NullPool engine per get()",
+    )
     idle_timeout: float = Field(default=300.0, gt=0, description="s an engine may stay unused")
     max_engines: int = Field(default=256, ge=1, description="LRU bound on cached engines")
     cleanup_interval: float = Field(default=30.0, gt=0, description="s between Janitor sweeps")
     ask_timeout: float = Field(default=10.0, gt=0, description="s any actor call may take")
-    connection_mutator: ImportString[ConnectionMutator] | None = None
+    connection_mutator: ImportString[ConnectionMutator] | None = Field(
+        default=None, description="(url, engine_kwargs, *, user, source) -> (url, engine_kwargs)"
+    )
     restart_max: int = Field(default=5, ge=0, description="restarts allowed per restart_period")
-    restart_period: float = Field(default=60.0, gt=0)
+    restart_period: float = Field(
+        default=60.0, gt=0, description="s window in which restart_max restarts are allowed"
+    )
     restart_backoff: float = Field(default=0.05, ge=0, description="first restart delay, s")
-    restart_backoff_max: float = Field(default=2.0, ge=0)
+    restart_backoff_max: float = Field(
+        default=2.0, ge=0, description="cap of the doubling restart delay, s"
+    )
     tunnel_idle_timeout: float = Field(
         default=600.0, gt=0, description="s an SSH session with no open channel stays up"
     )
@@ -73,7 +82,9 @@ class ManagerSettings(BaseSettings):
         default=5.0, gt=0, description="s each step of opening an SSH session may take"
     )
     # -- parity with Superset's manager (see docs/security.md, docs/adapters.md) --
-    uri_validator: ImportString[UriValidator] | None = None
+    uri_validator: ImportString[UriValidator] | None = Field(
+        default=None, description="(url, database) -> None; raise InvalidSpecError to refuse"
+    )
     forbid_unsafe_uris: bool = Field(
         default=True, description="refuse SQLite files and denied_dialects before connecting"
     )
@@ -83,8 +94,14 @@ class ManagerSettings(BaseSettings):
     denied_dialects: tuple[str, ...] = Field(
         default=("shillelagh",), description="backends or drivernames forbid_unsafe_uris refuses"
     )
-    encrypted_extra_decryptor: ImportString[Decryptor] | None = None
-    engine_context: ImportString[EngineContext] | None = None
+    encrypted_extra_decryptor: ImportString[Decryptor] | None = Field(
+        default=None, description="stored encrypted_extra ciphertext -> its JSON text"
+    )
+    engine_context: ImportString[EngineContext] | None = Field(
+        default=None,
+        description="(database, *, catalog, schema, user, source) -> context manager, "
+        "entered around connect()",
+    )
     impersonate_with_email_prefix: bool = Field(
         default=False, description="impersonate 'alice' for user 'alice@example.com'"
     )
