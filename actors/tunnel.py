@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paramiko
@@ -25,7 +26,7 @@ import pykka
 from actors.forwarder import ChannelOpener, Forward, count_value
 from actors.policy import RestartLedger, RestartPolicy
 from actors.ssh import connect, load_private_key
-from app.errors import EngineManagerError, TunnelError
+from app.errors import EngineManagerError, PoolExhaustedError, TunnelError
 from app.specs import SSHTunnelSpec
 from messages.tunnel import (
     CheckHealth,
@@ -43,6 +44,13 @@ from messages.tunnel import (
 log = logging.getLogger("enginehouse.tunnel")
 
 _JOIN_TIMEOUT = 5.0
+
+HoldSession = Callable[[str, float], Any]
+"""``hold(bastion, timeout)``: wait up to ``timeout`` s for a permit to open one SSH
+session to ``bastion`` (``max_tunnels_per_bastion``); answers a lease for
+:data:`ReleaseSession`, raises an ``EngineManagerError`` when none came."""
+ReleaseSession = Callable[[Any], None]
+"""``release(lease)``: the session that lease was for is closed (a tell; never raises)."""
 
 
 class Link:
@@ -74,9 +82,15 @@ class TunnelSupervisor(pykka.ThreadingActor):
         connect_timeout: float,
         ask_timeout: float,
         idle_timeout: float,
+        hold_session: HoldSession | None = None,
+        release_session: ReleaseSession | None = None,
     ) -> None:
         super().__init__()
         self._spec = spec
+        # The bastion's session budget (None: uncapped, nothing to do).
+        self._hold_session = hold_session
+        self._release_session = release_session
+        self._lease: Any = None  # held from the transport's open to its close
         self._policy = policy
         self._connect_timeout = connect_timeout
         self._ask_timeout = ask_timeout
@@ -153,6 +167,8 @@ class TunnelSupervisor(pykka.ThreadingActor):
         transport = self.link.transport
         if transport is not None and transport.is_active():
             return transport
+        if transport is not None:
+            self._drop_transport()  # dead: its session permit goes back before we wait
         if self.link.closed:
             raise TunnelError(f"SSH tunnel to bastion {self._spec.bastion} is closed")
         if not self._deliberate:
@@ -177,6 +193,8 @@ class TunnelSupervisor(pykka.ThreadingActor):
             else:
                 self._keepalive()
             return
+        if self.link.transport is not None:
+            self._drop_transport()  # dead: give its session permit back now
         recent = self._ledger.recent
         if self._gave_up is not None and recent and message.now - recent[-1] <= self._policy.period:
             return  # still within the period that made us give up
@@ -252,13 +270,19 @@ class TunnelSupervisor(pykka.ThreadingActor):
         if self._key is None and self._spec.private_key is not None:
             self._key = load_private_key(self._spec)
         try:
-            transport = connect(self._spec, self._key, self._connect_timeout)
+            lease = self._hold_permit()
+            try:
+                transport = connect(self._spec, self._key, self._connect_timeout)
+            except BaseException:
+                self._give_back(lease)
+                raise
         except TunnelError as exc:
             self._last_error = str(exc)
             self._state = "failed" if self._connects == 0 else "disconnected"
             self._deliberate = False
             raise
         _enable_tcp_keepalive(transport)
+        self._lease = lease
         self.link.transport = transport
         self.link.generation += 1
         self._connects += 1
@@ -267,6 +291,33 @@ class TunnelSupervisor(pykka.ThreadingActor):
         self._gave_up = None
         log.info("SSH transport to %s open (connect #%d)", self._spec.bastion, self._connects)
         return transport
+
+    def _hold_permit(self) -> Any:
+        """A ``max_tunnels_per_bastion`` permit for one session, or None when uncapped.
+
+        Waits in this bastion's own actor (which opens the session next, each
+        step bounded by the same connect timeout): only this bastion's callers
+        wait with it, never the registry or the directory.
+        """
+        if self._hold_session is None:
+            return None
+        bastion, timeout = self._spec.bastion, self._connect_timeout
+        try:
+            return self._hold_session(bastion, timeout)
+        except PoolExhaustedError:
+            raise TunnelError(
+                f"SSH tunnel to bastion {bastion}: max_tunnels_per_bastion reached "
+                f"(no session to it ended within {timeout:g}s)"
+            ) from None
+        except EngineManagerError as exc:
+            raise TunnelError(
+                f"SSH tunnel to bastion {bastion}: no session permit "
+                f"(max_tunnels_per_bastion): {exc}"
+            ) from None
+
+    def _give_back(self, lease: Any) -> None:
+        if lease is not None and self._release_session is not None:
+            self._release_session(lease)
 
     def _probe(self, host: str, port: int) -> None:
         """Open and close one channel, so an unreachable remote fails now with its reason."""
@@ -328,6 +379,8 @@ class TunnelSupervisor(pykka.ThreadingActor):
             transport.close()
             if transport.is_alive():  # close() leaves its thread to notice within ~0.1 s
                 transport.join(_JOIN_TIMEOUT)
+        lease, self._lease = self._lease, None
+        self._give_back(lease)  # after the close: the session is gone when the permit is
 
     def _close_all(self) -> None:
         self.link.closed = True

@@ -26,7 +26,7 @@ from sqlalchemy.exc import DisconnectionError
 
 from actors.policy import RestartPolicy
 from actors.registry import ENGINE_HOOKS, Snapshot
-from actors.tunnel import Link, TunnelSupervisor
+from actors.tunnel import HoldSession, Link, ReleaseSession, TunnelSupervisor
 from app.errors import TunnelError
 from messages.registry import EnginePlan
 from messages.supervision import ChildExited, WhereIs
@@ -60,8 +60,13 @@ class TunnelDirectory(pykka.ThreadingActor):
         idle_timeout: float,
         supervisor: pykka.ActorRef[Any] | None = None,
         name: str = "tunnels",
+        hold_session: HoldSession | None = None,
+        release_session: ReleaseSession | None = None,
     ) -> None:
         super().__init__()
+        # max_tunnels_per_bastion, passed on to each TunnelSupervisor (None: uncapped).
+        self._hold_session = hold_session
+        self._release_session = release_session
         self._policy = policy
         self._connect_timeout = connect_timeout
         self._ask_timeout = ask_timeout
@@ -100,6 +105,8 @@ class TunnelDirectory(pykka.ThreadingActor):
                 connect_timeout=self._connect_timeout,
                 ask_timeout=self._ask_timeout,
                 idle_timeout=self._idle_timeout,
+                hold_session=self._hold_session,
+                release_session=self._release_session,
             )
             self._tunnels[spec.fingerprint] = ref
         return ref

@@ -284,6 +284,7 @@ class EngineManager:
             backoff_max=settings.restart_backoff_max,
         )
         # SSH tunnels start first so they stop last, after the engines that use them.
+        capped = settings.max_tunnels_per_bastion is not None  # uncapped: no permit calls at all
         tunnels = ChildSpec(
             "tunnels",
             lambda sup: TunnelDirectory.start(
@@ -292,6 +293,8 @@ class EngineManager:
                 ask_timeout=settings.ask_timeout,
                 idle_timeout=settings.tunnel_idle_timeout,
                 supervisor=sup,
+                hold_session=self._budgets.hold_tunnel if capped else None,
+                release_session=self._budgets.release if capped else None,
             ),
             policy,
         )
