@@ -132,3 +132,24 @@ def test_fleet_cap_holds_across_managers(
         )
         assert one(left, db) == 1
         assert len(lease_members(SHARED_REDIS, fleet_prefix, key)) == 1
+
+
+def test_reconnect_gives_the_dead_sessions_permit_back_first(
+    sshd: ThrowawaySshd, clean_threads: None
+) -> None:
+    spec = bastion(sshd)
+    db = database(1, spec)
+    with EngineManager(**CAPPED) as manager:
+        assert one(manager, db) == 1
+        assert sshd.kill_sessions() >= 1
+        wait_until(
+            lambda: manager.stats().tunnels[0].state == "disconnected",
+            what="the drop to be noticed",
+        )
+        # With a cap of 1 the reopen succeeds only if the dead session's permit came back.
+        assert one(manager, db) == 1
+        tunnel = manager.stats().tunnels[0]
+        assert (tunnel.state, tunnel.connects, tunnel.restarts) == ("connected", 2, 1)
+        budget = tunnel_budget(manager, spec)
+        assert budget is not None
+        assert (budget.held, budget.granted, budget.timeouts) == (1, 2, 0)
