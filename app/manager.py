@@ -277,12 +277,7 @@ class EngineManager:
     def _start(self) -> _System:
         settings = self.settings
         snapshot = Snapshot()
-        policy = RestartPolicy(
-            max_restarts=settings.restart_max,
-            period=settings.restart_period,
-            backoff=settings.restart_backoff,
-            backoff_max=settings.restart_backoff_max,
-        )
+        policy = _policy(settings)
         # SSH tunnels start first so they stop last, after the engines that use them.
         capped = settings.max_tunnels_per_bastion is not None  # uncapped: no permit calls at all
         tunnels = ChildSpec(
