@@ -2,8 +2,9 @@
 
 Why not sshtunnel: measured here, 17-27% of its new connections stall ~45 ms
 and its ``stop()`` can block forever. This forwarder sets TCP_NODELAY on the
-accepted socket, relays with a selector (no polling timeouts), and its
-``close()`` joins every thread it started.
+accepted socket, relays with two blocking loops per connection (no polling
+timeouts, no select() on the channel), and its ``close()`` joins every thread
+it started.
 
 The listener is independent of the SSH transport: a restarted transport is
 picked up by the next accepted connection, so the local port never changes.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import selectors
 import socket
 import threading
 import time
@@ -155,17 +155,39 @@ class Forward:
 
 
 def _pump(client: socket.socket, channel: paramiko.Channel) -> None:
-    """Copy bytes both ways until either side closes."""
-    with selectors.DefaultSelector() as selector:
-        selector.register(client, selectors.EVENT_READ, channel)
-        selector.register(channel, selectors.EVENT_READ, client)
-        while True:
-            for key, _ in selector.select():
-                source = key.fileobj
-                try:
-                    data = source.recv(_CHUNK)  # type: ignore[union-attr]
-                    if not data:
-                        return
-                    key.data.sendall(data)
-                except (OSError, EOFError, paramiko.SSHException):
-                    return
+    """Copy bytes both ways until either side closes, one blocking loop per direction.
+
+    Two plain blocking loops, not a selector: selecting on a paramiko channel
+    makes it write to an OS pipe for every packet just to wake select(), which
+    cost about a fifth of the time a tunnel adds to a round trip.
+    """
+    downstream = threading.Thread(
+        target=_copy,
+        args=(channel.recv, client.sendall, client, channel),
+        name=f"{threading.current_thread().name}-down",
+        daemon=True,
+    )
+    downstream.start()
+    try:
+        _copy(client.recv, channel.sendall, client, channel)
+    finally:
+        downstream.join(_JOIN_TIMEOUT)
+
+
+def _copy(
+    recv: Callable[[int], bytes],
+    send: Callable[[bytes], object],
+    client: socket.socket,
+    channel: paramiko.Channel,
+) -> None:
+    """One direction; when it ends, end both so the other loop wakes (EOF) too."""
+    try:
+        while data := recv(_CHUNK):
+            send(data)
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):  # paramiko raises EOFError on a dead link
+            channel.close()
