@@ -52,7 +52,12 @@ log = logging.getLogger("enginehouse.budget")
 _RETRY_DOWN = 0.5
 """Seconds between reconnect attempts while Redis is away."""
 _RETRY_REFUSED = 0.02
-"""Seconds between two Redis acquire attempts for the same budget's head waiter."""
+"""Seconds before the first retry of a Redis acquire the fleet refused (head waiter only)."""
+_RETRY_REFUSED_MAX = 0.5
+"""The retry delay doubles per refusal up to this; a release or a renewal showing room resets it.
+
+Must stay below ``_TICKET_TTL``, or the waiting ticket would lapse between two retries.
+"""
 _TICKET_TTL = 1.0
 """A waiting ticket in Redis lives this long unless its waiter polls again."""
 
@@ -99,6 +104,7 @@ class _Budget:
         self.lend = 0  # our connections to close for our own stuck waiters, set per round
         self.refused = False  # Redis said "full" to our last acquire
         self.next_try = 0.0
+        self.backoff = _RETRY_REFUSED  # delay before the next retry after a refusal
         self.granted = self.timeouts = self.shed = self.round_trips = 0
         self.fleet_held: int | None = None
         self.fleet_waiting: int | None = None
@@ -314,9 +320,13 @@ class BudgetKeeper(pykka.ThreadingActor):
                 budget.refused = not granted
                 if granted:
                     waiter.queued = False  # the script took its ticket out
+                    budget.backoff = _RETRY_REFUSED
                     return lease_id
                 waiter.queued = True
-                budget.next_try = now + _RETRY_REFUSED
+                # A full fleet rarely frees a permit within 20 ms: back off, so waiting
+                # costs a few round trips per physical connection, not one per 20 ms.
+                budget.next_try = now + budget.backoff
+                budget.backoff = min(_RETRY_REFUSED_MAX, budget.backoff * 2)
                 return None
         return self._take_while_down(budget, lease_id)
 
@@ -387,6 +397,8 @@ class BudgetKeeper(pykka.ThreadingActor):
                 len(renewal.lost),
             )
         budget.lost.update(renewal.lost)
+        if renewal.held < budget.cap:
+            _retry_now(budget)  # the fleet has room: do not sit out a long backoff
         budget.target = renewal.share(budget.cap) if renewal.others_waiting else budget.cap
         # Give back what we hold beyond our share once per round: between rounds
         # Redis still serves waiters in turn, so a process briefly over its share
@@ -408,6 +420,8 @@ class BudgetKeeper(pykka.ThreadingActor):
             budget.orphans.extend(lease_ids)
         else:
             budget.fleet_held, budget.fleet_waiting = answer
+            if budget.fleet_waiting <= 1:  # nobody else queued before our waiter: ask at once
+                _retry_now(budget)
 
     def _call(self, method: Any, budget: _Budget, *args: Any) -> Any:
         """One Redis round trip for ``budget``; None (outage noted) when Redis is away."""
@@ -529,6 +543,12 @@ class BudgetKeeper(pykka.ThreadingActor):
             fleet_processes=budget.processes,
             round_trips=budget.round_trips,
         )
+
+
+def _retry_now(budget: _Budget) -> None:
+    """Forget the backoff: the next acquire attempt goes to Redis right away."""
+    budget.next_try = 0.0
+    budget.backoff = _RETRY_REFUSED
 
 
 def _fail(waiter: _Waiter, exc: BaseException) -> None:
