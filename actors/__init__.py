@@ -1,6 +1,7 @@
 """enginehouse's actors: the EngineRegistry, the Janitor, their Supervisor,
 and the restart policy they share. Each talks only through :mod:`messages`."""
 
+from actors.counters import count_value
 from actors.janitor import Janitor
 from actors.policy import RestartLedger, RestartPolicy, RestartType
 from actors.registry import EngineRegistry, Snapshot
@@ -15,4 +16,5 @@ __all__ = [
     "RestartType",
     "Snapshot",
     "Supervisor",
+    "count_value",
 ]

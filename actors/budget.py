@@ -32,6 +32,7 @@ import pykka
 from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.util import queue as sqla_queue
 
+from actors.supervisor import report_crash
 from app import fleet
 from app.errors import FleetUnavailableError, ManagerShutDownError, PoolExhaustedError
 from messages.budget import (
@@ -45,7 +46,6 @@ from messages.budget import (
     Release,
     Renew,
 )
-from messages.supervision import ChildExited
 
 log = logging.getLogger("enginehouse.budget")
 
@@ -176,9 +176,7 @@ class BudgetKeeper(pykka.ThreadingActor):
             self._store.close()
 
     def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._supervisor is not None:
-            reason = f"{type(exc).__name__}: {exc}"
-            self._supervisor.tell(ChildExited(self._name, self.actor_urn, reason))
+        report_crash(self._supervisor, self._name, self.actor_urn, exc)
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Acquire):

@@ -31,11 +31,6 @@ _CHUNK = 65536
 _JOIN_TIMEOUT = 5.0
 
 
-def count_value(counter: itertools.count[int]) -> int:
-    """The next value of an ``itertools.count`` (it has no read accessor; its repr is count(N))."""
-    return int(repr(counter)[6:-1])
-
-
 class _Relay:
     """One accepted connection and, once opened, its channel."""
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import pykka
 
+from actors.supervisor import report_crash
 from messages.janitor import GetJanitorStats, JanitorStats, Tick
 from messages.registry import Sweep
-from messages.supervision import ChildExited, Forward
+from messages.supervision import Forward
 
 log = logging.getLogger("enginehouse.janitor")
 
@@ -64,8 +65,7 @@ class Janitor(pykka.ThreadingActor):
 
     def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._disarm()
-        reason = f"{exc_type.__name__}: {exc}"
-        self._supervisor.tell(ChildExited(self._name, self.actor_urn, reason))
+        report_crash(self._supervisor, self._name, self.actor_urn, exc)
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Tick):

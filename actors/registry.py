@@ -22,6 +22,8 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from actors.counters import count_value
+from actors.supervisor import report_crash
 from app.errors import DriverNotInstalledError, EngineCreationError, EngineManagerError
 from messages.registry import (
     BuildUncached,
@@ -37,7 +39,6 @@ from messages.registry import (
     RequestKey,
     Sweep,
 )
-from messages.supervision import ChildExited
 
 log = logging.getLogger("enginehouse.registry")
 
@@ -113,9 +114,7 @@ class EngineRegistry(pykka.ThreadingActor):
     def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # State dies with the actor: give the engines' connections back first.
         self._dispose_all(DisposeAll())
-        if self._supervisor is not None:
-            reason = f"{type(exc).__name__}: {exc}"
-            self._supervisor.tell(ChildExited(self._name, self.actor_urn, reason))
+        report_crash(self._supervisor, self._name, self.actor_urn, exc)
 
     def on_receive(self, message: Any) -> Any:
         handler = self._handlers.get(type(message))
@@ -323,14 +322,9 @@ def _pool_status(entry: CachedEngine, now: float) -> PoolStatus:
         checked_in=read("checkedin"),
         checked_out=read("checkedout"),
         overflow=read("overflow"),
-        hits=_count_value(entry),
+        hits=count_value(entry.hits),
         idle_seconds=round(now - entry.last_used, 3),
     )
-
-
-def _count_value(entry: CachedEngine) -> int:
-    # itertools.count has no read accessor; its repr is "count(N)".
-    return int(repr(entry.hits)[6:-1])
 
 
 def _mask(exc: BaseException, plan: EnginePlan) -> str:

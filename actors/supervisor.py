@@ -45,6 +45,14 @@ class ChildSpec:
     policy: RestartPolicy
 
 
+def report_crash(
+    supervisor: pykka.ActorRef[Any] | None, name: str, urn: str, exc: BaseException
+) -> None:
+    """From a child's ``on_failure``: tell its supervisor (if any) that it crashed."""
+    if supervisor is not None:
+        supervisor.tell(ChildExited(name, urn, f"{type(exc).__name__}: {exc}"))
+
+
 class _Child:
     def __init__(self, spec: ChildSpec, ref: pykka.ActorRef[Any]) -> None:
         self.spec = spec

@@ -23,7 +23,8 @@ from typing import Any
 import paramiko
 import pykka
 
-from actors.forwarder import ChannelOpener, Forward, count_value
+from actors.counters import count_value
+from actors.forwarder import ChannelOpener, Forward
 from actors.policy import RestartLedger, RestartPolicy
 from actors.ssh import connect, load_private_key
 from app.errors import EngineManagerError, PoolExhaustedError, TunnelError

@@ -26,10 +26,11 @@ from sqlalchemy.exc import DisconnectionError
 
 from actors.policy import RestartPolicy
 from actors.registry import ENGINE_HOOKS, Snapshot
+from actors.supervisor import report_crash
 from actors.tunnel import HoldSession, Link, ReleaseSession, TunnelSupervisor
 from app.errors import TunnelError
 from messages.registry import EnginePlan
-from messages.supervision import ChildExited, WhereIs
+from messages.supervision import WhereIs
 from messages.tunnel import (
     CheckHealth,
     EnsureConnected,
@@ -80,9 +81,7 @@ class TunnelDirectory(pykka.ThreadingActor):
 
     def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._stop_all()
-        if self._supervisor is not None:
-            reason = f"{exc_type.__name__}: {exc}"
-            self._supervisor.tell(ChildExited(self._name, self.actor_urn, reason))
+        report_crash(self._supervisor, self._name, self.actor_urn, exc)
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, TunnelFor):

@@ -31,6 +31,7 @@ from actors import (
     RestartPolicy,
     Snapshot,
     Supervisor,
+    count_value,
 )
 from actors.tunnels import TunnelDirectory, TunnelHealthRound, TunnelPreparer, directory_lookup
 from app import credentials, forking
@@ -217,7 +218,7 @@ class EngineManager:
         return ManagerStats(
             mode=self.settings.mode,
             engine_count=len(registry.engines),
-            hits=_count_value(self._hits),
+            hits=count_value(self._hits),
             misses=registry.misses,
             evictions=registry.evictions,
             disposals=registry.disposals,
@@ -478,11 +479,6 @@ class _Checkout:
         finally:
             if self._manager._new_mode:
                 self._engine.dispose()
-
-
-def _count_value(counter: itertools.count[int]) -> int:
-    # itertools.count has no read accessor; its repr is "count(N)".
-    return int(repr(counter)[6:-1])
 
 
 def _without(values: dict[str, Any], *names: str) -> dict[str, Any]:
