@@ -6,7 +6,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import pykka
 import pytest
 
 from app import DatabaseSpec, EngineManager
@@ -79,3 +81,27 @@ def poll() -> Callable[..., object]:
 def sqlite_files_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Core tests use SQLite files in tmp_path; lift the URI safety rule that refuses them."""
     monkeypatch.setenv("ENGINEHOUSE_FORBID_UNSAFE_URIS", "false")
+
+
+class Recorder(pykka.ThreadingActor):
+    """Stands in for a supervisor in actor-level tests: keeps every message told to it.
+
+    Ask it ``"seen"`` for the list so far.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Any] = []
+
+    def on_receive(self, message: Any) -> Any:
+        if message == "seen":
+            return list(self.seen)
+        self.seen.append(message)
+        return None
+
+
+@pytest.fixture
+def recorder() -> Iterator[pykka.ActorRef[Any]]:
+    ref = Recorder.start()
+    yield ref
+    ref.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pykka
@@ -16,27 +16,6 @@ from messages.registry import Sweep
 from messages.supervision import ChildExited, Forward
 
 TIMEOUT = 10.0
-
-
-class Recorder(pykka.ThreadingActor):
-    """Stands in for the supervisor: keeps every message told to it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[Any] = []
-
-    def on_receive(self, message: Any) -> Any:
-        if message == "seen":
-            return list(self.seen)
-        self.seen.append(message)
-        return None
-
-
-@pytest.fixture
-def recorder() -> Iterator[pykka.ActorRef[Any]]:
-    ref = Recorder.start()
-    yield ref
-    ref.stop()
 
 
 def start_janitor(supervisor: pykka.ActorRef[Any], **kw: Any) -> pykka.ActorRef[Any]:

@@ -35,20 +35,6 @@ from messages.supervision import ChildExited
 TIMEOUT = 10.0
 
 
-class Recorder(pykka.ThreadingActor):
-    """Stands in for the supervisor: keeps every message told to it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[Any] = []
-
-    def on_receive(self, message: Any) -> Any:
-        if message == "seen":
-            return list(self.seen)
-        self.seen.append(message)
-        return None
-
-
 def request(
     spec: DatabaseSpec, settings: ManagerSettings, **kw: Any
 ) -> tuple[RequestKey, EnginePlan]:
@@ -71,13 +57,6 @@ def settings() -> ManagerSettings:
 @pytest.fixture
 def spec(tmp_path: Path) -> DatabaseSpec:
     return DatabaseSpec(id=7, uri=f"sqlite:///{tmp_path / 'reg.db'}")
-
-
-@pytest.fixture
-def recorder() -> Iterator[pykka.ActorRef[Any]]:
-    ref = Recorder.start()
-    yield ref
-    ref.stop()
 
 
 @pytest.fixture
