@@ -8,7 +8,9 @@ caller waits on with its ``pool_timeout``; no lock is involved anywhere.
 Embedded (no ``fleet_url``) the cap holds across every engine of the process.
 With ``fleet_url`` each permit is also a lease in Redis (:mod:`app.fleet`), so
 the cap holds across processes and hosts; the keeper renews leases on the
-Janitor's rounds, and learns there how many processes share the budget.
+Janitor's rounds, and learns there how many processes share the budget. When
+the fleet is full, a :class:`~actors.waiter.LeaseWaiter` blocks in Redis for
+the budget's next free permit, so waiting costs no polling.
 
 Giving back: a waiter that cannot be served makes the keeper shed idle pooled
 connections of the same budget (closed in place, their leases freed), and
@@ -33,6 +35,7 @@ from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.util import queue as sqla_queue
 
 from actors.supervisor import report_crash
+from actors.waiter import LeaseWaiter
 from app import fleet
 from app.errors import FleetUnavailableError, ManagerShutDownError, PoolExhaustedError
 from messages.budget import (
@@ -40,26 +43,19 @@ from messages.budget import (
     Attach,
     BudgetStatus,
     Cancel,
+    Enough,
     GetBudgetStats,
     Lease,
-    Poke,
     Release,
     Renew,
+    Waited,
+    Want,
 )
 
 log = logging.getLogger("enginehouse.budget")
 
 _RETRY_DOWN = 0.5
 """Seconds between reconnect attempts while Redis is away."""
-_RETRY_REFUSED = 0.02
-"""Seconds before the first retry of a Redis acquire the fleet refused (head waiter only)."""
-_RETRY_REFUSED_MAX = 0.5
-"""The retry delay doubles per refusal up to this; a release or a renewal showing room resets it.
-
-Must stay below ``_TICKET_TTL``, or the waiting ticket would lapse between two retries.
-"""
-_TICKET_TTL = 1.0
-"""A waiting ticket in Redis lives this long unless its waiter polls again."""
 
 
 class Board:
@@ -78,12 +74,11 @@ class Board:
 
 
 class _Waiter:
-    __slots__ = ("deadline", "future", "queued", "ticket")
+    __slots__ = ("deadline", "future", "ticket")
 
     def __init__(self, ticket: int, deadline: float) -> None:
         self.ticket = ticket
         self.deadline = deadline
-        self.queued = False  # its ticket is in the Redis queue
         self.future: pykka.ThreadingFuture[Lease] = pykka.ThreadingFuture()
 
 
@@ -95,7 +90,7 @@ class _Budget:
         self.cap = cap
         self.held: set[str] = set()
         self.lost: set[str] = set()  # permits Redis no longer vouches for: shed them
-        self.orphans: list[str] = []  # released while Redis was away: release on return
+        self.orphans = 0  # permits released while Redis was away: give back on return
         self.waiters: deque[_Waiter] = deque()
         self.engines: list[tuple[weakref.ref[Any], int]] = []  # (engine, its own limit)
         self.target = cap  # our fair share: cap, or cap / processes while others wait
@@ -103,9 +98,11 @@ class _Budget:
         self.owed = 0  # permits to give back to the fleet, set once per Janitor round
         self.lend = 0  # our connections to close for our own stuck waiters, set per round
         self.refused = False  # Redis said "full" to our last acquire
-        self.next_try = 0.0
-        self.backoff = _RETRY_REFUSED  # delay before the next retry after a refusal
-        self.granted = self.timeouts = self.shed = self.round_trips = 0
+        self.waiter: pykka.ActorRef[Any] | None = None  # our LeaseWaiter, once needed
+        self.wanting = False  # the LeaseWaiter blocks in Redis for us
+        self.announced = False  # Redis lists us as waiting (until a renewal says otherwise)
+        self.granted = self.timeouts = self.shed = 0
+        self.trips = {"acquire": 0, "release": 0, "renew": 0}  # Redis round trips by kind
         self.fleet_held: int | None = None
         self.fleet_waiting: int | None = None
         self.processes: int | None = None
@@ -159,7 +156,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         if self._url is not None:
             # Created here, in this process's keeper: never a client inherited over fork().
             self._store = fleet.LeaseStore(
-                self._url, prefix=self._prefix, timeout=self._redis_timeout
+                self._url, prefix=self._prefix, process=self._process, timeout=self._redis_timeout
             )
             self._outage = fleet.outage_errors()
         self._board.shed.clear()
@@ -170,8 +167,10 @@ class BudgetKeeper(pykka.ThreadingActor):
         for budget in self._budgets.values():
             while budget.waiters:
                 _fail(budget.waiters.popleft(), gone)
-            if self._store is not None and self._down_since is None and budget.held:
-                self._call(self._store.release, budget, sorted(budget.held - budget.lost))
+            if budget.waiter is not None:
+                budget.waiter.stop(block=False)  # it may sit in Redis for up to WAIT_BLOCK
+            if self._store is not None and self._down_since is None and any(budget.trips.values()):
+                self._call(self._store.leave, budget, "release", budget.cap, self._ttl)
         if self._store is not None:
             self._store.close()
 
@@ -183,13 +182,8 @@ class BudgetKeeper(pykka.ThreadingActor):
             return self._acquire(message)
         if isinstance(message, Release):
             return self._release(message)
-        if isinstance(message, Poke):
-            budget = self._budgets.get(message.key)
-            if budget is not None:
-                self._serve(budget)
-                if budget.waiters:
-                    self._rebalance(budget)
-            return None
+        if isinstance(message, Waited):
+            return self._waited(message)
         if isinstance(message, Cancel):
             return self._cancel(message)
         if isinstance(message, Attach):
@@ -227,9 +221,10 @@ class BudgetKeeper(pykka.ThreadingActor):
                 # Hand the lease to our own next waiter: no Redis round trip.
                 budget.lend = max(0, budget.lend - 1)
                 self._grant(budget, budget.waiters.popleft(), message.lease_id)
+                self._settle(budget)
                 self._rebalance(budget)
                 return
-            self._release_remote(budget, [message.lease_id])
+            self._release_remote(budget, 1)
         self._serve(budget)
         self._rebalance(budget)
 
@@ -241,10 +236,29 @@ class BudgetKeeper(pykka.ThreadingActor):
             if waiter.ticket == message.ticket:
                 budget.waiters.remove(waiter)
                 budget.timeouts += 1
-                if waiter.queued and self._store is not None and self._down_since is None:
-                    self._call(self._store.withdraw, budget, self._ticket(waiter))
+                self._settle(budget)
                 return None
         return None  # already granted (the caller got it) or failed
+
+    def _waited(self, message: Waited) -> None:
+        """Our LeaseWaiter's blocking wait in Redis ended: with a permit, empty, or failed."""
+        budget = self._budgets.get(message.key)
+        if budget is None:
+            return
+        budget.trips["acquire"] += 1
+        if message.failed:
+            budget.wanting = False
+            self._went_down(ConnectionError("the blocking wait for a permit lost Redis"))
+            self._serve(budget)
+            return
+        if message.got:
+            lease_id = f"{self._process}|{next(self._ids)}"
+            if budget.waiters:
+                self._grant(budget, budget.waiters.popleft(), lease_id)
+            else:  # the caller gave up or got a permit of ours meanwhile
+                self._release_remote(budget, 1)
+        self._settle(budget)
+        self._rebalance(budget)
 
     def _attach(self, message: Attach) -> None:
         budget = self._budget(message.key, message.cap)
@@ -272,26 +286,24 @@ class BudgetKeeper(pykka.ThreadingActor):
     def _serve(self, budget: _Budget) -> None:
         """Grant permits to waiters in arrival order while there is room."""
         while budget.waiters:
-            waiter = budget.waiters[0]
             try:
-                lease_id = self._try_take(budget, waiter)
+                lease_id = self._try_take(budget)
             except (FleetUnavailableError, PoolExhaustedError) as exc:
                 _fail(budget.waiters.popleft(), exc)
                 continue
             if lease_id is None:
-                return
+                break
             self._grant(budget, budget.waiters.popleft(), lease_id)
+        self._settle(budget)
 
     def _grant(self, budget: _Budget, waiter: _Waiter, lease_id: str) -> None:
-        if waiter.queued and self._store is not None and self._down_since is None:
-            self._call(self._store.withdraw, budget, self._ticket(waiter))
         budget.held.add(lease_id)
         budget.granted += 1
         waiter.future.set(Lease(budget.key, lease_id, self._generation))
         if self._store is not None:
             self._limit_pools(budget)
 
-    def _try_take(self, budget: _Budget, waiter: _Waiter) -> str | None:
+    def _try_take(self, budget: _Budget) -> str | None:
         """A new lease id if the budget has room for one more, else None."""
         if len(budget.held) >= budget.cap:
             return None
@@ -301,32 +313,32 @@ class BudgetKeeper(pykka.ThreadingActor):
         if self._down_since is not None:
             self._reconnect()
         if self._down_since is None:
-            now = time.monotonic()
-            if now < budget.next_try:
-                return None
-            answer = self._call(
-                self._store.acquire,
-                budget,
-                budget.cap,
-                self._ttl,
-                lease_id,
-                self._ticket(waiter),
-                _TICKET_TTL,
-            )
+            if budget.wanting:
+                return None  # our LeaseWaiter brings the next permit the fleet frees
+            answer = self._call(self._store.take, budget, "acquire", budget.cap, self._ttl)
             if answer is not None:
                 granted, budget.fleet_held, budget.fleet_waiting = answer
                 budget.refused = not granted
                 if granted:
-                    waiter.queued = False  # the script took its ticket out
-                    budget.backoff = _RETRY_REFUSED
                     return lease_id
-                waiter.queued = True
-                # A full fleet rarely frees a permit within 20 ms: back off, so waiting
-                # costs a few round trips per physical connection, not one per 20 ms.
-                budget.next_try = now + budget.backoff
-                budget.backoff = min(_RETRY_REFUSED_MAX, budget.backoff * 2)
+                budget.announced = True  # the script marked us as waiting
+                self._want(budget)
                 return None
         return self._take_while_down(budget, lease_id)
+
+    def _want(self, budget: _Budget) -> None:
+        """Have our LeaseWaiter block in Redis for the budget's next free permit."""
+        assert self._store is not None
+        if budget.waiter is None:
+            budget.waiter = LeaseWaiter.start(self.actor_ref, self._store, budget.key)
+        budget.waiter.tell(Want())
+        budget.wanting = True
+
+    def _settle(self, budget: _Budget) -> None:
+        """Nobody waits any more: stop waiting in Redis."""
+        if budget.wanting and not budget.waiters and budget.waiter is not None:
+            budget.waiter.tell(Enough())
+            budget.wanting = False
 
     def _take_while_down(self, budget: _Budget, lease_id: str) -> str | None:
         if self._fallback != "local":
@@ -375,16 +387,20 @@ class BudgetKeeper(pykka.ThreadingActor):
         """Renew our leases of ``budget``, learn the fleet's state, rebalance."""
         assert self._store is not None
         if budget.orphans:
-            orphans, budget.orphans = budget.orphans, []
+            orphans, budget.orphans = budget.orphans, 0
             self._release_remote(budget, orphans)
-        if not budget.held and not budget.waiters:
+        if not budget.held and not budget.waiters and not budget.announced:
             return
-        mine = sorted(budget.held - budget.lost)
+        vouched = sorted(budget.held - budget.lost)
+        # One permit may be on its way to us from the LeaseWaiter: Redis must keep it.
+        in_flight = 1 if budget.waiter is not None else 0
         renewal = self._call(
-            self._store.renew, budget, budget.cap, self._ttl, self._process, mine
+            self._store.renew, budget, "renew", budget.cap, self._ttl,
+            len(vouched), bool(budget.waiters), in_flight,
         )
         if renewal is None:
             return
+        budget.announced = bool(budget.waiters)
         budget.fleet_held = renewal.held
         budget.fleet_waiting = renewal.others_waiting
         budget.processes = renewal.processes
@@ -392,11 +408,9 @@ class BudgetKeeper(pykka.ThreadingActor):
             log.warning(
                 "budget %s: %d leases no longer fit the fleet cap; shedding their connections",
                 budget.key,
-                len(renewal.lost),
+                renewal.lost,
             )
-        budget.lost.update(renewal.lost)
-        if renewal.held < budget.cap:
-            _retry_now(budget)  # the fleet has room: do not sit out a long backoff
+        budget.lost.update(vouched[: renewal.lost])
         budget.target = renewal.share(budget.cap) if renewal.others_waiting else budget.cap
         # Give back what we hold beyond our share once per round: between rounds
         # Redis still serves waiters in turn, so a process briefly over its share
@@ -408,22 +422,21 @@ class BudgetKeeper(pykka.ThreadingActor):
         budget.lend = len(budget.waiters) if at_share and not budget.owed else 0
         self._limit_pools(budget)
 
-    def _release_remote(self, budget: _Budget, lease_ids: list[str]) -> None:
+    def _release_remote(self, budget: _Budget, count: int) -> None:
+        """Give ``count`` permits back to the fleet (a blocked waiter anywhere gets them)."""
         assert self._store is not None
         if self._down_since is not None:
-            budget.orphans.extend(lease_ids)
+            budget.orphans += count
             return
-        answer = self._call(self._store.release, budget, lease_ids)
+        answer = self._call(self._store.give, budget, "release", budget.cap, self._ttl, count)
         if answer is None:
-            budget.orphans.extend(lease_ids)
+            budget.orphans += count
         else:
             budget.fleet_held, budget.fleet_waiting = answer
-            if budget.fleet_waiting <= 1:  # nobody else queued before our waiter: ask at once
-                _retry_now(budget)
 
-    def _call(self, method: Any, budget: _Budget, *args: Any) -> Any:
-        """One Redis round trip for ``budget``; None (outage noted) when Redis is away."""
-        budget.round_trips += 1
+    def _call(self, method: Any, budget: _Budget, kind: str, *args: Any) -> Any:
+        """One Redis round trip of ``kind``; None (outage noted) when Redis is away."""
+        budget.trips[kind] += 1
         try:
             result = method(budget.key, *args)
         except self._outage as exc:
@@ -435,6 +448,11 @@ class BudgetKeeper(pykka.ThreadingActor):
     def _went_down(self, exc: BaseException) -> None:
         if self._down_since is not None:
             return
+        for budget in self._budgets.values():
+            budget.announced = False
+            if budget.wanting and budget.waiter is not None:
+                budget.waiter.tell(Enough())  # its connection fails too; we serve locally now
+            budget.wanting = False
         self._down_since = time.monotonic()
         self._next_reconnect = self._down_since + _RETRY_DOWN
         if self._fallback == "local":
@@ -507,15 +525,13 @@ class BudgetKeeper(pykka.ThreadingActor):
         budget.cap = cap  # the latest spec wins
         return budget
 
-    def _ticket(self, waiter: _Waiter) -> str:
-        return f"{self._process}|w{waiter.ticket}"
-
     def _expire_waiters(self, budget: _Budget, now: float) -> None:
         # Callers cancel at their deadline; this only catches callers that never did.
         for waiter in [w for w in budget.waiters if now > w.deadline + 5.0]:
             budget.waiters.remove(waiter)
             budget.timeouts += 1
             _fail(waiter, PoolExhaustedError(f"budget {budget.key}: waited past pool_timeout"))
+        self._settle(budget)
 
     def _where(self) -> str:
         return self._store.where if self._store is not None else "-"
@@ -539,14 +555,11 @@ class BudgetKeeper(pykka.ThreadingActor):
             fleet_held=budget.fleet_held,
             fleet_waiting=budget.fleet_waiting,
             fleet_processes=budget.processes,
-            round_trips=budget.round_trips,
+            round_trips=sum(budget.trips.values()),
+            acquire_round_trips=budget.trips["acquire"],
+            release_round_trips=budget.trips["release"],
+            renew_round_trips=budget.trips["renew"],
         )
-
-
-def _retry_now(budget: _Budget) -> None:
-    """Forget the backoff: the next acquire attempt goes to Redis right away."""
-    budget.next_try = 0.0
-    budget.backoff = _RETRY_REFUSED
 
 
 def _fail(waiter: _Waiter, exc: BaseException) -> None:

@@ -17,7 +17,6 @@ import itertools
 import logging
 import os
 import socket
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +44,6 @@ from messages.budget import (
     Cancel,
     GetBudgetStats,
     Lease,
-    Poke,
     Renew,
 )
 from messages.budget import Release as ReleaseMessage
@@ -56,8 +54,6 @@ log = logging.getLogger("enginehouse.budget")
 
 DEFAULT_POOL_TIMEOUT = 30.0
 """SQLAlchemy's own default ``pool_timeout``: how long a waiter waits for a permit."""
-_POKE_EVERY = 0.05
-"""Fleet waiters remind the keeper this often to try Redis again."""
 
 
 class Budgets:
@@ -135,18 +131,11 @@ class Budgets:
             raise ActorTimeoutError(
                 f"budget keeper did not answer within {ask_timeout:g}s"
             ) from None
-        deadline = time.monotonic() + timeout
-        poke = _POKE_EVERY if self._url is not None else None
-        while True:
-            remaining = max(0.0, deadline - time.monotonic())
-            wait = remaining if poke is None else min(poke, remaining)
-            try:
-                lease: Lease = future.get(timeout=wait)
-                return lease
-            except pykka.Timeout:
-                if time.monotonic() >= deadline:
-                    break
-                ref.tell(Poke(key))
+        try:
+            lease: Lease = future.get(timeout=timeout)
+            return lease
+        except pykka.Timeout:
+            pass
         try:
             late: Lease | None = ref.ask(Cancel(key, ticket), timeout=ask_timeout)  # type: ignore[assignment]
         except (pykka.ActorDeadError, pykka.Timeout):

@@ -1,19 +1,26 @@
-"""Fleet leases in Redis: one atomic Lua script per acquire, release or renewal.
+"""Fleet leases in Redis: a counting semaphore whose waiters block inside Redis.
 
-Per budget three keys share one hash tag (Redis Cluster keeps them together):
+Per budget, keys that share one hash tag (Redis Cluster keeps them together):
 
-- ``leases``: sorted set of lease ids scored by expiry (Redis server time, so
-  hosts need not agree on the clock). Acquire drops expired ids, checks
-  ``ZCARD < cap`` and adds its id; a process killed with SIGKILL stops
-  renewing, and its leases vanish after the TTL.
-- ``queue``: waiting tickets scored by arrival (each process keeps only its
-  oldest waiter in it); a freed permit goes to the waiting process that holds
-  the fewest leases, then to the oldest ticket.
-- ``qdl``: the same tickets scored by deadline, so a dead waiter's ticket goes.
+- ``free``: a list of permit tokens. Taking a permit moves one token into
+  the process's own ``taken:<process>`` list, atomically: a script when the
+  process asks first, ``BLMOVE`` when it waits. Redis serves clients blocked
+  in ``BLMOVE`` first come, first served, so a permit freed anywhere in the
+  fleet wakes the longest-waiting process with no polling, and one round trip
+  brings the permit.
+- ``taken:<process>``: the permits a process holds (its length is all that
+  counts; the keeper knows which connection holds which).
+- ``procs``: processes by expiry of their last renewal (Redis server time, so
+  hosts need not agree on the clock). A process killed with SIGKILL stops
+  renewing; the next script of any process deletes its ``taken`` list after
+  the TTL, and its permits become free again (waking a blocked waiter).
+- ``want``: processes that wait, by expiry: the others learn from it that
+  they should give back what they hold beyond their fair share.
 
-Lease ids and tickets are ``<process>|<n>``: the renewal script counts the
-processes that hold or want the budget, from which each derives its fair share.
-Only the BudgetKeeper actor calls this module (the client is not shared).
+Every script first reaps dead processes and then *fits* the free list to
+``cap - permits taken``, so the token count heals itself after a Redis
+restart (empty), a change of cap, or a process reaped while it still ran.
+Only the BudgetKeeper actor and its LeaseWaiter actors call this module.
 """
 
 from __future__ import annotations
@@ -25,115 +32,114 @@ from urllib.parse import urlsplit
 
 from app.errors import ConfigurationError
 
-_CLEAN = """
+# KEYS: free, procs, want, my taken list. ARGV: taken-key base, cap, ttl, me, ...
+_PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-for _, tk in ipairs(gone) do redis.call('ZREM', KEYS[2], tk) end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-"""
-
-_KEEP = """
-local keep = math.ceil(tonumber(ARGV[2]) * 4000)
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], keep) end
-"""
-
-# ARGV: cap, ttl, lease id, ticket, ticket ttl -> {granted, held, queued}
-# Who goes first when a permit frees: the waiting process holding the fewest
-# leases, then the oldest ticket; so the fleet converges on even shares.
-ACQUIRE = (
-    _CLEAN
-    + """
-local function owner(m) return string.match(m, '^(.*)|') or m end
-local cap = tonumber(ARGV[1])
-local held = redis.call('ZCARD', KEYS[1])
-local counts = {}
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local p = owner(m)
-  counts[p] = (counts[p] or 0) + 1
+local base, cap, ttl, me = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('DEL', base .. p)
+  redis.call('ZREM', KEYS[2], p)
 end
-local me = owner(ARGV[4])
-local mine = counts[me] or 0
-local since = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[4]) or now)
-local rank = redis.call('ZRANK', KEYS[2], ARGV[4])
-local queue = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-local ahead = 0
-for i = 1, #queue, 2 do
-  local p = owner(queue[i])
-  if p ~= me then
-    local c = counts[p] or 0
-    if c < mine or (c == mine and tonumber(queue[i + 1]) < since) then ahead = ahead + 1 end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local function taken()
+  local n = 0
+  for _, p in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    n = n + redis.call('LLEN', base .. p)
+  end
+  return n
+end
+local function fit()
+  local want = cap - taken()
+  local have = redis.call('LLEN', KEYS[1])
+  if want <= 0 then
+    redis.call('DEL', KEYS[1])
+  elseif want < have then
+    redis.call('LTRIM', KEYS[1], 0, want - 1)
+  else
+    for _ = 1, want - have do redis.call('RPUSH', KEYS[1], 't') end
   end
 end
-local granted = 0
-if cap - held > ahead then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-  redis.call('ZREM', KEYS[2], ARGV[4])
-  redis.call('ZREM', KEYS[3], ARGV[4])
-  held = held + 1
-  granted = 1
-else
-  if not rank then redis.call('ZADD', KEYS[2], now, ARGV[4]) end
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[4])
+local function keep()
+  local ms = math.ceil(ttl * 4000)
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ms) end
 end
 """
-    + _KEEP
+
+# -> {granted, permits taken fleet-wide, processes waiting}
+TAKE = (
+    _PRELUDE
     + """
-return {granted, held, redis.call('ZCARD', KEYS[2])}
+redis.call('ZADD', KEYS[2], now + ttl, me)
+fit()
+local granted = 0
+if redis.call('LMOVE', KEYS[1], KEYS[4], 'LEFT', 'RIGHT') then
+  granted = 1
+else
+  redis.call('ZADD', KEYS[3], now + ttl, me)
+end
+keep()
+return {granted, taken(), redis.call('ZCARD', KEYS[3])}
 """
 )
 
-# ARGV: lease ids -> {held, queued}
-RELEASE = """
-for i = 1, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
-"""
-
-# ARGV: ticket -> 1 when removed
-WITHDRAW = """
-redis.call('ZREM', KEYS[3], ARGV[1])
-return redis.call('ZREM', KEYS[2], ARGV[1])
-"""
-
-# ARGV: cap, ttl, process, lease ids...
-#   -> {held, others waiting, processes, our rank among them, lost ids...}
-# A lease missing (expired, or Redis restarted empty) is added back while there
-# is room; one that no longer fits is reported lost and its connection is shed.
-RENEW = (
-    _CLEAN
+# ARGV[5]: how many -> {permits taken fleet-wide, processes waiting}
+GIVE = (
+    _PRELUDE
     + """
-local cap = tonumber(ARGV[1])
-local exp = now + tonumber(ARGV[2])
-local lost = {}
-for i = 4, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], exp, ARGV[i])
-  elseif redis.call('ZCARD', KEYS[1]) < cap then
-    redis.call('ZADD', KEYS[1], exp, ARGV[i])
-  else
-    table.insert(lost, ARGV[i])
-  end
+local n = math.min(tonumber(ARGV[5]), redis.call('LLEN', KEYS[4]))
+if n > 0 then redis.call('LPOP', KEYS[4], n) end
+fit()
+keep()
+return {taken(), redis.call('ZCARD', KEYS[3])}
+"""
+)
+
+# ARGV[5]: permits we hold, ARGV[6]: 1 if we wait, ARGV[7]: permits that may be on
+# their way to us (a BLMOVE answered but not yet handed to the keeper)
+#   -> {taken fleet-wide, others waiting, processes, our rank among them, lost}
+# Permits missing from our list (Redis restarted empty, or we were reaped while
+# frozen) are taken back while free ones remain; those that no longer fit are lost.
+RENEW = (
+    _PRELUDE
+    + """
+local held, slack = tonumber(ARGV[5]), tonumber(ARGV[7])
+redis.call('ZADD', KEYS[2], now + ttl, me)
+if tonumber(ARGV[6]) > 0 then
+  redis.call('ZADD', KEYS[3], now + ttl, me)
+else
+  redis.call('ZREM', KEYS[3], me)
 end
-local seen, names, others = {}, {}, 0
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local p = string.match(m, '^(.*)|') or m
-  if not seen[p] then seen[p] = true; table.insert(names, p) end
+local extra = redis.call('LLEN', KEYS[4]) - held - slack
+if extra > 0 then redis.call('LPOP', KEYS[4], extra) end
+fit()
+local lost = 0
+for _ = 1, held - redis.call('LLEN', KEYS[4]) do
+  if not redis.call('LMOVE', KEYS[1], KEYS[4], 'LEFT', 'RIGHT') then lost = lost + 1 end
 end
-for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local p = string.match(m, '^(.*)|') or m
-  if p ~= ARGV[3] then others = others + 1 end
-  if not seen[p] then seen[p] = true; table.insert(names, p) end
+local names, others, rank = {}, 0, -1
+for _, p in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local waits = redis.call('ZSCORE', KEYS[3], p)
+  if waits and p ~= me then others = others + 1 end
+  if waits or redis.call('LLEN', base .. p) > 0 then table.insert(names, p) end
 end
 table.sort(names)
-local rank = #names
-for i, p in ipairs(names) do if p == ARGV[3] then rank = i - 1 end end
+for i, p in ipairs(names) do if p == me then rank = i - 1 end end
+if rank < 0 then rank = #names end
+keep()
+return {taken(), others, #names, rank, lost}
 """
-    + _KEEP
+)
+
+# Drop everything of ours (shutdown): our permits go back to the free list.
+LEAVE = (
+    _PRELUDE
     + """
-local out = {redis.call('ZCARD', KEYS[1]), others, #names, rank}
-for _, id in ipairs(lost) do table.insert(out, id) end
-return out
+redis.call('DEL', KEYS[4])
+redis.call('ZREM', KEYS[2], me)
+redis.call('ZREM', KEYS[3], me)
+fit()
+return taken()
 """
 )
 
@@ -144,10 +150,12 @@ class Renewal:
 
     held: int
     others_waiting: int
+    """Other processes waiting for a permit of this budget."""
     processes: int
     rank: int
     """Our place among the processes (sorted ids): the first ``cap % processes`` get one more."""
-    lost: tuple[str, ...]
+    lost: int
+    """Permits we hold that no longer fit the cap (their connections must close)."""
 
     def share(self, cap: int) -> int:
         """Our fair share of ``cap`` (at least 1)."""
@@ -182,69 +190,95 @@ def describe(url: str) -> str:
 
 
 class LeaseStore:
-    """Redis client and scripts for fleet leases (used from one actor thread only)."""
+    """Redis clients and scripts for one process's fleet leases.
 
-    def __init__(self, url: str, *, prefix: str, timeout: float) -> None:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+    The scripts run on the keeper's thread only. :meth:`wait` blocks in
+    ``BLMOVE`` and runs on LeaseWaiter threads, on a client of its own (a
+    longer socket timeout; redis-py's pool gives each thread its connection).
+    """
 
+    def __init__(self, url: str, *, prefix: str, process: str, timeout: float) -> None:
         self.where = describe(url)
+        self.process = process
         self._prefix = prefix
-        # No retries inside redis-py: the keeper decides what an outage means.
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
-        self._acquire = self._client.register_script(ACQUIRE)
-        self._release = self._client.register_script(RELEASE)
-        self._withdraw = self._client.register_script(WITHDRAW)
+        self._timeout = timeout
+        self._client = _client(url, timeout)
+        self._blocking = _client(url, timeout + WAIT_BLOCK)
+        self._take = self._client.register_script(TAKE)
+        self._give = self._client.register_script(GIVE)
         self._renew = self._client.register_script(RENEW)
-        self.round_trips = 0
+        self._leave = self._client.register_script(LEAVE)
 
     def keys(self, budget: str) -> list[str]:
+        """free, procs, want and our taken list (what the scripts get as KEYS)."""
         tag = f"{self._prefix}:{{{budget}}}"
-        return [f"{tag}:leases", f"{tag}:queue", f"{tag}:qdl"]
+        return [f"{tag}:free", f"{tag}:procs", f"{tag}:want", f"{tag}:taken:{self.process}"]
+
+    def _args(self, budget: str, cap: int, ttl: float, *more: object) -> list[object]:
+        return [f"{self._prefix}:{{{budget}}}:taken:", cap, ttl, self.process, *more]
 
     def ping(self) -> None:
-        self.round_trips += 1
         self._client.ping()
 
-    def acquire(
-        self, budget: str, cap: int, ttl: float, lease_id: str, ticket: str, ticket_ttl: float
-    ) -> tuple[bool, int, int]:
-        """One round trip: ``(granted, leases held fleet-wide, tickets queued)``."""
-        self.round_trips += 1
-        granted, held, queued = self._acquire(
-            keys=self.keys(budget), args=[cap, ttl, lease_id, ticket, ticket_ttl]
-        )
-        return bool(granted), int(held), int(queued)
+    def take(self, budget: str, cap: int, ttl: float) -> tuple[bool, int, int]:
+        """One round trip, never blocks: ``(granted, permits taken fleet-wide, processes waiting)``.
 
-    def release(self, budget: str, lease_ids: list[str]) -> tuple[int, int]:
-        self.round_trips += 1
-        held, queued = self._release(keys=self.keys(budget), args=lease_ids)
-        return int(held), int(queued)
+        Refused, we are marked as waiting; :meth:`wait` then blocks for the next permit.
+        """
+        args = self._args(budget, cap, ttl)
+        granted, held, waiting = self._take(keys=self.keys(budget), args=args)
+        return bool(granted), int(held), int(waiting)
 
-    def withdraw(self, budget: str, ticket: str) -> None:
-        self.round_trips += 1
-        self._withdraw(keys=self.keys(budget), args=[ticket])
+    def wait(self, budget: str, block: float) -> bool:
+        """Block up to ``block`` s in Redis for a free permit; True when one became ours."""
+        free, _, _, mine = self.keys(budget)
+        moved = self._blocking.blmove(free, mine, block, "LEFT", "RIGHT")
+        return moved is not None
+
+    def give(self, budget: str, cap: int, ttl: float, count: int) -> tuple[int, int]:
+        """Give ``count`` permits back: ``(permits taken fleet-wide, processes waiting)``."""
+        held, waiting = self._give(keys=self.keys(budget), args=self._args(budget, cap, ttl, count))
+        return int(held), int(waiting)
 
     def renew(
-        self, budget: str, cap: int, ttl: float, process: str, lease_ids: list[str]
+        self, budget: str, cap: int, ttl: float, held: int, waiting: bool, in_flight: int
     ) -> Renewal:
-        self.round_trips += 1
-        out: list[Any] = self._renew(
-            keys=self.keys(budget), args=[cap, ttl, process, *lease_ids]
-        )
-        lost = tuple(item.decode() if isinstance(item, bytes) else str(item) for item in out[4:])
-        return Renewal(int(out[0]), int(out[1]), int(out[2]), int(out[3]), lost)
+        """Extend our registration, say whether we wait, and reconcile our permits."""
+        args = self._args(budget, cap, ttl, held, int(waiting), in_flight)
+        out: list[Any] = self._renew(keys=self.keys(budget), args=args)
+        return Renewal(int(out[0]), int(out[1]), int(out[2]), int(out[3]), int(out[4]))
+
+    def leave(self, budget: str, cap: int, ttl: float) -> None:
+        """Give back every permit of ours and forget us (shutdown)."""
+        self._leave(keys=self.keys(budget), args=self._args(budget, cap, ttl))
+
+    def forget(self, budget: str) -> None:
+        """Drop our taken list (a permit that reached a waiter after its keeper stopped)."""
+        self._blocking.delete(self.keys(budget)[3])
 
     def close(self) -> None:
         self._client.close()
+        self._blocking.close()
+
+
+WAIT_BLOCK = 5.0
+"""Seconds a LeaseWaiter blocks in one ``BLMOVE`` before it checks whether it still should."""
+
+
+def _client(url: str, timeout: float) -> Any:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # No retries inside redis-py: the keeper decides what an outage means.
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 1.0),
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
 
 
 def outage_errors() -> tuple[type[BaseException], ...]:
@@ -256,7 +290,7 @@ def outage_errors() -> tuple[type[BaseException], ...]:
 
 def check_reachable(url: str, prefix: str, timeout: float) -> None:
     """Raise :class:`ConfigurationError` naming ``fleet_url`` if Redis does not answer."""
-    store = LeaseStore(url, prefix=prefix, timeout=timeout)
+    store = LeaseStore(url, prefix=prefix, process="check", timeout=timeout)
     try:
         store.ping()
     except outage_errors() as exc:

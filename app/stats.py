@@ -59,6 +59,9 @@ class BudgetStats(BaseModel):
     fleet_waiting: int | None = None
     fleet_processes: int | None = None
     round_trips: int = 0
+    acquire_round_trips: int = 0
+    release_round_trips: int = 0
+    renew_round_trips: int = 0
 
 
 class ManagerStats(BaseModel):

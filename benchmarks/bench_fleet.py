@@ -145,10 +145,18 @@ def run_once(alternative: str, bouncer: PgBouncer, seconds: float) -> dict[str, 
         "phases": phases,
         "peak": max((n for _, n in sampler.points), default=0),
         "round_trips": sum(b["round_trips"] for b in budgets),
+        "round_trips_by_kind": {
+            kind: sum(b.get(f"{kind}_round_trips", 0) for b in budgets) for kind in TRIP_KINDS
+        },
+        "process_seconds": len(results) * (seconds * len(WORKLOADS) + config["gap"]),
         "physical": sum(b["granted"] for b in budgets),
         "queries": sum(p["queries"] for p in phases),
         "timeline": [(t - config["start_at"], n) for t, n in sampler.points],
     }
+
+
+TRIP_KINDS = ("acquire", "release", "renew")
+"""Redis round trips by purpose, as BudgetStats reports them."""
 
 
 def bench(repeats: int, seconds: float) -> dict[str, Any]:
@@ -193,6 +201,8 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     physical = sum(r["physical"] for r in fleet_runs)
     trips = sum(r["round_trips"] for r in fleet_runs)
     queries = sum(r["queries"] for r in fleet_runs)
+    by_kind = {k: sum(r["round_trips_by_kind"][k] for r in fleet_runs) for k in TRIP_KINDS}
+    process_seconds = sum(r["process_seconds"] for r in fleet_runs)
     return {
         "qps": table,
         "ratios": ratios,
@@ -205,6 +215,13 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
             "queries": queries,
             "round_trips_per_physical_connection": trips / physical if physical else 0.0,
             "round_trips_per_query": trips / queries if queries else 0.0,
+            "by_kind": by_kind,
+            "per_physical_connection": {
+                k: (n / physical if physical else 0.0) for k, n in by_kind.items()
+            },
+            "renewals_per_process_second": (
+                by_kind["renew"] / process_seconds if process_seconds else 0.0
+            ),
         },
     }
 
@@ -230,6 +247,12 @@ def report(summary: dict[str, Any]) -> str:
         f"{cost['physical_connections']} physical connections and {cost['queries']:,} queries: "
         f"{cost['round_trips_per_physical_connection']:.1f} per physical connection, "
         f"{cost['round_trips_per_query']:.4f} per query",
+        f"- by kind: acquire {cost['by_kind']['acquire']} "
+        f"(**{cost['per_physical_connection']['acquire']:.2f} per physical connection**), "
+        f"release {cost['by_kind']['release']} "
+        f"({cost['per_physical_connection']['release']:.2f} per physical connection), "
+        f"renew {cost['by_kind']['renew']} "
+        f"({cost['renewals_per_process_second']:.1f} per process-second)",
     ]
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """Conversation with the BudgetKeeper actor (connection and tunnel budgets).
 
 A physical connect costs one :class:`Acquire` ask; everything else is a
-``tell`` (releases, pokes, renewals) or a rare ask (cancel, stats). Queries
+``tell`` (releases, renewals, the LeaseWaiter's news) or a rare ask (cancel,
+stats). Queries
 on an already pooled connection send nothing.
 """
 
@@ -56,10 +57,26 @@ class Release:
 
 
 @dataclass(frozen=True)
-class Poke:
-    """Tell (fleet): a waiter is still waiting; try Redis again for the head of the queue."""
+class Want:
+    """Tell (keeper to its LeaseWaiter): block in Redis for permits of ``key`` until Enough."""
+
+
+@dataclass(frozen=True)
+class Enough:
+    """Tell (keeper to its LeaseWaiter): no caller waits any more; stop blocking."""
+
+
+@dataclass(frozen=True)
+class Waited:
+    """Tell (LeaseWaiter to keeper): one blocking wait in Redis ended.
+
+    ``got``: a permit of ``key`` is now ours in Redis (the keeper hands it to
+    its oldest waiter, or gives it back). ``failed``: Redis did not answer.
+    """
 
     key: str
+    got: bool
+    failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,4 +117,8 @@ class BudgetStatus:
     fleet_waiting: int | None
     fleet_processes: int | None
     round_trips: int
-    """Redis round trips made for this budget (0 when embedded)."""
+    """Redis round trips made for this budget (0 when embedded); the sum of the next three."""
+    acquire_round_trips: int = 0
+    """Round trips spent getting permits: a first ask, then one per blocking wait."""
+    release_round_trips: int = 0
+    renew_round_trips: int = 0

@@ -51,13 +51,21 @@ def fleet_prefix() -> Iterator[str]:
     client.close()
 
 
-def lease_members(url: str, prefix: str, budget: str) -> list[str]:
-    """Lease ids currently in Redis for ``budget`` (expired ones included until swept)."""
+def leases_by_process(url: str, prefix: str, budget: str) -> dict[str, int]:
+    """Permits each registered process holds in Redis for ``budget`` (dead ones until reaped)."""
     client = redis.Redis.from_url(url)
+    tag = f"{prefix}:{{{budget}}}"
     try:
-        return [m.decode() for m in client.zrange(f"{prefix}:{{{budget}}}:leases", 0, -1)]
+        processes = [p.decode() for p in client.zrange(f"{tag}:procs", 0, -1)]
+        counts = {p: int(client.llen(f"{tag}:taken:{p}")) for p in processes}
+        return {p: n for p, n in counts.items() if n}
     finally:
         client.close()
+
+
+def lease_count(url: str, prefix: str, budget: str) -> int:
+    """Permits held in Redis for ``budget`` by registered processes."""
+    return sum(leases_by_process(url, prefix, budget).values())
 
 
 class PrivateRedis:

@@ -21,7 +21,8 @@ from fleet_fixtures import (
     SHARED_REDIS,
     PgSampler,
     PrivateRedis,
-    lease_members,
+    lease_count,
+    leases_by_process,
     pg_spec_dict,
     start_worker,
     unique,
@@ -81,8 +82,8 @@ def test_sigkilled_holder_loses_its_leases_after_the_ttl(fleet_prefix: str, poll
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "READY"
         budget = f"db:{spec['id']}"
-        held = lease_members(SHARED_REDIS, fleet_prefix, budget)
-        assert len(held) == 3
+        held = leases_by_process(SHARED_REDIS, fleet_prefix, budget)
+        assert list(held.values()) == [3]
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(timeout=20)
     finally:
@@ -95,8 +96,8 @@ def test_sigkilled_holder_loses_its_leases_after_the_ttl(fleet_prefix: str, poll
         connections = [engine.connect() for _ in range(3)]
         try:
             assert all(c.execute(text("SELECT 1")).scalar() == 1 for c in connections)
-            now_held = lease_members(SHARED_REDIS, fleet_prefix, budget)
-            assert len(now_held) == 3 and not set(now_held) & set(held)
+            now_held = leases_by_process(SHARED_REDIS, fleet_prefix, budget)
+            assert list(now_held.values()) == [3] and not set(now_held) & set(held)
             assert PgSampler(app).now() == 3
         finally:
             for connection in connections:
@@ -144,7 +145,7 @@ def test_redis_outage_fails_closed_then_recovers(
     poll(lambda: budget_of(manager, database).mode == "fleet", what="fleet mode again")
     # Reconciled: every connection this process holds has a lease in the new Redis.
     poll(
-        lambda: len(lease_members(private_redis.url, prefix, budget))
+        lambda: lease_count(private_redis.url, prefix, budget)
         == budget_of(manager, database).held,
         what="leases re-registered",
     )
@@ -194,7 +195,7 @@ def test_redis_outage_with_local_fallback_keeps_serving(
         poll(lambda: budget_of(manager, database).mode == "fleet", what="fleet mode again")
         budget = f"db:{database.id}"
         poll(
-            lambda: 0 < len(lease_members(private_redis.url, prefix, budget)) <= 3,
+            lambda: 0 < lease_count(private_redis.url, prefix, budget) <= 3,
             what="leases reconciled into the restarted Redis",
         )
     finally:
@@ -259,3 +260,34 @@ def test_fork_after_use_keeps_the_budget(fleet_prefix: str) -> None:
         assert budget_of(manager, database).held == 2
         for connection in held:
             connection.close()
+
+
+def test_a_waiting_process_is_woken_without_polling(fleet_prefix: str, poll: Any) -> None:
+    """A caller waits in Redis (BLMOVE), not in a retry loop: its wait costs the same
+    two round trips (the refused ask, the wait that brings the permit) however long it is."""
+    app = unique("eh-fleet")
+    database = DatabaseSpec(**pg_spec_dict(unique("db"), app, 1, pool_timeout=30))
+    values = settings(SHARED_REDIS, fleet_prefix, cleanup_interval=30, fleet_lease_ttl=90)
+    with EngineManager(**values) as holder, EngineManager(**values) as waiter:
+        held = holder.get(database).connect()
+        got: list[int] = []
+        caller = threading.Thread(
+            target=lambda: got.append(_select_one(waiter, database)), daemon=True
+        )
+        caller.start()
+        poll(lambda: budget_of(waiter, database).waiting == 1, what="the caller to wait")
+        # Long enough for a poller to have asked Redis many times (it used to every 20-500 ms).
+        caller.join(timeout=1.5)
+        assert not got and budget_of(waiter, database).acquire_round_trips == 1
+        held.invalidate()  # the holder's connection closes: its permit goes back to Redis
+        held.close()
+        caller.join(timeout=30)
+        assert got == [1]
+        stats = budget_of(waiter, database)
+        assert stats.acquire_round_trips == 2 and stats.held == 1
+        assert budget_of(holder, database).release_round_trips == 1
+
+
+def _select_one(manager: EngineManager, database: DatabaseSpec) -> int:
+    with manager.connect(database) as connection:
+        return int(connection.execute(text("SELECT 1")).scalar_one())

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_until
-from fleet_fixtures import SHARED_REDIS, lease_members
+from fleet_fixtures import SHARED_REDIS, lease_count
 from sqlalchemy import text
 from sshd_fixtures import ThrowawaySshd, tunnel_threads
 from test_tunnel_manager import bastion, database
@@ -111,16 +111,16 @@ def test_fleet_cap_holds_across_managers(
     fleet["cleanup_interval"] = 10  # leases (TTL 90 s) renew on the Janitor's rounds
     with EngineManager(**fleet) as left, EngineManager(**fleet) as right:
         assert one(left, db) == 1
-        assert len(lease_members(SHARED_REDIS, fleet_prefix, key)) == 1
+        assert lease_count(SHARED_REDIS, fleet_prefix, key) == 1
         budget = tunnel_budget(left, spec)
         assert budget is not None and budget.mode == "fleet"
 
         refused(right, db, spec)
-        assert len(lease_members(SHARED_REDIS, fleet_prefix, key)) == 1
+        assert lease_count(SHARED_REDIS, fleet_prefix, key) == 1
 
         left.dispose(1)  # closes left's session, so its lease leaves Redis
         wait_until(
-            lambda: not lease_members(SHARED_REDIS, fleet_prefix, key), what="the lease to go"
+            lambda: not lease_count(SHARED_REDIS, fleet_prefix, key), what="the lease to go"
         )
         assert one(right, db) == 1
         assert held(right, spec) == 1
@@ -128,10 +128,10 @@ def test_fleet_cap_holds_across_managers(
         refused(left, db, spec)
         right.shutdown()  # shutting down gives the lease back too
         wait_until(
-            lambda: not lease_members(SHARED_REDIS, fleet_prefix, key), what="the lease to go"
+            lambda: not lease_count(SHARED_REDIS, fleet_prefix, key), what="the lease to go"
         )
         assert one(left, db) == 1
-        assert len(lease_members(SHARED_REDIS, fleet_prefix, key)) == 1
+        assert lease_count(SHARED_REDIS, fleet_prefix, key) == 1
 
 
 def test_reconnect_gives_the_dead_sessions_permit_back_first(

@@ -1,0 +1,91 @@
+"""The LeaseWaiter actor: waits inside Redis for one budget's next free permit.
+
+A fleet budget's keeper must keep answering its mailbox, so it never blocks
+on Redis itself. When the fleet refuses it a permit, it tells this actor
+:class:`Want`; the actor then blocks in ``BLMOVE`` (at most ``block`` seconds
+at a time) until a permit freed anywhere in the fleet moves into this
+process's list, and tells the keeper :class:`Waited`. It keeps waiting until
+the keeper tells it :class:`Enough`. There is no polling: a freed permit
+reaches the longest-waiting process in one round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import pykka
+
+from app import fleet
+from messages.budget import Enough, Waited, Want
+
+log = logging.getLogger("enginehouse.budget")
+
+
+class _Block:
+    """Self-tell: one more blocking wait (messages sent meanwhile are read first)."""
+
+
+class LeaseWaiter(pykka.ThreadingActor):
+    """Blocks in Redis for permits of budget ``key``; see the module docstring."""
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        keeper: pykka.ActorRef[Any],
+        store: fleet.LeaseStore,
+        key: str,
+        *,
+        block: float = fleet.WAIT_BLOCK,
+    ) -> None:
+        super().__init__()
+        self._keeper = keeper
+        self._store = store
+        self._key = key
+        self._block = block
+        self._outage = fleet.outage_errors()
+        self._wanted = False
+        self._armed = False  # a _Block is in our mailbox: Want must not queue a second one
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Want):
+            self._wanted = True
+            self._arm()
+            return None
+        if isinstance(message, Enough):
+            self._wanted = False
+            return None
+        if isinstance(message, _Block):
+            return self._wait()
+        raise TypeError(f"unexpected message {type(message).__name__}")
+
+    def _arm(self) -> None:
+        if self._wanted and not self._armed:
+            self._armed = True
+            self.actor_ref.tell(_Block())
+
+    def _wait(self) -> None:
+        self._armed = False
+        if not self._wanted:
+            return
+        try:
+            got = self._store.wait(self._key, self._block)
+        except self._outage:
+            self._wanted = False
+            self._tell(Waited(self._key, got=False, failed=True))
+            return
+        if not self._tell(Waited(self._key, got=got)) and got:
+            # The keeper stopped while we waited: nobody will give this permit back.
+            with contextlib.suppress(*self._outage):
+                self._store.forget(self._key)
+        self._arm()
+
+    def _tell(self, message: Waited) -> bool:
+        try:
+            self._keeper.tell(message)
+        except pykka.ActorDeadError:
+            self._wanted = False
+            return False
+        return True

@@ -1,0 +1,104 @@
+"""The LeaseWaiter actor, through its messages, against the real Redis.
+
+A recorder stands in for the keeper. Two LeaseStores with different process
+ids stand in for two processes of a fleet sharing one budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pykka
+import pytest
+from fleet_fixtures import SHARED_REDIS
+
+from actors.waiter import LeaseWaiter
+from app import fleet
+from messages.budget import Enough, Waited, Want
+
+BUDGET = "db:waiter-test"
+TTL = 30.0
+
+
+@pytest.fixture
+def stores(fleet_prefix: str) -> Iterator[tuple[fleet.LeaseStore, fleet.LeaseStore]]:
+    one = fleet.LeaseStore(SHARED_REDIS, prefix=fleet_prefix, process="one", timeout=1.0)
+    two = fleet.LeaseStore(SHARED_REDIS, prefix=fleet_prefix, process="two", timeout=1.0)
+    yield one, two
+    one.close()
+    two.close()
+
+
+def waited(recorder: pykka.ActorRef[Any]) -> list[Waited]:
+    return [m for m in recorder.ask("seen", timeout=5) if isinstance(m, Waited)]
+
+
+def test_a_permit_freed_elsewhere_wakes_the_waiter_in_one_round_trip(
+    stores: tuple[fleet.LeaseStore, fleet.LeaseStore], recorder: pykka.ActorRef[Any], poll: Any
+) -> None:
+    one, two = stores
+    assert one.take(BUDGET, 1, TTL) == (True, 1, 0)
+    granted, held, waiting = two.take(BUDGET, 1, TTL)
+    assert (granted, held, waiting) == (False, 1, 1)  # refused, and listed as waiting
+    waiter = LeaseWaiter.start(recorder, two, BUDGET, block=5.0)
+    try:
+        waiter.tell(Want())
+        assert waited(recorder) == []  # nothing freed: it blocks in Redis, it does not poll
+        one.give(BUDGET, 1, TTL, 1)
+        poll(lambda: waited(recorder), what="the waiter's news")
+        assert waited(recorder) == [Waited(BUDGET, got=True)]
+        # The permit is now the second process's in Redis: the first cannot take it.
+        assert one.take(BUDGET, 1, TTL)[0] is False
+    finally:
+        waiter.tell(Enough())
+        waiter.stop(block=False)
+
+
+def test_enough_stops_the_waiting(
+    stores: tuple[fleet.LeaseStore, fleet.LeaseStore], recorder: pykka.ActorRef[Any], poll: Any
+) -> None:
+    one, two = stores
+    assert one.take(BUDGET, 1, TTL)[0] is True
+    assert two.take(BUDGET, 1, TTL)[0] is False
+    waiter = LeaseWaiter.start(recorder, two, BUDGET, block=0.2)
+    try:
+        waiter.tell(Want())
+        poll(lambda: waited(recorder), what="one empty wait")  # 0.2 s blocks, nothing freed
+        assert all(not m.got and not m.failed for m in waited(recorder))
+        waiter.tell(Enough())
+        settled = len(waited(recorder))
+        one.give(BUDGET, 1, TTL, 1)
+        # At most the wait already under way ends; then no more waits are made.
+        poll(lambda: one.take(BUDGET, 1, TTL)[0] or len(waited(recorder)) > settled,
+             what="the freed permit to stay free or reach the waiter once")
+        assert len(waited(recorder)) <= settled + 1
+    finally:
+        waiter.stop()
+
+
+def test_a_dead_redis_is_reported_as_failed(recorder: pykka.ActorRef[Any], poll: Any) -> None:
+    from fleet_fixtures import free_port
+
+    store = fleet.LeaseStore(
+        f"redis://127.0.0.1:{free_port()}/0", prefix="eh-none", process="p", timeout=0.5
+    )
+    waiter = LeaseWaiter.start(recorder, store, BUDGET, block=0.2)
+    try:
+        waiter.tell(Want())
+        poll(lambda: waited(recorder), what="the failure")
+        assert waited(recorder) == [Waited(BUDGET, got=False, failed=True)]
+    finally:
+        waiter.stop()
+        store.close()
+
+
+def test_unknown_messages_are_refused(
+    stores: tuple[fleet.LeaseStore, fleet.LeaseStore], recorder: pykka.ActorRef[Any]
+) -> None:
+    waiter = LeaseWaiter.start(recorder, stores[0], BUDGET)
+    try:
+        with pytest.raises(TypeError, match="unexpected message"):
+            waiter.ask("hello", timeout=5)
+    finally:
+        waiter.stop()
