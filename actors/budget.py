@@ -102,6 +102,7 @@ class _Budget:
         self.wanting = False  # the LeaseWaiter blocks in Redis for us
         self.announced = False  # Redis lists us as waiting (until a renewal says otherwise)
         self.granted = self.timeouts = self.shed = 0
+        self.waits = self.handovers = 0  # blocking waits in Redis; permits passed on in-process
         self.trips = {"acquire": 0, "release": 0, "renew": 0}  # Redis round trips by kind
         self.fleet_held: int | None = None
         self.fleet_waiting: int | None = None
@@ -220,6 +221,7 @@ class BudgetKeeper(pykka.ThreadingActor):
             if budget.owed <= 0 and budget.waiters and self._down_since is None:
                 # Hand the lease to our own next waiter: no Redis round trip.
                 budget.lend = max(0, budget.lend - 1)
+                budget.handovers += 1
                 self._grant(budget, budget.waiters.popleft(), message.lease_id)
                 self._settle(budget)
                 self._rebalance(budget)
@@ -246,6 +248,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         if budget is None:
             return
         budget.trips["acquire"] += 1
+        budget.waits += 1
         if message.failed:
             budget.wanting = False
             self._went_down(ConnectionError("the blocking wait for a permit lost Redis"))
@@ -315,6 +318,11 @@ class BudgetKeeper(pykka.ThreadingActor):
         if self._down_since is None:
             if budget.wanting:
                 return None  # our LeaseWaiter brings the next permit the fleet frees
+            if budget.announced:
+                # Redis already lists us as waiting: a blocking wait takes a free permit
+                # at once, or the next one freed; asking first would cost a round trip more.
+                self._want(budget)
+                return None
             answer = self._call(self._store.take, budget, "acquire", budget.cap, self._ttl)
             if answer is not None:
                 granted, budget.fleet_held, budget.fleet_waiting = answer
@@ -559,6 +567,8 @@ class BudgetKeeper(pykka.ThreadingActor):
             acquire_round_trips=budget.trips["acquire"],
             release_round_trips=budget.trips["release"],
             renew_round_trips=budget.trips["renew"],
+            blocking_waits=budget.waits,
+            handovers=budget.handovers,
         )
 
 

@@ -79,7 +79,7 @@ class LeaseWaiter(pykka.ThreadingActor):
         if not self._tell(Waited(self._key, got=got)) and got:
             # The keeper stopped while we waited: nobody will give this permit back.
             with contextlib.suppress(*self._outage):
-                self._store.forget(self._key)
+                self._store.untake(self._key)
         self._arm()
 
     def _tell(self, message: Waited) -> bool:

@@ -252,9 +252,14 @@ class LeaseStore:
         """Give back every permit of ours and forget us (shutdown)."""
         self._leave(keys=self.keys(budget), args=self._args(budget, cap, ttl))
 
-    def forget(self, budget: str) -> None:
-        """Drop our taken list (a permit that reached a waiter after its keeper stopped)."""
-        self._blocking.delete(self.keys(budget)[3])
+    def untake(self, budget: str) -> None:
+        """Put back a permit that reached a waiter after its keeper stopped.
+
+        The keeper has left (our list is gone from the fleet's count), so the
+        permit moves straight back to the free list, waking the next waiter.
+        """
+        free, _, _, mine = self.keys(budget)
+        self._blocking.lmove(mine, free, "RIGHT", "LEFT")
 
     def close(self) -> None:
         self._client.close()

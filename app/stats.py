@@ -62,6 +62,8 @@ class BudgetStats(BaseModel):
     acquire_round_trips: int = 0
     release_round_trips: int = 0
     renew_round_trips: int = 0
+    blocking_waits: int = 0
+    handovers: int = 0
 
 
 class ManagerStats(BaseModel):

@@ -148,6 +148,7 @@ def run_once(alternative: str, bouncer: PgBouncer, seconds: float) -> dict[str, 
         "round_trips_by_kind": {
             kind: sum(b.get(f"{kind}_round_trips", 0) for b in budgets) for kind in TRIP_KINDS
         },
+        "counts": {name: sum(b.get(name, 0) for b in budgets) for name in EXTRA_COUNTS},
         "process_seconds": len(results) * (seconds * len(WORKLOADS) + config["gap"]),
         "physical": sum(b["granted"] for b in budgets),
         "queries": sum(p["queries"] for p in phases),
@@ -156,6 +157,7 @@ def run_once(alternative: str, bouncer: PgBouncer, seconds: float) -> dict[str, 
 
 
 TRIP_KINDS = ("acquire", "release", "renew")
+EXTRA_COUNTS = ("blocking_waits", "handovers", "timeouts")
 """Redis round trips by purpose, as BudgetStats reports them."""
 
 
@@ -203,6 +205,7 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     queries = sum(r["queries"] for r in fleet_runs)
     by_kind = {k: sum(r["round_trips_by_kind"][k] for r in fleet_runs) for k in TRIP_KINDS}
     process_seconds = sum(r["process_seconds"] for r in fleet_runs)
+    counts = {n: sum(r["counts"][n] for r in fleet_runs) for n in EXTRA_COUNTS}
     return {
         "qps": table,
         "ratios": ratios,
@@ -216,6 +219,7 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
             "round_trips_per_physical_connection": trips / physical if physical else 0.0,
             "round_trips_per_query": trips / queries if queries else 0.0,
             "by_kind": by_kind,
+            "counts": counts,
             "per_physical_connection": {
                 k: (n / physical if physical else 0.0) for k, n in by_kind.items()
             },
@@ -253,6 +257,8 @@ def report(summary: dict[str, Any]) -> str:
         f"({cost['per_physical_connection']['release']:.2f} per physical connection), "
         f"renew {cost['by_kind']['renew']} "
         f"({cost['renewals_per_process_second']:.1f} per process-second)",
+        f"- of the acquire round trips, blocking waits: {cost['counts']['blocking_waits']}; "
+        f"permits handed over in-process (no round trip): {cost['counts']['handovers']}",
     ]
     return "\n".join(lines)
 

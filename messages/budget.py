@@ -122,3 +122,7 @@ class BudgetStatus:
     """Round trips spent getting permits: a first ask, then one per blocking wait."""
     release_round_trips: int = 0
     renew_round_trips: int = 0
+    blocking_waits: int = 0
+    """Of the acquire round trips, those spent blocked in Redis (a permit, or 5 s passed)."""
+    handovers: int = 0
+    """Permits a closing connection passed to a waiter of this process, with no round trip."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import pykka
 import pytest
+import redis
 from fleet_fixtures import SHARED_REDIS
 
 from actors.waiter import LeaseWaiter
@@ -30,6 +31,15 @@ def stores(fleet_prefix: str) -> Iterator[tuple[fleet.LeaseStore, fleet.LeaseSto
     two.close()
 
 
+def blocked_in_redis() -> int:
+    """Clients blocked in a blocking command on the shared Redis (ours: the waiter's BLMOVE)."""
+    client = redis.Redis.from_url(SHARED_REDIS)
+    try:
+        return int(client.info("clients")["blocked_clients"])
+    finally:
+        client.close()
+
+
 def waited(recorder: pykka.ActorRef[Any]) -> list[Waited]:
     return [m for m in recorder.ask("seen", timeout=5) if isinstance(m, Waited)]
 
@@ -44,6 +54,7 @@ def test_a_permit_freed_elsewhere_wakes_the_waiter_in_one_round_trip(
     waiter = LeaseWaiter.start(recorder, two, BUDGET, block=5.0)
     try:
         waiter.tell(Want())
+        poll(blocked_in_redis, what="the waiter to block in Redis")
         assert waited(recorder) == []  # nothing freed: it blocks in Redis, it does not poll
         one.give(BUDGET, 1, TTL, 1)
         poll(lambda: waited(recorder), what="the waiter's news")
@@ -100,5 +111,32 @@ def test_unknown_messages_are_refused(
     try:
         with pytest.raises(TypeError, match="unexpected message"):
             waiter.ask("hello", timeout=5)
+    finally:
+        waiter.stop()
+
+
+def test_a_permit_reaching_a_waiter_whose_keeper_stopped_goes_back(
+    stores: tuple[fleet.LeaseStore, fleet.LeaseStore], poll: Any
+) -> None:
+    from conftest import Recorder
+
+    one, two = stores
+    assert one.take(BUDGET, 1, TTL)[0] is True
+    assert two.take(BUDGET, 1, TTL)[0] is False
+    keeper = Recorder.start()
+    waiter = LeaseWaiter.start(keeper, two, BUDGET, block=5.0)
+    try:
+        waiter.tell(Want())
+        poll(blocked_in_redis, what="the waiter to block in Redis")
+        keeper.stop()  # the keeper is gone while its waiter blocks in Redis
+        one.give(BUDGET, 1, TTL, 1)
+        # The waiter got the permit, found no keeper, and put it back on the free list
+        # itself (no script has run since to recount the free list).
+        client = redis.Redis.from_url(SHARED_REDIS)
+        try:
+            poll(lambda: client.llen(two.keys(BUDGET)[0]) == 1, what="the permit to be free")
+            assert client.llen(two.keys(BUDGET)[3]) == 0
+        finally:
+            client.close()
     finally:
         waiter.stop()
