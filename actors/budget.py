@@ -5,7 +5,10 @@ physical connections (or SSH sessions) exist at once. The keeper counts the
 permits it granted and keeps a FIFO of waiters, each a pykka future that the
 caller waits on with its ``pool_timeout``; no lock is involved anywhere.
 
-Embedded (no ``fleet_url``) the cap holds across every engine of the process.
+Embedded (no ``fleet_url``) the cap holds across every engine of the process,
+whichever manager made it: the keepers of one process share permit tokens
+through :mod:`app.ledger` and tell each other (:class:`Squeeze`) when a
+caller starts or stops waiting, so each gives back what exceeds its share.
 With ``fleet_url`` each permit is also a lease in Redis (:mod:`app.fleet`), so
 the cap holds across processes and hosts; the keeper renews leases on the
 Janitor's rounds, and learns there how many processes share the budget. When
@@ -22,6 +25,7 @@ other processes wait.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -38,6 +42,7 @@ from actors.supervisor import report_crash
 from actors.waiter import LeaseWaiter
 from app import fleet
 from app.errors import FleetUnavailableError, ManagerShutDownError, PoolExhaustedError
+from app.ledger import LocalLedger
 from messages.budget import (
     Acquire,
     Attach,
@@ -48,6 +53,7 @@ from messages.budget import (
     Lease,
     Release,
     Renew,
+    Squeeze,
     Waited,
     Want,
 )
@@ -101,6 +107,7 @@ class _Budget:
         self.waiter: pykka.ActorRef[Any] | None = None  # our LeaseWaiter, once needed
         self.wanting = False  # the LeaseWaiter blocks in Redis for us
         self.announced = False  # Redis lists us as waiting (until a renewal says otherwise)
+        self.others_waiting = 0  # embedded: callers of the process's other managers waiting
         self.granted = self.timeouts = self.shed = 0
         self.waits = self.handovers = 0  # blocking waits in Redis; permits passed on in-process
         self.trips = {"acquire": 0, "release": 0, "renew": 0}  # Redis round trips by kind
@@ -143,6 +150,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         self._supervisor = supervisor
         self._name = name
         self._store: fleet.LeaseStore | None = None
+        self._ledger: LocalLedger | None = None  # embedded: the process's shared tokens
         self._outage: tuple[type[BaseException], ...] = ()
         self._process = fleet.process_id()
         self._ids = itertools.count(1)
@@ -160,6 +168,8 @@ class BudgetKeeper(pykka.ThreadingActor):
                 self._url, prefix=self._prefix, process=self._process, timeout=self._redis_timeout
             )
             self._outage = fleet.outage_errors()
+        else:
+            self._ledger = LocalLedger(self._prefix, self._process, self.actor_ref)
         self._board.shed.clear()
         self._board.limits.clear()
 
@@ -172,6 +182,9 @@ class BudgetKeeper(pykka.ThreadingActor):
                 budget.waiter.stop(block=False)  # it may sit in Redis for up to WAIT_BLOCK
             if self._store is not None and self._down_since is None and any(budget.trips.values()):
                 self._call(self._store.leave, budget, "release", budget.cap, self._ttl)
+            if self._ledger is not None:
+                self._ledger.leave(budget.key)
+                self._nudge(budget)
         if self._store is not None:
             self._store.close()
 
@@ -185,6 +198,8 @@ class BudgetKeeper(pykka.ThreadingActor):
             return self._release(message)
         if isinstance(message, Waited):
             return self._waited(message)
+        if isinstance(message, Squeeze):
+            return self._squeezed(message)
         if isinstance(message, Cancel):
             return self._cancel(message)
         if isinstance(message, Attach):
@@ -212,21 +227,21 @@ class BudgetKeeper(pykka.ThreadingActor):
             return  # a lease of an earlier keeper, or released twice
         budget.held.discard(message.lease_id)
         budget.closing = max(0, budget.closing - 1)
+        owing = budget.owed > 0  # this permit is the one we owe: it must leave us
         budget.owed = max(0, budget.owed - 1)
-        if self._store is not None:
-            self._limit_pools(budget)
+        self._limit_pools(budget)
         if message.lease_id in budget.lost:
             budget.lost.discard(message.lease_id)  # Redis never had it (or dropped it)
-        elif self._store is not None:
-            if budget.owed <= 0 and budget.waiters and self._down_since is None:
-                # Hand the lease to our own next waiter: no Redis round trip.
-                budget.lend = max(0, budget.lend - 1)
-                budget.handovers += 1
-                self._grant(budget, budget.waiters.popleft(), message.lease_id)
-                self._settle(budget)
-                self._rebalance(budget)
-                return
-            self._release_remote(budget, 1)
+        elif not owing and budget.waiters and self._down_since is None:
+            # Hand the permit to our own next waiter: no Redis round trip, no token moves.
+            budget.lend = max(0, budget.lend - 1)
+            budget.handovers += 1
+            self._grant(budget, budget.waiters.popleft(), message.lease_id)
+            self._settle(budget)
+            self._rebalance(budget)
+            return
+        else:
+            self._give_back(budget, 1)
         self._serve(budget)
         self._rebalance(budget)
 
@@ -247,7 +262,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         budget = self._budgets.get(message.key)
         if budget is None:
             return
-        budget.trips["acquire"] += 1
+        budget.trips["acquire"] += 1 if self._store is not None else 0
         budget.waits += 1
         if message.failed:
             budget.wanting = False
@@ -259,9 +274,15 @@ class BudgetKeeper(pykka.ThreadingActor):
             if budget.waiters:
                 self._grant(budget, budget.waiters.popleft(), lease_id)
             else:  # the caller gave up or got a permit of ours meanwhile
-                self._release_remote(budget, 1)
+                self._give_back(budget, 1)
         self._settle(budget)
         self._rebalance(budget)
+
+    def _squeezed(self, message: Squeeze) -> None:
+        budget = self._budgets.get(message.key)
+        if budget is not None and self._ledger is not None:
+            self._share_locally(budget)
+            self._rebalance(budget)
 
     def _attach(self, message: Attach) -> None:
         budget = self._budget(message.key, message.cap)
@@ -280,6 +301,8 @@ class BudgetKeeper(pykka.ThreadingActor):
                 for budget in list(self._budgets.values()):
                     self._sync(budget)
         for budget in self._budgets.values():
+            if self._ledger is not None:
+                self._share_locally(budget)
             self._expire_waiters(budget, now)
             self._serve(budget)
             self._rebalance(budget)
@@ -303,8 +326,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         budget.held.add(lease_id)
         budget.granted += 1
         waiter.future.set(Lease(budget.key, lease_id, self._generation))
-        if self._store is not None:
-            self._limit_pools(budget)
+        self._limit_pools(budget)
 
     def _try_take(self, budget: _Budget) -> str | None:
         """A new lease id if the budget has room for one more, else None."""
@@ -312,7 +334,7 @@ class BudgetKeeper(pykka.ThreadingActor):
             return None
         lease_id = f"{self._process}|{next(self._ids)}"
         if self._store is None:
-            return lease_id
+            return self._take_local(budget, lease_id)
         if self._down_since is not None:
             self._reconnect()
         if self._down_since is None:
@@ -334,19 +356,72 @@ class BudgetKeeper(pykka.ThreadingActor):
                 return None
         return self._take_while_down(budget, lease_id)
 
+    def _take_local(self, budget: _Budget, lease_id: str) -> str | None:
+        """Embedded: a token from the process's ledger, or wait for one."""
+        assert self._ledger is not None
+        if budget.wanting:
+            return None  # our LeaseWaiter brings the next token any manager gives back
+        if self._ledger.take(budget.key, budget.cap, len(budget.waiters)):
+            budget.refused = False
+            return lease_id
+        budget.refused = True  # other managers of the process hold the rest
+        self._want(budget)
+        self._share_locally(budget)
+        self._nudge(budget)
+        return None
+
     def _want(self, budget: _Budget) -> None:
-        """Have our LeaseWaiter block in Redis for the budget's next free permit."""
-        assert self._store is not None
+        """Have our LeaseWaiter block for the budget's next free permit."""
+        source = self._store if self._store is not None else self._ledger
+        assert source is not None
         if budget.waiter is None:
-            budget.waiter = LeaseWaiter.start(self.actor_ref, self._store, budget.key)
+            budget.waiter = LeaseWaiter.start(self.actor_ref, source, budget.key)
         budget.waiter.tell(Want())
         budget.wanting = True
 
     def _settle(self, budget: _Budget) -> None:
-        """Nobody waits any more: stop waiting in Redis."""
+        """Nobody waits any more: stop waiting (and, embedded, tell the other managers)."""
+        if budget.wanting and self._ledger is not None:
+            self._ledger.set_waiting(budget.key, len(budget.waiters))
         if budget.wanting and not budget.waiters and budget.waiter is not None:
             budget.waiter.tell(Enough())
             budget.wanting = False
+            budget.refused = False
+            if self._ledger is not None:
+                self._share_locally(budget)
+                self._nudge(budget)
+
+    def _give_back(self, budget: _Budget, count: int) -> None:
+        """Return ``count`` permits to the fleet or to the process's ledger."""
+        if self._ledger is not None:
+            self._ledger.give(budget.key, count)
+        else:
+            self._release_remote(budget, count)
+
+    # -- sharing between the managers of one process (embedded) --------------
+
+    def _nudge(self, budget: _Budget) -> None:
+        """Our waiting started or ended: the other keepers recompute their share."""
+        assert self._ledger is not None
+        for keeper in self._ledger.others(budget.key):
+            with contextlib.suppress(pykka.ActorDeadError):
+                keeper.tell(Squeeze(budget.key))
+
+    def _share_locally(self, budget: _Budget) -> None:
+        """Embedded: our fair share of the process's cap while any manager waits.
+
+        Over our share while another manager waits, we give back the excess
+        (``owed``). At our share while a caller of ours waits, our own
+        connections serve it (``_rebalance``): nobody else owes us one.
+        """
+        assert self._ledger is not None
+        view = self._ledger.view(budget.key)
+        others_waiting = view.shares.others_waiting
+        contended = others_waiting > 0 or budget.wanting
+        budget.target = view.shares.share(budget.cap) if contended else budget.cap
+        budget.owed = budget.excess if others_waiting else 0
+        budget.others_waiting = view.callers_waiting
+        self._limit_pools(budget)
 
     def _take_while_down(self, budget: _Budget, lease_id: str) -> str | None:
         if self._fallback != "local":
@@ -371,7 +446,13 @@ class BudgetKeeper(pykka.ThreadingActor):
         """
         idle = 0  # waiters that idle connections of ours may serve (never a token)
         if self._store is None:
-            local = len(budget.waiters) if len(budget.held) >= budget.cap else 0
+            at_share = len(budget.held) >= min(budget.cap, budget.target)
+            local = len(budget.waiters) if at_share else 0
+            # Other managers hold the rest of the cap while a caller of ours waits; or
+            # callers of other managers wait while connections of ours sit idle.
+            idle = len(budget.waiters) if budget.refused else 0
+            if not budget.waiters:
+                idle = max(idle, budget.others_waiting)
         elif self._down_since is not None:
             local = len(budget.waiters) if len(budget.held) >= self._local_share(budget) else 0
         else:
@@ -510,11 +591,11 @@ class BudgetKeeper(pykka.ThreadingActor):
     def _limit_pools(self, budget: _Budget) -> None:
         """Size each engine's pool so that threads queue in their pool, not here.
 
-        Embedded, a pool may hold the whole cap. In the fleet it may hold one
+        Embedded, a pool may hold the whole cap (our share while another
+        manager of the process waits). In the fleet it may hold one
         connection more than we have permits, up to our fair share: so at most
-        one thread per pool waits for Redis (one ticket per process in the
-        fleet's queue), and the others wait for a pooled connection, which
-        costs no reconnect.
+        one thread per pool waits for Redis, and the others wait for a pooled
+        connection, which costs no reconnect.
         """
         target = min(budget.cap, budget.target)
         if self._store is not None:

@@ -1,19 +1,20 @@
-"""The LeaseWaiter actor: waits inside Redis for one budget's next free permit.
+"""The LeaseWaiter actor: blocks for one budget's next free permit.
 
-A fleet budget's keeper must keep answering its mailbox, so it never blocks
-on Redis itself. When the fleet refuses it a permit, it tells this actor
-:class:`Want`; the actor then blocks in ``BLMOVE`` (at most ``block`` seconds
-at a time) until a permit freed anywhere in the fleet moves into this
-process's list, and tells the keeper :class:`Waited`. It keeps waiting until
-the keeper tells it :class:`Enough`. There is no polling: a freed permit
-reaches the longest-waiting process in one round trip.
+A keeper must keep answering its mailbox, so it never blocks on a permit
+itself. When its budget is full (across the fleet in Redis, or across the
+process's managers in the embedded ledger), it tells this actor
+:class:`Want`; the actor then blocks (``BLMOVE`` in Redis, a queue ``get``
+embedded; at most ``block`` seconds at a time) until a permit given back
+anywhere becomes this keeper's, and tells the keeper :class:`Waited`. It keeps
+waiting until the keeper tells it :class:`Enough`. There is no polling: a
+freed permit reaches the longest waiter at once (in Redis, in one round trip).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import pykka
 
@@ -21,6 +22,17 @@ from app import fleet
 from messages.budget import Enough, Waited, Want
 
 log = logging.getLogger("enginehouse.budget")
+
+
+class PermitSource(Protocol):
+    """Where permits wait: the fleet's Redis (:class:`app.fleet.LeaseStore`) or the
+    process's embedded ledger (:class:`app.ledger.LocalLedger`)."""
+
+    outage_errors: tuple[type[BaseException], ...]
+
+    def wait(self, key: str, block: float) -> bool: ...
+
+    def untake(self, key: str) -> None: ...
 
 
 class _Block:
@@ -35,7 +47,7 @@ class LeaseWaiter(pykka.ThreadingActor):
     def __init__(
         self,
         keeper: pykka.ActorRef[Any],
-        store: fleet.LeaseStore,
+        store: PermitSource,
         key: str,
         *,
         block: float = fleet.WAIT_BLOCK,
@@ -45,7 +57,7 @@ class LeaseWaiter(pykka.ThreadingActor):
         self._store = store
         self._key = key
         self._block = block
-        self._outage = fleet.outage_errors()
+        self._outage = store.outage_errors
         self._wanted = False
         self._armed = False  # a _Block is in our mailbox: Want must not queue a second one
 

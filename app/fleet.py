@@ -200,6 +200,7 @@ class LeaseStore:
     def __init__(self, url: str, *, prefix: str, process: str, timeout: float) -> None:
         self.where = describe(url)
         self.process = process
+        self.outage_errors = outage_errors()
         self._prefix = prefix
         self._timeout = timeout
         self._client = _client(url, timeout)

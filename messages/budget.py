@@ -80,6 +80,14 @@ class Waited:
 
 
 @dataclass(frozen=True)
+class Squeeze:
+    """Tell (keeper to the other keepers of the process, embedded): someone's waiting for
+    ``key`` started or ended; recompute your fair share and give back what exceeds it."""
+
+    key: str
+
+
+@dataclass(frozen=True)
 class Attach:
     """Tell: ``engine`` draws on budget ``key``; its idle connections may be shed for waiters."""
 
