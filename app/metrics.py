@@ -289,6 +289,10 @@ _BUDGET_FIELDS = (
     ("budget_timeouts", "timeouts", "counter", "Waits that ended in PoolExhaustedError"),
     ("budget_shed", "shed", "counter", "Idle pooled connections closed so others could proceed"),
     ("budget_round_trips", "round_trips", "counter", "Redis round trips for leases"),
+    ("budget_blocking_waits", "blocking_waits", "counter",
+     "Blocking waits for a permit (in Redis, or on the process's ledger)"),
+    ("budget_handovers", "handovers", "counter",
+     "Permits a closing connection passed to a waiter of this process"),
     ("budget_fleet_held", "fleet_held", "gauge", "Leases held fleet-wide (last renewal)"),
     ("budget_fleet_waiting", "fleet_waiting", "gauge", "Waiters fleet-wide (last renewal)"),
     ("budget_fleet_processes", "fleet_processes", "gauge", "Processes sharing the budget"),
@@ -304,6 +308,11 @@ def _fleet(stats: Any) -> Iterator[Metric]:
         "1 for the budget's mode (embedded, fleet, local fallback)",
         labels=["budget", "mode"],
     )
+    trips = CounterMetricFamily(
+        f"{PREFIX}_budget_redis_round_trips",
+        "Redis round trips for leases, by purpose (acquire, release, renew)",
+        labels=["budget", "kind"],
+    )
     families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
     for name, _field, kind, doc in _BUDGET_FIELDS:
         family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
@@ -311,11 +320,14 @@ def _fleet(stats: Any) -> Iterator[Metric]:
     for budget in budgets:
         key = str(_get(budget, "key", "?"))
         mode.add_metric([key, str(_get(budget, "mode", "unknown"))], 1)
+        for purpose in ("acquire", "release", "renew"):
+            trips.add_metric([key, purpose], float(_get(budget, f"{purpose}_round_trips", 0) or 0))
         for name, field, _kind, _doc in _BUDGET_FIELDS:
             value = _get(budget, field)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 families[name].add_metric([key], float(value))  # None: not in fleet mode
     yield mode
+    yield trips
     yield from families.values()
 
 

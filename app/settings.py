@@ -121,7 +121,14 @@ class ManagerSettings(BaseSettings):
     fleet_lease_ttl: float = Field(
         default=90.0, gt=0, description="s a fleet lease outlives its last renewal"
     )
-    fleet_prefix: str = Field(default="enginehouse", min_length=1, description="Redis key prefix")
+    fleet_prefix: str = Field(
+        default="enginehouse",
+        min_length=1,
+        description=(
+            "Namespace of the budgets: the Redis key prefix in fleet mode; embedded, managers "
+            "of one process with the same prefix share each database's cap"
+        ),
+    )
 
     @field_validator("fleet_url")
     @classmethod

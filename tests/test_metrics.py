@@ -196,6 +196,11 @@ def test_tunnel_and_budget_fields_when_present() -> None:
                 fleet_waiting=None,
                 fleet_processes=2,
                 round_trips=11,
+                acquire_round_trips=6,
+                release_round_trips=2,
+                renew_round_trips=3,
+                blocking_waits=4,
+                handovers=1,
             )
         ],
     )
@@ -217,6 +222,10 @@ def test_tunnel_and_budget_fields_when_present() -> None:
     assert registry.get_sample_value("enginehouse_budget_fleet_held", budget) == 5
     assert registry.get_sample_value("enginehouse_budget_fleet_waiting", budget) is None
     assert registry.get_sample_value("enginehouse_budget_mode", {**budget, "mode": "fleet"}) == 1
+    acquire = {**budget, "kind": "acquire"}
+    assert registry.get_sample_value("enginehouse_budget_redis_round_trips_total", acquire) == 6
+    assert registry.get_sample_value("enginehouse_budget_blocking_waits_total", budget) == 4
+    assert registry.get_sample_value("enginehouse_budget_handovers_total", budget) == 1
 
 
 def test_tunnel_series_from_a_real_bastion(sshd: Any) -> None:
