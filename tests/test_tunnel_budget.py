@@ -101,6 +101,21 @@ def test_uncapped_manager_keeps_no_tunnel_budget(sshd: ThrowawaySshd, clean_thre
         assert tunnel_budget(manager, spec) is None
 
 
+def test_embedded_cap_holds_across_the_managers_of_a_process(
+    sshd: ThrowawaySshd, clean_threads: None
+) -> None:
+    spec = bastion(sshd)
+    db = database(1, spec)
+    with EngineManager(**CAPPED) as left, EngineManager(**CAPPED) as right:
+        assert one(left, db) == 1
+        refused(right, db, spec)  # left's session holds the process's only permit
+        left.dispose(1)  # closes left's session: its permit goes back to the process
+        wait_until(lambda: held(left, spec) == 0, what="the permit to come back")
+        assert one(right, db) == 1
+        assert held(right, spec) == 1
+        refused(left, db, spec)
+
+
 def test_fleet_cap_holds_across_managers(
     sshd: ThrowawaySshd, fleet_prefix: str, clean_threads: None
 ) -> None:
