@@ -28,7 +28,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
-from actors.budget import Board, BudgetKeeper, limit_pool, prepare_pool
+from actors.budget import BudgetKeeper
+from actors.pools import Board, limit_pool, prepare_pool
 from app import fleet, forking
 from app.errors import (
     ActorTimeoutError,
