@@ -441,6 +441,8 @@ class BudgetKeeper(pykka.ThreadingActor):
         else:
             local = budget.lend
             # The fleet is full and a caller waits while a connection of ours sits idle.
+            # (Idle connections go to other processes through the fair shares, once per
+            # round: closing them whenever others wait measured as churn, no gain.)
             idle = len(budget.waiters) if budget.refused else 0
         wanted = local + budget.owed + len(budget.lost) - budget.closing
         if max(wanted, idle - budget.closing) > 0:

@@ -60,13 +60,18 @@ local function fit()
     for _ = 1, want - have do redis.call('RPUSH', KEYS[1], 't') end
   end
 end
+local function others_waiting()
+  local n = redis.call('ZCARD', KEYS[3])
+  if redis.call('ZSCORE', KEYS[3], me) then n = n - 1 end
+  return n
+end
 local function keep()
   local ms = math.ceil(ttl * 4000)
   for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ms) end
 end
 """
 
-# -> {granted, permits taken fleet-wide, processes waiting}
+# -> {granted, permits taken fleet-wide, other processes waiting}
 TAKE = (
     _PRELUDE
     + """
@@ -79,11 +84,11 @@ else
   redis.call('ZADD', KEYS[3], now + ttl, me)
 end
 keep()
-return {granted, taken(), redis.call('ZCARD', KEYS[3])}
+return {granted, taken(), others_waiting()}
 """
 )
 
-# ARGV[5]: how many -> {permits taken fleet-wide, processes waiting}
+# ARGV[5]: how many -> {permits taken fleet-wide, other processes waiting}
 GIVE = (
     _PRELUDE
     + """
@@ -91,7 +96,7 @@ local n = math.min(tonumber(ARGV[5]), redis.call('LLEN', KEYS[4]))
 if n > 0 then redis.call('LPOP', KEYS[4], n) end
 fit()
 keep()
-return {taken(), redis.call('ZCARD', KEYS[3])}
+return {taken(), others_waiting()}
 """
 )
 
@@ -222,7 +227,7 @@ class LeaseStore:
         self._client.ping()
 
     def take(self, budget: str, cap: int, ttl: float) -> tuple[bool, int, int]:
-        """One round trip, never blocks: ``(granted, permits taken fleet-wide, processes waiting)``.
+        """One round trip, never blocks: ``(granted, taken fleet-wide, other processes waiting)``.
 
         Refused, we are marked as waiting; :meth:`wait` then blocks for the next permit.
         """
@@ -237,7 +242,7 @@ class LeaseStore:
         return moved is not None
 
     def give(self, budget: str, cap: int, ttl: float, count: int) -> tuple[int, int]:
-        """Give ``count`` permits back: ``(permits taken fleet-wide, processes waiting)``."""
+        """Give ``count`` permits back: ``(permits taken fleet-wide, other processes waiting)``."""
         held, waiting = self._give(keys=self.keys(budget), args=self._args(budget, cap, ttl, count))
         return int(held), int(waiting)
 

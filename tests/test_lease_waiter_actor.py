@@ -50,7 +50,9 @@ def test_a_permit_freed_elsewhere_wakes_the_waiter_in_one_round_trip(
     one, two = stores
     assert one.take(BUDGET, 1, TTL) == (True, 1, 0)
     granted, held, waiting = two.take(BUDGET, 1, TTL)
-    assert (granted, held, waiting) == (False, 1, 1)  # refused, and listed as waiting
+    assert (granted, held, waiting) == (False, 1, 0)  # refused; nobody else waits
+    renewal = one.renew(BUDGET, 1, TTL, 1, False, 0)
+    assert (renewal.held, renewal.others_waiting, renewal.processes) == (1, 1, 2)
     waiter = LeaseWaiter.start(recorder, two, BUDGET, block=5.0)
     try:
         waiter.tell(Want())
