@@ -162,7 +162,10 @@ class BudgetKeeper(pykka.ThreadingActor):
             while budget.waiters:
                 _fail(budget.waiters.popleft(), gone)
             if budget.waiter is not None:
-                budget.waiter.stop(block=False)  # it may sit in Redis for up to WAIT_BLOCK
+                # It may sit in a blocking wait for up to WAIT_BLOCK; a permit it catches
+                # meanwhile it puts back itself, on its own connection.
+                budget.waiter.tell(Enough())
+                budget.waiter.stop(block=False)
             if self._store is not None and self._down_since is None and any(budget.trips.values()):
                 self._call(self._store.leave, budget, "release", budget.cap, self._ttl)
             if self._ledger is not None:
@@ -358,7 +361,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         source = self._store if self._store is not None else self._ledger
         assert source is not None
         if budget.waiter is None:
-            budget.waiter = LeaseWaiter.start(self.actor_ref, source, budget.key)
+            budget.waiter = LeaseWaiter.start(self.actor_ref, source.channel(), budget.key)
         budget.waiter.tell(Want())
         budget.wanting = True
 

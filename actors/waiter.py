@@ -24,15 +24,18 @@ from messages.budget import Enough, Waited, Want
 log = logging.getLogger("enginehouse.budget")
 
 
-class PermitSource(Protocol):
-    """Where permits wait: the fleet's Redis (:class:`app.fleet.LeaseStore`) or the
-    process's embedded ledger (:class:`app.ledger.LocalLedger`)."""
+class Channel(Protocol):
+    """What a waiter blocks on: a Redis client of its own (:class:`app.fleet.WaitChannel`)
+    or the process's embedded ledger (:class:`app.ledger.LocalLedger`). The waiter
+    closes it when it stops."""
 
     outage_errors: tuple[type[BaseException], ...]
 
     def wait(self, key: str, block: float) -> bool: ...
 
     def untake(self, key: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class _Block:
@@ -47,19 +50,22 @@ class LeaseWaiter(pykka.ThreadingActor):
     def __init__(
         self,
         keeper: pykka.ActorRef[Any],
-        store: PermitSource,
+        channel: Channel,
         key: str,
         *,
         block: float = fleet.WAIT_BLOCK,
     ) -> None:
         super().__init__()
         self._keeper = keeper
-        self._store = store
+        self._channel = channel
         self._key = key
         self._block = block
-        self._outage = store.outage_errors
+        self._outage = channel.outage_errors
         self._wanted = False
         self._armed = False  # a _Block is in our mailbox: Want must not queue a second one
+
+    def on_stop(self) -> None:
+        self._channel.close()
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Want):
@@ -83,7 +89,7 @@ class LeaseWaiter(pykka.ThreadingActor):
         if not self._wanted:
             return
         try:
-            got = self._store.wait(self._key, self._block)
+            got = self._channel.wait(self._key, self._block)
         except self._outage:
             self._wanted = False
             self._tell(Waited(self._key, got=False, failed=True))
@@ -91,7 +97,7 @@ class LeaseWaiter(pykka.ThreadingActor):
         if not self._tell(Waited(self._key, got=got)) and got:
             # The keeper stopped while we waited: nobody will give this permit back.
             with contextlib.suppress(*self._outage):
-                self._store.untake(self._key)
+                self._channel.untake(self._key)
         self._arm()
 
     def _tell(self, message: Waited) -> bool:
@@ -99,5 +105,6 @@ class LeaseWaiter(pykka.ThreadingActor):
             self._keeper.tell(message)
         except pykka.ActorDeadError:
             self._wanted = False
+            self.stop()  # no keeper to wait for any more
             return False
         return True

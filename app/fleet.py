@@ -197,9 +197,8 @@ def describe(url: str) -> str:
 class LeaseStore:
     """Redis clients and scripts for one process's fleet leases.
 
-    The scripts run on the keeper's thread only. :meth:`wait` blocks in
-    ``BLMOVE`` and runs on LeaseWaiter threads, on a client of its own (a
-    longer socket timeout; redis-py's pool gives each thread its connection).
+    The scripts run on the keeper's thread only. Blocking waits run on
+    LeaseWaiter threads, each through a :class:`WaitChannel` of its own.
     """
 
     def __init__(self, url: str, *, prefix: str, process: str, timeout: float) -> None:
@@ -208,8 +207,8 @@ class LeaseStore:
         self.outage_errors = outage_errors()
         self._prefix = prefix
         self._timeout = timeout
+        self._url = url
         self._client = _client(url, timeout)
-        self._blocking = _client(url, timeout + WAIT_BLOCK)
         self._take = self._client.register_script(TAKE)
         self._give = self._client.register_script(GIVE)
         self._renew = self._client.register_script(RENEW)
@@ -235,11 +234,9 @@ class LeaseStore:
         granted, held, waiting = self._take(keys=self.keys(budget), args=args)
         return bool(granted), int(held), int(waiting)
 
-    def wait(self, budget: str, block: float) -> bool:
-        """Block up to ``block`` s in Redis for a free permit; True when one became ours."""
-        free, _, _, mine = self.keys(budget)
-        moved = self._blocking.blmove(free, mine, block, "LEFT", "RIGHT")
-        return moved is not None
+    def channel(self) -> WaitChannel:
+        """A connection of its own for one LeaseWaiter's blocking waits."""
+        return WaitChannel(self, _client(self._url, self._timeout + WAIT_BLOCK))
 
     def give(self, budget: str, cap: int, ttl: float, count: int) -> tuple[int, int]:
         """Give ``count`` permits back: ``(permits taken fleet-wide, other processes waiting)``."""
@@ -258,18 +255,40 @@ class LeaseStore:
         """Give back every permit of ours and forget us (shutdown)."""
         self._leave(keys=self.keys(budget), args=self._args(budget, cap, ttl))
 
+    def close(self) -> None:
+        """Close the keeper's client (each WaitChannel is closed by its LeaseWaiter)."""
+        self._client.close()
+
+
+class WaitChannel:
+    """One LeaseWaiter's Redis client for ``BLMOVE``, closed only by that waiter.
+
+    The keeper never closes it under a wait in progress: a permit that the
+    wait catches after the keeper has stopped can still be put back.
+    """
+
+    def __init__(self, store: LeaseStore, client: Any) -> None:
+        self.outage_errors = store.outage_errors
+        self._keys = store.keys
+        self._client = client
+
+    def wait(self, budget: str, block: float) -> bool:
+        """Block up to ``block`` s in Redis for a free permit; True when one became ours."""
+        free, _, _, mine = self._keys(budget)
+        moved = self._client.blmove(free, mine, block, "LEFT", "RIGHT")
+        return moved is not None
+
     def untake(self, budget: str) -> None:
         """Put back a permit that reached a waiter after its keeper stopped.
 
-        The keeper has left (our list is gone from the fleet's count), so the
+        The keeper has left (our list no longer counts in the fleet), so the
         permit moves straight back to the free list, waking the next waiter.
         """
-        free, _, _, mine = self.keys(budget)
-        self._blocking.lmove(mine, free, "RIGHT", "LEFT")
+        free, _, _, mine = self._keys(budget)
+        self._client.lmove(mine, free, "RIGHT", "LEFT")
 
     def close(self) -> None:
         self._client.close()
-        self._blocking.close()
 
 
 WAIT_BLOCK = 5.0

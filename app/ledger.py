@@ -161,6 +161,13 @@ class LocalLedger:
         member.taken += 1
         return True
 
+    def channel(self) -> LocalLedger:
+        """What a LeaseWaiter waits through: the ledger itself (nothing to open)."""
+        return self
+
+    def close(self) -> None:
+        """Nothing to close (LeaseWaiter's contract)."""
+
     def wait(self, key: str, block: float) -> bool:
         """Block up to ``block`` s for the next token given back (LeaseWaiter thread)."""
         budget = self._budget(key)

@@ -53,7 +53,7 @@ def test_a_permit_freed_elsewhere_wakes_the_waiter_in_one_round_trip(
     assert (granted, held, waiting) == (False, 1, 0)  # refused; nobody else waits
     renewal = one.renew(BUDGET, 1, TTL, 1, False, 0)
     assert (renewal.held, renewal.others_waiting, renewal.processes) == (1, 1, 2)
-    waiter = LeaseWaiter.start(recorder, two, BUDGET, block=5.0)
+    waiter = LeaseWaiter.start(recorder, two.channel(), BUDGET, block=5.0)
     try:
         waiter.tell(Want())
         poll(blocked_in_redis, what="the waiter to block in Redis")
@@ -74,7 +74,7 @@ def test_enough_stops_the_waiting(
     one, two = stores
     assert one.take(BUDGET, 1, TTL)[0] is True
     assert two.take(BUDGET, 1, TTL)[0] is False
-    waiter = LeaseWaiter.start(recorder, two, BUDGET, block=0.2)
+    waiter = LeaseWaiter.start(recorder, two.channel(), BUDGET, block=0.2)
     try:
         waiter.tell(Want())
         poll(lambda: waited(recorder), what="one empty wait")  # 0.2 s blocks, nothing freed
@@ -96,7 +96,7 @@ def test_a_dead_redis_is_reported_as_failed(recorder: pykka.ActorRef[Any], poll:
     store = fleet.LeaseStore(
         f"redis://127.0.0.1:{free_port()}/0", prefix="eh-none", process="p", timeout=0.5
     )
-    waiter = LeaseWaiter.start(recorder, store, BUDGET, block=0.2)
+    waiter = LeaseWaiter.start(recorder, store.channel(), BUDGET, block=0.2)
     try:
         waiter.tell(Want())
         poll(lambda: waited(recorder), what="the failure")
@@ -109,7 +109,7 @@ def test_a_dead_redis_is_reported_as_failed(recorder: pykka.ActorRef[Any], poll:
 def test_unknown_messages_are_refused(
     stores: tuple[fleet.LeaseStore, fleet.LeaseStore], recorder: pykka.ActorRef[Any]
 ) -> None:
-    waiter = LeaseWaiter.start(recorder, stores[0], BUDGET)
+    waiter = LeaseWaiter.start(recorder, stores[0].channel(), BUDGET)
     try:
         with pytest.raises(TypeError, match="unexpected message"):
             waiter.ask("hello", timeout=5)
@@ -126,7 +126,7 @@ def test_a_permit_reaching_a_waiter_whose_keeper_stopped_goes_back(
     assert one.take(BUDGET, 1, TTL)[0] is True
     assert two.take(BUDGET, 1, TTL)[0] is False
     keeper = Recorder.start()
-    waiter = LeaseWaiter.start(keeper, two, BUDGET, block=5.0)
+    waiter = LeaseWaiter.start(keeper, two.channel(), BUDGET, block=5.0)
     try:
         waiter.tell(Want())
         poll(blocked_in_redis, what="the waiter to block in Redis")
@@ -142,3 +142,30 @@ def test_a_permit_reaching_a_waiter_whose_keeper_stopped_goes_back(
             client.close()
     finally:
         waiter.stop()
+
+
+def test_a_permit_caught_while_the_keeper_shuts_down_goes_back(
+    fleet_prefix: str, poll: Any
+) -> None:
+    """A manager shutting down while its waiter still blocks in Redis loses no permit:
+    the waiter's own connection stays open to put back what it catches."""
+    from app import EngineManager
+
+    settings = {"fleet_url": SHARED_REDIS, "fleet_prefix": fleet_prefix,
+                "cleanup_interval": 30, "fleet_lease_ttl": 90, "ask_timeout": 10}
+    other = fleet.LeaseStore(SHARED_REDIS, prefix=fleet_prefix, process="other", timeout=1.0)
+    try:
+        with EngineManager(**settings) as manager:
+            assert other.take(BUDGET, 1, TTL)[0] is True
+            with pytest.raises(Exception, match="pool_timeout"):
+                manager._budgets.acquire(BUDGET, 1, 0.2)  # refused: its waiter blocks (5 s)
+            poll(blocked_in_redis, what="the waiter to block in Redis")
+        # The manager is gone, its waiter still blocks: give the permit back now.
+        other.give(BUDGET, 1, TTL, 1)
+        client = redis.Redis.from_url(SHARED_REDIS)
+        try:
+            poll(lambda: client.llen(other.keys(BUDGET)[0]) == 1, what="the permit to be free")
+        finally:
+            client.close()
+    finally:
+        other.close()
