@@ -37,8 +37,8 @@ import pykka
 
 from actors.pools import Board, close_idle, limit_pool
 from actors.supervisor import report_crash
-from actors.waiter import LeaseWaiter
-from app import fleet
+from actors.waiter import Channel, LeaseWaiter
+from app import fleet, ledger
 from app.errors import FleetUnavailableError, ManagerShutDownError, PoolExhaustedError
 from app.ledger import LocalLedger
 from messages.budget import (
@@ -358,10 +358,14 @@ class BudgetKeeper(pykka.ThreadingActor):
 
     def _want(self, budget: _Budget) -> None:
         """Have our LeaseWaiter block for the budget's next free permit."""
-        source = self._store if self._store is not None else self._ledger
-        assert source is not None
         if budget.waiter is None:
-            budget.waiter = LeaseWaiter.start(self.actor_ref, source.channel(), budget.key)
+            channel: Channel
+            if self._store is not None:
+                channel, block = self._store.channel(), fleet.WAIT_BLOCK
+            else:
+                assert self._ledger is not None
+                channel, block = self._ledger.channel(), ledger.WAIT_BLOCK
+            budget.waiter = LeaseWaiter.start(self.actor_ref, channel, budget.key, block=block)
         budget.waiter.tell(Want())
         budget.wanting = True
 

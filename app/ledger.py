@@ -33,6 +33,10 @@ from app.fleet import Renewal
 
 _TOKEN = object()
 
+WAIT_BLOCK = 0.5
+"""Seconds a LeaseWaiter blocks on the queue at a time: no network here, so short,
+which lets a stopped manager's waiter thread end quickly."""
+
 
 class _Member:
     """One keeper's stake in a budget.
