@@ -60,6 +60,8 @@ log = logging.getLogger("enginehouse.budget")
 
 _RETRY_DOWN = 0.5
 """Seconds between reconnect attempts while Redis is away."""
+_PROBE_PAUSE = 1.0
+"""Embedded: after the ledger refused us, this long before a pool may ask for more again."""
 
 
 class _Waiter:
@@ -91,6 +93,7 @@ class _Budget:
         self.wanting = False  # the LeaseWaiter blocks in Redis for us
         self.announced = False  # Redis lists us as waiting (until a renewal says otherwise)
         self.others_waiting = 0  # embedded: callers of the process's other managers waiting
+        self.probe_after = 0.0  # embedded: no pool grows past its permits before this
         self.granted = self.timeouts = self.shed = 0
         self.waits = self.handovers = 0  # blocking waits in Redis; permits passed on in-process
         self.trips = {"acquire": 0, "release": 0, "renew": 0}  # Redis round trips by kind
@@ -351,6 +354,7 @@ class BudgetKeeper(pykka.ThreadingActor):
             budget.refused = False
             return lease_id
         budget.refused = True  # other managers of the process hold the rest
+        budget.probe_after = time.monotonic() + _PROBE_PAUSE
         self._want(budget)
         self._share_locally(budget)
         self._nudge(budget)
@@ -583,16 +587,22 @@ class BudgetKeeper(pykka.ThreadingActor):
     def _limit_pools(self, budget: _Budget) -> None:
         """Size each engine's pool so that threads queue in their pool, not here.
 
-        Embedded, a pool may hold the whole cap (our share while another
-        manager of the process waits). In the fleet it may hold one
-        connection more than we have permits, up to our fair share: so at most
-        one thread per pool waits for Redis, and the others wait for a pooled
-        connection, which costs no reconnect.
+        In the fleet a pool may hold one connection more than we have
+        permits, up to our fair share: so at most one thread per pool waits
+        for Redis, and the others wait for a pooled connection, which costs
+        no reconnect. Embedded, it may also take what the process's ledger
+        has free at once; the one connection more ("a probe") pauses for
+        ``_PROBE_PAUSE`` after a refusal, or two managers at their shares
+        would trade connections back and forth.
         """
         target = min(budget.cap, budget.target)
         if self._store is not None:
             share = self._local_share(budget) if self._down_since else target
             target = min(share, len(budget.held) + 1)
+        elif self._ledger is not None:
+            probe = 1 if time.monotonic() >= budget.probe_after else 0
+            room = self._ledger.free_count(budget.key, budget.cap)
+            target = min(target, len(budget.held) + max(room, probe))
         self._board.limits[budget.key] = target
         for ref, limit in budget.engines:
             pool = getattr(ref(), "pool", None)

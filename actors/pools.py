@@ -116,3 +116,21 @@ def limit_pool(pool: Any, limit: int, *, wake: bool = True) -> None:
             pool._dec_overflow()
         else:
             idle.put(record, False)
+
+
+def drop_if_surplus(pool: Any, record: Any) -> bool:
+    """Drop ``record`` if it is empty and its pool holds more records than its limit.
+
+    After a budget shrinks a pool (a fair share got smaller), the pool keeps
+    its extra records until they come back; one whose connection was closed
+    (shed) must not connect again, or each of its checkouts would take a
+    permit from a live connection of the same pool, over and over. True when
+    dropped: the caller checks out another record.
+    """
+    if record is None or getattr(record, "dbapi_connection", True) is not None:
+        return False
+    limit = getattr(pool, "_max_overflow", -1)
+    if limit < 0 or pool._overflow <= limit:
+        return False
+    pool._dec_overflow()
+    return True

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
 from actors.budget import BudgetKeeper
-from actors.pools import Board, limit_pool, prepare_pool
+from actors.pools import Board, drop_if_surplus, limit_pool, prepare_pool
 from app import fleet, forking
 from app.errors import (
     ActorTimeoutError,
@@ -312,7 +312,11 @@ def _close_and_wait(dbapi_connection: Any) -> None:
 
 
 def _translate_timeouts(pool: Any, key: str, cap: int) -> None:
-    """A thread that waited ``pool_timeout`` in the pool's own queue gets PoolExhaustedError too.
+    """Checkouts of a budgeted pool: timeouts say which budget ran out; surplus records go.
+
+    A thread that waited ``pool_timeout`` in the pool's own queue gets
+    PoolExhaustedError too; and an empty record the pool no longer has room
+    for (its share shrank) is dropped rather than reconnected.
 
     The budget sizes the pool, so its queue is where most waiters wait; the
     error should say which budget ran out, whichever queue the caller was in.
@@ -323,13 +327,16 @@ def _translate_timeouts(pool: Any, key: str, cap: int) -> None:
     timeout = getattr(pool, "_timeout", DEFAULT_POOL_TIMEOUT)
 
     def checked_do_get() -> Any:
-        try:
-            return do_get()
-        except sa_exc.TimeoutError:
-            raise PoolExhaustedError(
-                f"budget {key}: no connection within pool_timeout={timeout:g}s "
-                f"(max_connections={cap}; all of this pool's share in use)"
-            ) from None
+        while True:
+            try:
+                record = do_get()
+            except sa_exc.TimeoutError:
+                raise PoolExhaustedError(
+                    f"budget {key}: no connection within pool_timeout={timeout:g}s "
+                    f"(max_connections={cap}; all of this pool's share in use)"
+                ) from None
+            if not drop_if_surplus(pool, record):
+                return record
 
     checked_do_get._enginehouse_budget = True  # type: ignore[attr-defined]
     pool._do_get = checked_do_get

@@ -204,6 +204,10 @@ class LocalLedger:
         self._me(budget).given += count
         budget.put(count)
 
+    def free_count(self, key: str, cap: int) -> int:
+        """Tokens free now (approximate: other keepers take and give meanwhile)."""
+        return self._budget(key, cap).free.qsize()
+
     def set_waiting(self, key: str, waiting: int) -> None:
         """How many callers of ours wait for a token now (0: none)."""
         self._me(self._budget(key)).waiting = waiting
