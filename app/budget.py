@@ -108,7 +108,7 @@ class Budgets:
         timeout = float(plan.kwargs.get("pool_timeout", DEFAULT_POOL_TIMEOUT))
         pool = engine.pool
         limit = prepare_pool(pool, cap)
-        _translate_timeouts(pool, key, cap)
+        _guard_checkouts(pool, key, cap)
         self._wrap_creator(pool, key, cap, timeout, limit)
         # Pool events (not engine events): the statement path stays event-free, and
         # dispose()'s recreated pool inherits them with its dispatch.
@@ -222,7 +222,7 @@ class Budgets:
                 owner = getattr(connection_record, "_ConnectionRecord__pool", None)
                 if getattr(owner, "_max_overflow", None) == -1:
                     limit_pool(owner, min(limit, limits.get(key, cap)), wake=False)
-                    _translate_timeouts(owner, key, cap)
+                    _guard_checkouts(owner, key, cap)
             lease = budgets.acquire(key, cap, timeout)
             try:
                 connection = inner(connection_record)
@@ -311,7 +311,7 @@ def _close_and_wait(dbapi_connection: Any) -> None:
         watch.close()
 
 
-def _translate_timeouts(pool: Any, key: str, cap: int) -> None:
+def _guard_checkouts(pool: Any, key: str, cap: int) -> None:
     """Checkouts of a budgeted pool: timeouts say which budget ran out; surplus records go.
 
     A thread that waited ``pool_timeout`` in the pool's own queue gets

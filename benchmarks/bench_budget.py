@@ -30,9 +30,10 @@ from contextlib import ExitStack
 from typing import Any
 
 import psycopg
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 
 from app import DatabaseSpec, EngineManager
+from app.budget import _close_and_wait as close_and_wait
 from benchmarks.common import interleave, machine_info, utc_now, write_results
 
 PG_URI = os.environ.get(
@@ -73,9 +74,13 @@ def permit_cost(rounds: int, batch: int) -> dict[str, Any]:
         )
         raw = create_engine(PG_URI)
         stack.callback(raw.dispose)
+        waiting = create_engine(PG_URI)  # what "closing means gone" costs on its own
+        event.listen(waiting.pool, "close", lambda dbapi, _record: close_and_wait(dbapi))
+        stack.callback(waiting.dispose)
         samples = interleave(
             {
                 "raw SQLAlchemy": physical(raw),
+                "raw, waiting for the server to drop each": physical(waiting),
                 "embedded budget": physical(embedded.get(spec("permit-e", CAP))),
                 "fleet budget (Redis)": physical(fleet.get(spec("permit-f", CAP))),
             },

@@ -130,3 +130,18 @@ def test_statistics_helpers() -> None:
     assert common.format_value(3120.4, "q/s") == "3,120 q/s"
     stats = common.summary([1.0, 2.0, 3.0, 4.0])
     assert stats["p50"] == 2.5 and stats["min"] == 1.0 and stats["max"] == 4.0
+
+
+def test_budget_benchmark_runs_and_its_shared_cap_holds() -> None:
+    from benchmarks import bench_budget
+
+    cost = bench_budget.permit_cost(rounds=1, batch=2)
+    assert set(cost["median_s"]) == {
+        "raw SQLAlchemy",
+        "raw, waiting for the server to drop each",
+        "embedded budget",
+        "fleet budget (Redis)",
+    }
+    shared = bench_budget.two_managers("shared process cap", seconds=0.3)
+    assert shared["errors"] == 0 and shared["qps"] > 0
+    assert 1 <= shared["peak"] <= bench_budget.CAP
