@@ -96,6 +96,7 @@ class _Budget:
         self.probe_after = 0.0  # embedded: no pool grows past its permits before this
         self.granted = self.timeouts = self.shed = 0
         self.waits = self.handovers = 0  # blocking waits in Redis; permits passed on in-process
+        self.empty_waits = self.refusals = 0  # waits that brought nothing; asks refused
         self.trips = {"acquire": 0, "release": 0, "renew": 0}  # Redis round trips by kind
         self.fleet_held: int | None = None
         self.fleet_waiting: int | None = None
@@ -258,7 +259,10 @@ class BudgetKeeper(pykka.ThreadingActor):
             self._went_down(ConnectionError("the blocking wait for a permit lost Redis"))
             self._serve(budget)
             return
-        if message.got:
+        if not message.got:
+            budget.empty_waits += 1
+            budget.refused = True  # nothing was free for a whole wait: the fleet is full
+        else:
             lease_id = f"{self._process}|{next(self._ids)}"
             if budget.waiters:
                 self._grant(budget, budget.waiters.popleft(), lease_id)
@@ -329,9 +333,10 @@ class BudgetKeeper(pykka.ThreadingActor):
         if self._down_since is None:
             if budget.wanting:
                 return None  # our LeaseWaiter brings the next permit the fleet frees
-            if budget.announced:
-                # Redis already lists us as waiting: a blocking wait takes a free permit
-                # at once, or the next one freed; asking first would cost a round trip more.
+            if budget.announced or budget.held:
+                # Redis knows us (we hold permits, or it lists us as waiting): a blocking
+                # wait takes a free permit at once, or the next one freed; asking first
+                # would cost a round trip more. (Our renewal tells the others we wait.)
                 self._want(budget)
                 return None
             answer = self._call(self._store.take, budget, "acquire", budget.cap, self._ttl)
@@ -340,6 +345,7 @@ class BudgetKeeper(pykka.ThreadingActor):
                 budget.refused = not granted
                 if granted:
                     return lease_id
+                budget.refusals += 1
                 budget.announced = True  # the script marked us as waiting
                 self._want(budget)
                 return None
@@ -354,6 +360,7 @@ class BudgetKeeper(pykka.ThreadingActor):
             budget.refused = False
             return lease_id
         budget.refused = True  # other managers of the process hold the rest
+        budget.refusals += 1
         budget.probe_after = time.monotonic() + _PROBE_PAUSE
         self._want(budget)
         self._share_locally(budget)
@@ -651,6 +658,8 @@ class BudgetKeeper(pykka.ThreadingActor):
             release_round_trips=budget.trips["release"],
             renew_round_trips=budget.trips["renew"],
             blocking_waits=budget.waits,
+            empty_waits=budget.empty_waits,
+            refusals=budget.refusals,
             handovers=budget.handovers,
         )
 

@@ -63,6 +63,8 @@ class BudgetStats(BaseModel):
     release_round_trips: int = 0
     renew_round_trips: int = 0
     blocking_waits: int = 0
+    empty_waits: int = 0
+    refusals: int = 0
     handovers: int = 0
 
 

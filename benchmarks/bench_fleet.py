@@ -157,7 +157,7 @@ def run_once(alternative: str, bouncer: PgBouncer, seconds: float) -> dict[str, 
 
 
 TRIP_KINDS = ("acquire", "release", "renew")
-EXTRA_COUNTS = ("blocking_waits", "handovers", "timeouts")
+EXTRA_COUNTS = ("blocking_waits", "empty_waits", "refusals", "handovers", "timeouts")
 """Redis round trips by purpose, as BudgetStats reports them."""
 
 
@@ -257,7 +257,9 @@ def report(summary: dict[str, Any]) -> str:
         f"({cost['per_physical_connection']['release']:.2f} per physical connection), "
         f"renew {cost['by_kind']['renew']} "
         f"({cost['renewals_per_process_second']:.1f} per process-second)",
-        f"- of the acquire round trips, blocking waits: {cost['counts']['blocking_waits']}; "
+        f"- of the acquire round trips: refused first asks {cost['counts']['refusals']}, "
+        f"blocking waits {cost['counts']['blocking_waits']} "
+        f"({cost['counts']['empty_waits']} ended empty); "
         f"permits handed over in-process (no round trip): {cost['counts']['handovers']}",
     ]
     return "\n".join(lines)

@@ -132,5 +132,9 @@ class BudgetStatus:
     renew_round_trips: int = 0
     blocking_waits: int = 0
     """Of the acquire round trips, those spent blocked in Redis (a permit, or 5 s passed)."""
+    empty_waits: int = 0
+    """Of the blocking waits, those that ended without a permit (after 5 s)."""
+    refusals: int = 0
+    """First asks the fleet (or the process's ledger) refused: each starts a wait."""
     handovers: int = 0
     """Permits a closing connection passed to a waiter of this process, with no round trip."""
