@@ -139,6 +139,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         self._store: fleet.LeaseStore | None = None
         self._ledger: LocalLedger | None = None  # embedded: the process's shared tokens
         self._outage: tuple[type[BaseException], ...] = ()
+        self._slow: tuple[type[BaseException], ...] = ()
         self._process = fleet.process_id()
         self._ids = itertools.count(1)
         self._budgets: dict[str, _Budget] = {}
@@ -155,6 +156,7 @@ class BudgetKeeper(pykka.ThreadingActor):
                 self._url, prefix=self._prefix, process=self._process, timeout=self._redis_timeout
             )
             self._outage = fleet.outage_errors()
+            self._slow = fleet.slow_reply_errors()
         else:
             self._ledger = LocalLedger(self._prefix, self._process, self.actor_ref)
         self._board.shed.clear()
@@ -527,15 +529,26 @@ class BudgetKeeper(pykka.ThreadingActor):
             budget.fleet_held, budget.fleet_waiting = answer
 
     def _call(self, method: Any, budget: _Budget, kind: str, *args: Any) -> Any:
-        """One Redis round trip of ``kind``; None (outage noted) when Redis is away."""
-        budget.trips[kind] += 1
-        try:
-            result = method(budget.key, *args)
-        except self._outage as exc:
-            self._went_down(exc)
-            return None
-        self._last_ok = time.monotonic()
-        return result
+        """One Redis round trip of ``kind``; None (outage noted) when Redis is away.
+
+        A reply that is merely late (a loaded machine) is asked for once more
+        before Redis counts as gone: failing closed stops every new connection
+        of the process. Asking twice is safe: the next renewal reconciles a
+        script that ran twice.
+        """
+        for last in (False, True):
+            budget.trips[kind] += 1
+            try:
+                result = method(budget.key, *args)
+            except self._outage as exc:
+                if not last and isinstance(exc, self._slow):
+                    log.warning("fleet: Redis at %s answered late; asking again", self._where())
+                    continue
+                self._went_down(exc)
+                return None
+            self._last_ok = time.monotonic()
+            return result
+        return None  # not reached: the last attempt returns either way
 
     def _went_down(self, exc: BaseException) -> None:
         if self._down_since is not None:

@@ -236,7 +236,8 @@ class LeaseStore:
 
     def channel(self) -> WaitChannel:
         """A connection of its own for one LeaseWaiter's blocking waits."""
-        return WaitChannel(self, _client(self._url, self._timeout + WAIT_BLOCK))
+        # The socket waits longer than the block, with room for a loaded machine.
+        return WaitChannel(self, _client(self._url, WAIT_BLOCK + 2 * self._timeout))
 
     def give(self, budget: str, cap: int, ttl: float, count: int) -> tuple[int, int]:
         """Give ``count`` permits back: ``(permits taken fleet-wide, other processes waiting)``."""
@@ -309,6 +310,13 @@ def _client(url: str, timeout: float) -> Any:
         retry_on_timeout=False,
         health_check_interval=0,
     )
+
+
+def slow_reply_errors() -> tuple[type[BaseException], ...]:
+    """A reply that did not come within the socket timeout: worth one more try."""
+    import redis
+
+    return (redis.exceptions.TimeoutError,)
 
 
 def outage_errors() -> tuple[type[BaseException], ...]:

@@ -288,6 +288,35 @@ def test_a_waiting_process_is_woken_without_polling(fleet_prefix: str, poll: Any
         assert budget_of(holder, database).release_round_trips == 1
 
 
-def _select_one(manager: EngineManager, database: DatabaseSpec) -> int:
-    with manager.connect(database) as connection:
+def _select_one(manager: EngineManager, database: DatabaseSpec, **where: str) -> int:
+    with manager.connect(database, **where) as connection:
         return int(connection.execute(text("SELECT 1")).scalar_one())
+
+
+def test_a_late_reply_is_not_an_outage(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture, poll: Any
+) -> None:
+    """Redis stalls once for longer than the socket timeout (DEBUG SLEEP): the keeper
+    asks again instead of failing closed, and new connections keep coming."""
+    import redis
+
+    database = DatabaseSpec(**pg_spec_dict(unique("db"), unique("eh-fleet"), 3, pool_timeout=10))
+    values = settings(private_redis.url, unique("eh-late"), ask_timeout=2)  # 0.5 s socket timeout
+    caplog.set_level(logging.WARNING, logger="enginehouse.budget")
+    with EngineManager(**values) as manager:
+        assert _select_one(manager, database) == 1
+        other = manager.get(database, schema="information_schema").connect()
+        staller = redis.Redis(port=private_redis.port)
+        connection = staller.connection_pool.get_connection()
+        try:
+            connection.send_command("DEBUG", "SLEEP", "0.8")  # Redis answers nobody for 0.8 s
+            other.invalidate()  # its permit goes back: a GIVE while Redis sleeps
+            other.close()
+            poll(lambda: "answered late" in caplog.text, what="the keeper to ask again")
+            connection.read_response()
+        finally:
+            staller.connection_pool.release(connection)
+            staller.close()
+        assert budget_of(manager, database).mode == "fleet"
+        assert _select_one(manager, database, schema="pg_catalog") == 1
+    assert "unreachable" not in caplog.text
