@@ -29,12 +29,17 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
-import psycopg
 from sqlalchemy import create_engine, event, text
 
 from app import DatabaseSpec, EngineManager
 from app.budget import _close_and_wait as close_and_wait
-from benchmarks.common import interleave, machine_info, utc_now, write_results
+from benchmarks.common import (
+    ConnectionSampler,
+    interleave,
+    machine_info,
+    utc_now,
+    write_results,
+)
 
 PG_URI = os.environ.get(
     "ENGINEHOUSE_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -95,34 +100,6 @@ def permit_cost(rounds: int, batch: int) -> dict[str, Any]:
     }
 
 
-class Sampler:
-    """Counts ``application_name``'s connections in pg_stat_activity, every few ms."""
-
-    def __init__(self, app: str) -> None:
-        self.app = app
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with psycopg.connect(PG_DSN, autocommit=True) as connection:
-            while not self._stop.is_set():
-                row = connection.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                    (self.app,),
-                ).fetchone()
-                self.peak = max(self.peak, int(row[0]) if row else 0)
-                self._stop.wait(0.003)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
 def two_managers(case: str, seconds: float) -> dict[str, Any]:
     """Both managers' threads run SELECT 1 for ``seconds``: queries per second, peak."""
     app = f"eh-two-{uuid.uuid4().hex[:8]}"
@@ -157,7 +134,7 @@ def two_managers(case: str, seconds: float) -> dict[str, Any]:
                     errors[0] += 1
 
         threads = [threading.Thread(target=work, args=(i % 2,)) for i in range(2 * THREADS)]
-        with Sampler(app) as sampler:
+        with ConnectionSampler(app, PG_DSN) as sampler:
             for thread in threads:
                 thread.start()
             for thread in threads:

@@ -21,18 +21,16 @@ import argparse
 import random
 import statistics
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from benchmarks.common import (
     PLOTS_DIR,
     ROOT,
+    ConnectionSampler,
     machine_info,
     plotting_available,
     utc_now,
@@ -54,32 +52,6 @@ PROCESSES = 4
 THREADS = 8
 WORKLOADS = {"SELECT 1": "SELECT 1", "pg_sleep 5 ms": "SELECT pg_sleep(0.005)"}
 FLEET, BOUNCER, UNCAPPED = "fleet mode (cap 6)", "PgBouncer (6 server conns)", "QueuePool uncapped"
-
-
-class Sampler:
-    """``(time, count)`` of one application_name's server connections, every few ms."""
-
-    def __init__(self, application_name: str) -> None:
-        self.application_name = application_name
-        self.points: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-        with psycopg.connect(PG_DSN, autocommit=True) as connection:
-            while not self._stop.is_set():
-                row = connection.execute(sql, (self.application_name,)).fetchone()
-                self.points.append((time.monotonic(), int(row[0]) if row else 0))
-                self._stop.wait(0.003)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=20)
 
 
 def _config(alternative: str, app: str, bouncer: PgBouncer, seconds: float) -> dict[str, Any]:
@@ -120,7 +92,7 @@ def run_once(alternative: str, bouncer: PgBouncer, seconds: float) -> dict[str, 
         if line != "READY":
             raise RuntimeError(f"worker not ready: {line} {worker.communicate()[1][-2000:]}")
     start = time.monotonic() + 0.3
-    with Sampler(app) as sampler:
+    with ConnectionSampler(app, PG_DSN) as sampler:
         for worker in workers:
             assert worker.stdin is not None
             worker.stdin.write(f"{start}\n")

@@ -14,6 +14,7 @@ import platform
 import random
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -112,6 +113,46 @@ def _run_batch(call: Callable[[], object], size: int) -> float:
     for _ in range(size):
         call()
     return clock() - start
+
+
+# -- server-side sampling -----------------------------------------------------------
+
+
+class ConnectionSampler:
+    """``(time, count)`` of one application_name's connections in pg_stat_activity.
+
+    Samples every few ms in a thread of its own, between ``with`` and its end;
+    ``peak`` is the largest count seen.
+    """
+
+    def __init__(self, application_name: str, dsn: str) -> None:
+        self.application_name = application_name
+        self.points: list[tuple[float, int]] = []
+        self._dsn = dsn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def peak(self) -> int:
+        return max((n for _, n in self.points), default=0)
+
+    def _run(self) -> None:
+        import psycopg
+
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        with psycopg.connect(self._dsn, autocommit=True) as connection:
+            while not self._stop.is_set():
+                row = connection.execute(sql, (self.application_name,)).fetchone()
+                self.points.append((time.monotonic(), int(row[0]) if row else 0))
+                self._stop.wait(0.003)
+
+    def __enter__(self) -> ConnectionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=20)
 
 
 # -- results --------------------------------------------------------------------
