@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pykka
@@ -210,7 +210,7 @@ def bench_start_stop(
         ref = TunnelSupervisor.start(
             spec, policy=policy, connect_timeout=10, ask_timeout=30, idle_timeout=600
         )
-        forwarded: Forwarded = ref.ask(OpenForward("127.0.0.1", 5432, owner=1), timeout=30)
+        forwarded = cast(Forwarded, ref.ask(OpenForward("127.0.0.1", 5432, owner=1), timeout=30))
         out["enginehouse start"].append(time.perf_counter() - start)
         server.kill_sessions()
         deadline = time.monotonic() + 10

@@ -53,10 +53,10 @@ def fleet_prefix() -> Iterator[str]:
 
 def leases_by_process(url: str, prefix: str, budget: str) -> dict[str, int]:
     """Permits each registered process holds in Redis for ``budget`` (dead ones until reaped)."""
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url, decode_responses=True)
     tag = f"{prefix}:{{{budget}}}"
     try:
-        processes = [p.decode() for p in client.zrange(f"{tag}:procs", 0, -1)]
+        processes = [str(p) for p in client.zrange(f"{tag}:procs", 0, -1)]
         counts = {p: int(client.llen(f"{tag}:taken:{p}")) for p in processes}
         return {p: n for p, n in counts.items() if n}
     finally:

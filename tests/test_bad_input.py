@@ -124,7 +124,7 @@ def test_empty_schema_string(manager: EngineManager) -> None:
 
 def test_not_a_spec(manager: EngineManager, good: DatabaseSpec) -> None:
     with pytest.raises(InvalidSpecError) as info:
-        manager.get({"id": 1, "uri": "sqlite://"})  # type: ignore[arg-type]
+        manager.get({"id": 1, "uri": "sqlite://"})
     assert info.value.field == "database"
     still_serves(manager, good)
 

@@ -98,9 +98,9 @@ def test_prefork_children_get_their_own_working_connections(
     worker: tuple[Any, str, subprocess.Popen[bytes]],
 ) -> None:
     tasks, queue, process = worker
-    parent_pid, parent_backend = (
-        int(part) for part in redis.Redis.from_url(BROKER).get(f"{queue}:parent").split(b":")
-    )
+    recorded = redis.Redis.from_url(BROKER, decode_responses=True).get(f"{queue}:parent")
+    assert isinstance(recorded, str)
+    parent_pid, parent_backend = (int(part) for part in recorded.split(":"))
     results: list[dict[str, Any]] = []
     deadline = time.monotonic() + DEADLINE
     # Batches of overlapping tasks, until both children have answered.

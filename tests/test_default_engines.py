@@ -165,7 +165,7 @@ def test_call_racing_a_configure_is_served_by_the_new_manager(
         default_engines.configure(mode="new", cleanup_interval=60)  # shuts `old` down
         return old_get(*args, **kwargs)
 
-    old.get = get_after_reconfigure  # type: ignore[method-assign]
+    old.get = get_after_reconfigure
     engine = default_engines.get(spec)
     assert engine is not None
     assert old.closed and default_engines.manager().settings.mode is Mode.NEW

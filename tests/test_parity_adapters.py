@@ -106,7 +106,7 @@ def test_register_adapter_by_name_overrides(monkeypatch: pytest.MonkeyPatch) -> 
     register_adapter("postgresql", custom)
     assert adapter_for("postgresql") is custom
     with pytest.raises(InvalidSpecError) as caught:
-        register_adapter("x", object())  # type: ignore[arg-type]
+        register_adapter("x", object())
     assert caught.value.field == "adapter"
 
 

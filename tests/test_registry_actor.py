@@ -99,7 +99,7 @@ def test_published_mapping_is_never_mutated(
     ask(ref, GetEngine(key, plan))
     assert len(before) == 0 and len(snapshot.entries) == 1
     with pytest.raises(TypeError):
-        snapshot.entries[key] = None  # type: ignore[index]
+        snapshot.entries[key] = None
 
 
 def test_two_request_keys_with_the_same_plan_share_an_engine(

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from secret_scan import SECRETS, assert_no_secret, exception_text, register_secret
@@ -104,7 +105,7 @@ def test_bad_spec_errors_never_echo_the_password() -> None:
     """Bad-input cases: each error is built while a real secret is in the input."""
     password = "s3cr3t-pw"
     assert password in SECRETS
-    bad_inputs = [
+    bad_inputs: list[dict[str, Any]] = [
         {"id": 1, "uri": f"nosuch://u:{password}@h/db"},
         {"id": 1, "uri": f"postgresql://u:{password}@h/db", "password": password},
         {"id": 1, "uri": f"postgresql://u:{password}@h/db", "extra": "{not json"},

@@ -64,7 +64,7 @@ def test_every_key_type_and_password(
     assert manager.stats().tunnels[0].connects == 1
 
 
-BAD_INPUTS = {
+BAD_INPUTS: dict[str, tuple[dict[str, Any], type[Exception], str]] = {
     "wrong-password": (
         {"password": "not-the-password"},
         TunnelError,

@@ -229,7 +229,7 @@ def test_a_silent_bastion_does_not_hold_the_registry(sshd: ThrowawaySshd) -> Non
         caller.join(120)
     assert finished.is_set()
     assert len(outcome) == 1 and isinstance(outcome[0], TunnelError)
-    assert f"127.0.0.1:{stalled.ssh_tunnel.server_port}" in str(outcome[0])  # type: ignore[union-attr]
+    assert f"127.0.0.1:{stalled.ssh_tunnel.server_port}" in str(outcome[0])
 
 
 def test_idle_session_closes_and_reopens_on_the_same_port(sshd: ThrowawaySshd) -> None:
