@@ -36,6 +36,12 @@ def budget_of(manager: EngineManager, database: DatabaseSpec) -> Any:
     return next(b for b in manager.stats().budgets if b.key == f"db:{database.id}")
 
 
+def waiting(manager: EngineManager, database: DatabaseSpec) -> int:
+    """Callers of ``manager`` waiting for a permit (0 before its engine exists)."""
+    key = f"db:{database.id}"
+    return next((b.waiting for b in manager.stats().budgets if b.key == key), 0)
+
+
 def select_one(manager: EngineManager, database: DatabaseSpec, **where: str) -> int:
     with manager.connect(database, **where) as connection:
         return int(connection.execute(text("SELECT 1")).scalar_one())
@@ -98,7 +104,7 @@ def test_a_waiter_of_one_manager_gets_the_next_connection_the_other_closes(
     got: list[int] = []
     caller = threading.Thread(target=lambda: got.append(select_one(right, database)))
     caller.start()
-    poll(lambda: budget_of(right, database).waiting == 1, what="right's caller to wait")
+    poll(lambda: waiting(right, database) == 1, what="right's caller to wait")
     assert PgSampler(app).now() == 2 and not got
     busy[0].close()  # back to left's pool, but left is over its share: it closes instead
     caller.join(timeout=30)
