@@ -200,6 +200,8 @@ def test_tunnel_and_budget_fields_when_present() -> None:
                 release_round_trips=2,
                 renew_round_trips=3,
                 blocking_waits=4,
+                empty_waits=1,
+                refusals=2,
                 handovers=1,
             )
         ],
@@ -226,6 +228,7 @@ def test_tunnel_and_budget_fields_when_present() -> None:
     assert registry.get_sample_value("enginehouse_budget_redis_round_trips_total", acquire) == 6
     assert registry.get_sample_value("enginehouse_budget_blocking_waits_total", budget) == 4
     assert registry.get_sample_value("enginehouse_budget_handovers_total", budget) == 1
+    assert registry.get_sample_value("enginehouse_budget_refusals_total", budget) == 2
 
 
 def test_tunnel_series_from_a_real_bastion(sshd: Any) -> None:
