@@ -15,8 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
-import socket
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
 from actors.budget import BudgetKeeper
+from actors.closer import SERVER_GONE_WAIT, Closer, wait_until_gone, watch_socket
 from actors.pools import Board, drop_if_surplus, limit_pool, prepare_pool
 from app import fleet, forking
 from app.errors import (
@@ -46,6 +46,7 @@ from messages.budget import (
     GetBudgetStats,
     Lease,
     Renew,
+    WatchClose,
 )
 from messages.budget import Release as ReleaseMessage
 from messages.registry import EnginePlan
@@ -69,6 +70,8 @@ class Budgets:
         self._generation = -1
         self._tickets = itertools.count(1)
         self._by_connection: dict[int, Lease] = {}
+        self._closer: pykka.ActorRef[Any] | None = None
+        self._closer_generation = -1
         if self._url is not None:
             self._check_fleet(self._url)
 
@@ -88,6 +91,12 @@ class Budgets:
             supervisor=supervisor,
         )
         self._ref, self._generation = ref, forking.state.generation
+        return ref
+
+    def start_closer(self, supervisor: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
+        """The supervisor's factory for the ``closer`` child (also after a restart)."""
+        ref = Closer.start(self.release, supervisor=supervisor)
+        self._closer, self._closer_generation = ref, forking.state.generation
         return ref
 
     def janitor_round(self) -> None:
@@ -251,10 +260,25 @@ class Budgets:
 
     def _closed_detached(self, dbapi_connection: Any) -> None:
         # The event fires just before the pool closes the connection: close it here
-        # first (closing twice is harmless) and free the permit only once it is gone.
-        if id(dbapi_connection) in self._by_connection:
-            _close_and_wait(dbapi_connection)
-            self._forget(id(dbapi_connection))
+        # first (closing twice is harmless) and free the permit only once the server
+        # has dropped it; the Closer waits for that, not this thread.
+        lease = self._by_connection.pop(id(dbapi_connection), None)
+        if lease is None:
+            return
+        watch = watch_socket(dbapi_connection)
+        with contextlib.suppress(Exception):
+            dbapi_connection.close()
+        if watch is None:
+            self.release(lease)
+            return
+        closed_at = time.monotonic()
+        closer = self._closer if self._closer_generation == forking.state.generation else None
+        if closer is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                closer.tell(WatchClose(watch, lease, closed_at))
+                return
+        wait_until_gone(watch, deadline=closed_at + SERVER_GONE_WAIT)
+        self.release(lease)
 
     def _checkin_listener(self, key: str) -> Callable[[Any, Any], None]:
         shed = self._board.shed
@@ -278,37 +302,17 @@ class Budgets:
             log.warning("%s; starting under local shares (fleet_fallback='local')", exc)
 
 
-_SERVER_GONE_WAIT = 1.0
-"""Longest wait, in s, for the server to drop a closed connection."""
+def close_and_wait(dbapi_connection: Any) -> None:
+    """Close a DBAPI connection and wait (at most 1 s) until the server has dropped it.
 
-
-def _close_and_wait(dbapi_connection: Any) -> None:
-    """Close a DBAPI connection and wait until the server has dropped it.
-
-    A server ends its side after the client says goodbye (PostgreSQL's backend
-    leaves pg_stat_activity and then closes its socket); without this wait the
-    permit could go to a new connection while the old one still counts on the
-    server. A duplicate of the socket's descriptor keeps the socket open past
-    ``close()``: end of file on it means the server's side is gone.
+    What the Closer actor does off the closing thread; used inline when no
+    Closer runs (and by the budget benchmark, to price the wait on its own).
     """
-    watch: socket.socket | None = None
-    with contextlib.suppress(Exception):
-        fileno = getattr(dbapi_connection, "fileno", None)
-        descriptor = fileno() if callable(fileno) else -1
-        if descriptor >= 0:
-            watch = socket.socket(fileno=os.dup(descriptor))
+    watch = watch_socket(dbapi_connection)
     with contextlib.suppress(Exception):
         dbapi_connection.close()
-    if watch is None:
-        return
-    try:
-        watch.settimeout(_SERVER_GONE_WAIT)
-        while watch.recv(4096):
-            pass
-    except OSError:
-        pass
-    finally:
-        watch.close()
+    if watch is not None:
+        wait_until_gone(watch, deadline=time.monotonic() + SERVER_GONE_WAIT)
 
 
 def _guard_checkouts(pool: Any, key: str, cap: int) -> None:

@@ -297,6 +297,9 @@ class EngineManager:
         children = [
             tunnels,
             ChildSpec("budget", self._budgets.start_keeper, policy),
+            # Started after the keeper, so it stops before it: releases still queued
+            # when the engines are disposed reach a live keeper.
+            ChildSpec("closer", self._budgets.start_closer, policy),
             ChildSpec(
                 "registry",
                 lambda sup: EngineRegistry.start(

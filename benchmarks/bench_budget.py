@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import create_engine, event, text
 
 from app import DatabaseSpec, EngineManager
-from app.budget import _close_and_wait as close_and_wait
+from app.budget import close_and_wait
 from benchmarks.common import (
     ConnectionSampler,
     interleave,

@@ -8,6 +8,7 @@ on an already pooled connection send nothing.
 
 from __future__ import annotations
 
+import socket
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,18 @@ class Waited:
     key: str
     got: bool
     failed: bool = False
+
+
+@dataclass(frozen=True)
+class WatchClose:
+    """Tell (to the Closer): ``watch`` duplicates a just-closed connection's socket; give
+    ``lease`` back once the server has dropped the connection (or ``closed_at`` + the
+    Closer's bound has passed)."""
+
+    watch: socket.socket
+    lease: Lease
+    closed_at: float
+    """``time.monotonic()`` when the connection was closed."""
 
 
 @dataclass(frozen=True)
