@@ -257,9 +257,11 @@ class BudgetKeeper(pykka.ThreadingActor):
         budget.trips["acquire"] += 1 if self._store is not None else 0
         budget.waits += 1
         if message.failed:
-            budget.wanting = False
-            self._went_down(ConnectionError("the blocking wait for a permit lost Redis"))
-            self._serve(budget)
+            budget.wanting = False  # the LeaseWaiter stopped waiting
+            lost = ConnectionError("the blocking wait for a permit lost Redis")
+            if self._down_since is None and not self._still_answers(lost):
+                self._went_down(lost)
+            self._serve(budget)  # waits again (Redis answers), or serves as the fallback says
             return
         if not message.got:
             budget.empty_waits += 1
@@ -531,24 +533,36 @@ class BudgetKeeper(pykka.ThreadingActor):
     def _call(self, method: Any, budget: _Budget, kind: str, *args: Any) -> Any:
         """One Redis round trip of ``kind``; None (outage noted) when Redis is away.
 
-        A reply that is merely late (a loaded machine) is asked for once more
-        before Redis counts as gone: failing closed stops every new connection
-        of the process. Asking twice is safe: the next renewal reconciles a
-        script that ran twice.
+        A call that fails while Redis still answers a ping (a late reply on a
+        loaded machine, a dropped connection) is made once more before Redis
+        counts as gone: failing closed stops every new connection of the
+        process. Asking twice is safe: the next renewal reconciles a script
+        that ran twice.
         """
         for last in (False, True):
             budget.trips[kind] += 1
             try:
                 result = method(budget.key, *args)
             except self._outage as exc:
-                if not last and isinstance(exc, self._slow):
-                    log.warning("fleet: Redis at %s answered late; asking again", self._where())
+                if not last and self._still_answers(exc):
                     continue
                 self._went_down(exc)
                 return None
             self._last_ok = time.monotonic()
             return result
         return None  # not reached: the last attempt returns either way
+
+    def _still_answers(self, exc: BaseException) -> bool:
+        """After a failed call: does Redis answer a ping? (Then the failure was passing.)"""
+        assert self._store is not None
+        try:
+            self._store.ping()
+        except self._outage:
+            return False
+        late = "answered late" if isinstance(exc, self._slow) else "dropped a call"
+        log.warning("fleet: Redis at %s %s (%s) but answers; asking again",
+                    self._where(), late, type(exc).__name__)
+        return True
 
     def _went_down(self, exc: BaseException) -> None:
         if self._down_since is not None:

@@ -326,3 +326,36 @@ def test_a_late_reply_is_not_an_outage(
         assert budget_of(manager, database).mode == "fleet"
         assert _select_one(manager, database, schema="pg_catalog") == 1
     assert "unreachable" not in caplog.text
+
+
+def test_a_dropped_blocking_wait_is_not_an_outage(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture, poll: Any
+) -> None:
+    """Redis drops the connection a caller waits on (CLIENT KILL) while it still answers:
+    the keeper waits again instead of failing closed, and the caller gets the permit."""
+    import redis
+
+    database = DatabaseSpec(**pg_spec_dict(unique("db"), unique("eh-fleet"), 1, pool_timeout=20))
+    values = settings(private_redis.url, unique("eh-drop"), cleanup_interval=30, fleet_lease_ttl=90)
+    caplog.set_level(logging.WARNING, logger="enginehouse.budget")
+    admin = redis.Redis(port=private_redis.port, decode_responses=True)
+    with EngineManager(**values) as holder, EngineManager(**values) as waiter:
+        held = holder.get(database).connect()
+        got: list[int] = []
+        caller = threading.Thread(target=lambda: got.append(_select_one(waiter, database)))
+        caller.start()
+
+        def blocked() -> list[str]:
+            return [c["id"] for c in admin.client_list() if c.get("cmd") == "blmove"]
+
+        poll(blocked, what="the caller's wait to block in Redis")
+        for client_id in blocked():
+            admin.client_kill_filter(_id=client_id)
+        poll(lambda: "dropped a call" in caplog.text, what="the keeper to notice")
+        held.invalidate()  # the permit goes back: the caller's new wait gets it
+        held.close()
+        caller.join(timeout=30)
+        assert got == [1]
+        assert budget_of(waiter, database).mode == "fleet"
+    admin.close()
+    assert "unreachable" not in caplog.text
