@@ -121,30 +121,49 @@ def _run_batch(call: Callable[[], object], size: int) -> float:
 class ConnectionSampler:
     """``(time, count)`` of one application_name's connections in pg_stat_activity.
 
-    Samples every few ms in a thread of its own, between ``with`` and its end;
-    ``peak`` is the largest count seen.
+    Samples every ``every`` s in a thread of its own, between ``with`` and its
+    end (a short pause leaves the 2 cores to the load; a tight loop takes
+    one). ``peak`` is the largest count seen; :meth:`now` counts once.
     """
 
-    def __init__(self, application_name: str, dsn: str) -> None:
+    _SQL = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+
+    def __init__(self, application_name: str, dsn: str, *, every: float = 0.003) -> None:
         self.application_name = application_name
         self.points: list[tuple[float, int]] = []
         self._dsn = dsn
+        self._every = every
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, name="pg-sampler", daemon=True)
+
+    @property
+    def samples(self) -> list[int]:
+        return [n for _, n in self.points]
 
     @property
     def peak(self) -> int:
         return max((n for _, n in self.points), default=0)
 
-    def _run(self) -> None:
+    def count(self, connection: Any) -> int:
+        row = connection.execute(self._SQL, (self.application_name,)).fetchone()
+        assert row is not None  # count(*) always answers a row
+        return int(row[0])
+
+    def now(self) -> int:
+        """One count, on a connection of its own (no thread needed)."""
+        with self._connect() as connection:
+            return self.count(connection)
+
+    def _connect(self) -> Any:
         import psycopg
 
-        sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-        with psycopg.connect(self._dsn, autocommit=True) as connection:
+        return psycopg.connect(self._dsn, autocommit=True)
+
+    def _run(self) -> None:
+        with self._connect() as connection:
             while not self._stop.is_set():
-                row = connection.execute(sql, (self.application_name,)).fetchone()
-                self.points.append((time.monotonic(), int(row[0]) if row else 0))
-                self._stop.wait(0.003)
+                self.points.append((time.monotonic(), self.count(connection)))
+                self._stop.wait(self._every)
 
     def __enter__(self) -> ConnectionSampler:
         self._thread.start()

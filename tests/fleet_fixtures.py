@@ -12,18 +12,19 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for benchmarks/, whatever directory pytest runs from
+from benchmarks.common import ConnectionSampler  # noqa: E402
+
 SHARED_REDIS = os.environ.get("ENGINEHOUSE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("ENGINEHOUSE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -119,45 +120,11 @@ def private_redis() -> Iterator[PrivateRedis]:
         server.stop()
 
 
-class PgSampler:
+class PgSampler(ConnectionSampler):
     """Counts ``application_name``'s server connections in pg_stat_activity, in a thread."""
 
     def __init__(self, application_name: str) -> None:
-        self.application_name = application_name
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pg-sampler", daemon=True)
-
-    def count(self, connection: psycopg.Connection[Any]) -> int:
-        row = connection.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            (self.application_name,),
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
-
-    def _run(self) -> None:
-        with psycopg.connect(PG_DSN, autocommit=True) as connection:
-            while not self._stop.is_set():
-                self.samples.append(self.count(connection))
-                # A short pause leaves the 2 cores to the load (a tight loop takes one).
-                self._stop.wait(0.002)
-
-    def __enter__(self) -> PgSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=20)
-
-    @property
-    def peak(self) -> int:
-        return max(self.samples, default=0)
-
-    def now(self) -> int:
-        with psycopg.connect(PG_DSN, autocommit=True) as connection:
-            return self.count(connection)
+        super().__init__(application_name, PG_DSN, every=0.002)
 
 
 def pg_spec_dict(
