@@ -127,6 +127,17 @@ class PgSampler(ConnectionSampler):
         super().__init__(application_name, PG_DSN, every=0.002)
 
 
+def budget_of(manager: Any, database: Any) -> Any:
+    """``manager.stats()``'s BudgetStats of ``database`` (it must exist already)."""
+    return next(b for b in manager.stats().budgets if b.key == f"db:{database.id}")
+
+
+def waiting_in(manager: Any, database: Any) -> int:
+    """Callers of ``manager`` waiting for a permit of ``database`` (0 before its engine exists)."""
+    key = f"db:{database.id}"
+    return next((b.waiting for b in manager.stats().budgets if b.key == key), 0)
+
+
 def pg_spec_dict(
     database_id: int | str, application_name: str, cap: int, **engine_params: Any
 ) -> dict[str, Any]:

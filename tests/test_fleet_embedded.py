@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fleet_fixtures import PgSampler, pg_spec_dict, unique
+from fleet_fixtures import PgSampler, budget_of, pg_spec_dict, unique
 from sqlalchemy import text
 
 from app import DatabaseSpec, EngineManager
@@ -22,10 +22,6 @@ def budget_manager() -> Iterator[EngineManager]:
 
 def spec(application_name: str, cap: int, **engine_params: Any) -> DatabaseSpec:
     return DatabaseSpec(**pg_spec_dict(unique("db"), application_name, cap, **engine_params))
-
-
-def budget_of(manager: EngineManager, database: DatabaseSpec) -> Any:
-    return next(b for b in manager.stats().budgets if b.key == f"db:{database.id}")
 
 
 def test_cap_holds_across_catalogs_schemas_and_threads(budget_manager: EngineManager) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pykka
 import pytest
-from fleet_fixtures import PgSampler, pg_spec_dict, unique
+from fleet_fixtures import PgSampler, budget_of, pg_spec_dict, unique, waiting_in
 from sqlalchemy import text
 
 from app import DatabaseSpec, EngineManager
@@ -30,16 +30,6 @@ def two_managers() -> Iterator[tuple[EngineManager, EngineManager]]:
 
 def spec(application_name: str, cap: int, **engine_params: Any) -> DatabaseSpec:
     return DatabaseSpec(**pg_spec_dict(unique("db"), application_name, cap, **engine_params))
-
-
-def budget_of(manager: EngineManager, database: DatabaseSpec) -> Any:
-    return next(b for b in manager.stats().budgets if b.key == f"db:{database.id}")
-
-
-def waiting(manager: EngineManager, database: DatabaseSpec) -> int:
-    """Callers of ``manager`` waiting for a permit (0 before its engine exists)."""
-    key = f"db:{database.id}"
-    return next((b.waiting for b in manager.stats().budgets if b.key == key), 0)
 
 
 def select_one(manager: EngineManager, database: DatabaseSpec, **where: str) -> int:
@@ -104,7 +94,7 @@ def test_a_waiter_of_one_manager_gets_the_next_connection_the_other_closes(
     got: list[int] = []
     caller = threading.Thread(target=lambda: got.append(select_one(right, database)))
     caller.start()
-    poll(lambda: waiting(right, database) == 1, what="right's caller to wait")
+    poll(lambda: waiting_in(right, database) == 1, what="right's caller to wait")
     assert PgSampler(app).now() == 2 and not got
     busy[0].close()  # back to left's pool, but left is over its share: it closes instead
     caller.join(timeout=30)

@@ -21,11 +21,13 @@ from fleet_fixtures import (
     SHARED_REDIS,
     PgSampler,
     PrivateRedis,
+    budget_of,
     lease_count,
     leases_by_process,
     pg_spec_dict,
     start_worker,
     unique,
+    waiting_in,
     worker_result,
 )
 from sqlalchemy import text
@@ -44,15 +46,6 @@ SHORT_TTL = {"fleet_lease_ttl": 2.0}
 def settings(url: str, prefix: str, **more: Any) -> dict[str, Any]:
     return {"fleet_url": url, "fleet_prefix": prefix, **FAST, **more}
 
-
-def budget_of(manager: EngineManager, database: DatabaseSpec) -> Any:
-    return next(b for b in manager.stats().budgets if b.key == f"db:{database.id}")
-
-
-def waiting_in(manager: EngineManager, database: DatabaseSpec) -> int:
-    """Callers waiting for a permit (0 before the database's engine exists)."""
-    key = f"db:{database.id}"
-    return next((b.waiting for b in manager.stats().budgets if b.key == key), 0)
 
 
 def test_four_processes_of_eight_threads_never_exceed_the_cap(fleet_prefix: str) -> None:
