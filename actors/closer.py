@@ -58,14 +58,21 @@ class Closer(pykka.ThreadingActor):
         raise TypeError(f"unexpected message {type(message).__name__}")
 
 
-def watch_socket(dbapi_connection: Any) -> socket.socket | None:
-    """A duplicate of the connection's socket, open past its ``close()`` (None if it has none)."""
+def close_watching(dbapi_connection: Any) -> socket.socket | None:
+    """Close a DBAPI connection; return a duplicate of its socket, open past the close.
+
+    End of file on the duplicate then means the server's side is gone (None:
+    the connection had no socket to watch).
+    """
+    watch = None
     with contextlib.suppress(Exception):
         fileno = getattr(dbapi_connection, "fileno", None)
         descriptor = fileno() if callable(fileno) else -1
         if descriptor >= 0:
-            return socket.socket(fileno=os.dup(descriptor))
-    return None
+            watch = socket.socket(fileno=os.dup(descriptor))
+    with contextlib.suppress(Exception):
+        dbapi_connection.close()
+    return watch
 
 
 def wait_until_gone(watch: socket.socket, *, deadline: float) -> None:

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
 from actors.budget import BudgetKeeper
-from actors.closer import SERVER_GONE_WAIT, Closer, wait_until_gone, watch_socket
+from actors.closer import SERVER_GONE_WAIT, Closer, close_watching, wait_until_gone
 from actors.pools import Board, drop_if_surplus, limit_pool, prepare_pool
 from app import fleet, forking
 from app.errors import (
@@ -265,9 +265,7 @@ class Budgets:
         lease = self._by_connection.pop(id(dbapi_connection), None)
         if lease is None:
             return
-        watch = watch_socket(dbapi_connection)
-        with contextlib.suppress(Exception):
-            dbapi_connection.close()
+        watch = close_watching(dbapi_connection)
         if watch is None:
             self.release(lease)
             return
@@ -308,9 +306,7 @@ def close_and_wait(dbapi_connection: Any) -> None:
     What the Closer actor does off the closing thread; used inline when no
     Closer runs (and by the budget benchmark, to price the wait on its own).
     """
-    watch = watch_socket(dbapi_connection)
-    with contextlib.suppress(Exception):
-        dbapi_connection.close()
+    watch = close_watching(dbapi_connection)
     if watch is not None:
         wait_until_gone(watch, deadline=time.monotonic() + SERVER_GONE_WAIT)
 
