@@ -446,8 +446,8 @@ class BudgetKeeper(pykka.ThreadingActor):
         """Close what must be given back: idle connections first, then shed tokens.
 
         Given back: permits our own waiters need when we are at our limit,
-        permits beyond our fair share while other processes wait, and
-        permits Redis no longer vouches for.
+        permits beyond our fair share while other processes (or, embedded,
+        other managers) wait, and permits Redis no longer vouches for.
         """
         idle = 0  # waiters that idle connections of ours may serve (never a token)
         if self._store is None:
@@ -455,9 +455,10 @@ class BudgetKeeper(pykka.ThreadingActor):
             local = len(budget.waiters) if at_share else 0
             # Other managers hold the rest of the cap while a caller of ours waits; or
             # callers of other managers wait while connections of ours sit idle.
-            idle = len(budget.waiters) if budget.refused else 0
-            if not budget.waiters:
-                idle = max(idle, budget.others_waiting)
+            if budget.waiters:
+                idle = len(budget.waiters) if budget.refused else 0
+            else:
+                idle = budget.others_waiting
         elif self._down_since is not None:
             local = len(budget.waiters) if len(budget.held) >= self._local_share(budget) else 0
         else:
