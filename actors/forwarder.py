@@ -50,7 +50,7 @@ class _Relay:
             channel.close()
 
 
-class Forward:
+class PortForward:
     """Listens on 127.0.0.1 and relays each connection to ``remote_host:remote_port``.
 
     Raises ``OSError`` when the local port cannot be bound (for example in use).

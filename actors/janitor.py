@@ -18,10 +18,10 @@ from typing import Any
 
 import pykka
 
-from actors.supervisor import report_crash
-from messages.janitor import GetJanitorStats, JanitorStats, Tick
-from messages.registry import Sweep
-from messages.supervision import Forward
+from enginehouse.actors.supervisor import report_crash
+from enginehouse.messages.janitor import GetJanitorStats, JanitorStats, Tick
+from enginehouse.messages.registry import Sweep
+from enginehouse.messages.supervision import Deliver
 
 log = logging.getLogger("enginehouse.janitor")
 
@@ -92,7 +92,7 @@ class Janitor(pykka.ThreadingActor):
         # A tell through the supervisor: the Janitor never waits on another actor.
         sweep = Sweep(self._idle_timeout, self._max_engines, time.monotonic())
         try:
-            self._supervisor.tell(Forward("registry", sweep))
+            self._supervisor.tell(Deliver("registry", sweep))
         except pykka.ActorDeadError:
             log.warning("sweep skipped: the supervisor is gone")
 

@@ -4,8 +4,8 @@ The BudgetKeeper decides how many connections each budget's pools may keep
 and how many must be given back; this module does it to SQLAlchemy's
 QueuePool. It relies on QueuePool internals (``_pool``, ``_overflow``,
 ``_max_overflow``, ``_inc_overflow``/``_dec_overflow``): the one place to look
-when SQLAlchemy changes them. :class:`Board` is where the keeper publishes
-its decisions for the check-in listeners of :mod:`app.budget`.
+when SQLAlchemy changes them. :class:`ShareBoard` is where the keeper publishes
+its decisions for the check-in listeners of :mod:`enginehouse.budget_client`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.util import queue as sqla_queue
 
 
-class Board:
+class ShareBoard:
     """Where the keeper publishes shed tokens, read lock-free by check-in listeners.
 
     ``shed[key]`` is an iterator; ``next()`` on it is atomic, so each token

@@ -22,10 +22,10 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from actors.counters import count_value
-from actors.supervisor import report_crash
-from app.errors import DriverNotInstalledError, EngineCreationError, EngineManagerError
-from messages.registry import (
+from enginehouse.actors.counters import count_value
+from enginehouse.actors.supervisor import report_crash
+from enginehouse.errors import DriverNotInstalledError, EngineCreationError, EngineManagerError
+from enginehouse.messages.registry import (
     BuildUncached,
     CachedEngine,
     DisposeAll,
@@ -47,7 +47,7 @@ UrlPreparer = Callable[[EnginePlan], EnginePlan]
 
 EngineHook = Callable[[Engine, EnginePlan], None]
 ENGINE_HOOKS: list[EngineHook] = []
-"""Called with every engine built (app.metrics instruments pools); a failing hook is logged."""
+"""Called with every engine built (enginehouse.integrations.metrics instruments pools); a failing hook is logged."""
 
 
 class Snapshot:

@@ -1,7 +1,7 @@
 """Opening one SSH session to a bastion: TCP connect, host key check, authentication.
 
-Every failure becomes a :class:`~app.errors.TunnelError` naming the bastion and
-the step (or an :class:`~app.errors.InvalidSpecError` naming the field for
+Every failure becomes a :class:`~enginehouse.errors.TunnelError` naming the bastion and
+the step (or an :class:`~enginehouse.errors.InvalidSpecError` naming the field for
 unusable input), never carrying a secret, and never leaving a socket or a
 paramiko thread behind.
 """
@@ -18,8 +18,8 @@ from collections.abc import Callable
 import paramiko
 from paramiko.hostkeys import HostKeyEntry
 
-from app.errors import InvalidSpecError, TunnelError
-from app.specs import SSHTunnelSpec
+from enginehouse.errors import InvalidSpecError, TunnelError
+from enginehouse.specs import SSHTunnelSpec
 
 log = logging.getLogger("enginehouse.tunnel")
 

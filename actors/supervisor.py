@@ -18,12 +18,12 @@ from typing import Any
 
 import pykka
 
-from actors.policy import RestartLedger, RestartPolicy
-from app.errors import ActorUnavailableError
-from messages.supervision import (
+from enginehouse.actors.policy import RestartLedger, RestartPolicy
+from enginehouse.errors import ActorUnavailableError
+from enginehouse.messages.supervision import (
     ChildExited,
     ChildStatus,
-    Forward,
+    Deliver,
     GetSupervisionStats,
     StopChildren,
     SupervisionStats,
@@ -90,7 +90,7 @@ class Supervisor(pykka.ThreadingActor):
             return self._where_is(message.name)
         if isinstance(message, ChildExited):
             return self._exited(message)
-        if isinstance(message, Forward):
+        if isinstance(message, Deliver):
             return self._forward(message)
         if isinstance(message, GetSupervisionStats):
             return self._stats()
@@ -108,7 +108,7 @@ class Supervisor(pykka.ThreadingActor):
             raise ActorUnavailableError(f"{name} is down: {child.gave_up}")
         return child.ref
 
-    def _forward(self, message: Forward) -> None:
+    def _forward(self, message: Deliver) -> None:
         try:
             self._where_is(message.name).tell(message.message)
         except (ActorUnavailableError, pykka.ActorDeadError) as exc:

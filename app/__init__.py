@@ -1,37 +1,45 @@
 """enginehouse: SQLAlchemy engines, pools and SSH tunnels for many databases at once.
 
-    from app import engines, EngineManager, DatabaseSpec, SSHTunnelSpec, Mode
+    from enginehouse import engines, EngineManager, DatabaseSpec, SSHTunnelSpec, Mode
 
-Exports load on first access, so ``import app.errors`` (which the actors do)
+Exports load on first access, so ``import enginehouse.errors`` (which the actors do)
 stays cheap and free of import cycles.
 """
 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
 from typing import TYPE_CHECKING, Any
 
+try:
+    __version__ = _distribution_version("enginehouse")
+except PackageNotFoundError:  # imported from a source tree that is not installed
+    __version__ = "0+unknown"
+
 if TYPE_CHECKING:
-    from app.default import DefaultEngines, engines
-    from app.errors import EngineManagerError
-    from app.manager import EngineManager
-    from app.settings import ManagerSettings, Mode
-    from app.specs import DatabaseSpec, SSHTunnelSpec
-    from app.stats import ManagerStats
+    from enginehouse.default import DefaultEngines, engines
+    from enginehouse.errors import EngineManagerError
+    from enginehouse.manager import EngineManager
+    from enginehouse.settings import ManagerSettings, Mode
+    from enginehouse.specs import DatabaseSpec, SSHTunnelSpec
+    from enginehouse.stats import ManagerStats
 
 _EXPORTS = {
-    "engines": "app.default",
-    "DefaultEngines": "app.default",
-    "EngineManager": "app.manager",
-    "EngineManagerError": "app.errors",
-    "ManagerSettings": "app.settings",
-    "Mode": "app.settings",
-    "DatabaseSpec": "app.specs",
-    "SSHTunnelSpec": "app.specs",
-    "ManagerStats": "app.stats",
+    "engines": "enginehouse.default",
+    "DefaultEngines": "enginehouse.default",
+    "EngineManager": "enginehouse.manager",
+    "EngineManagerError": "enginehouse.errors",
+    "ManagerSettings": "enginehouse.settings",
+    "Mode": "enginehouse.settings",
+    "DatabaseSpec": "enginehouse.specs",
+    "SSHTunnelSpec": "enginehouse.specs",
+    "ManagerStats": "enginehouse.stats",
 }
 
 __all__ = [
+    "__version__",
     "DatabaseSpec",
     "DefaultEngines",
     "EngineManager",
@@ -47,7 +55,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'app' has no attribute {name!r}")
+        raise AttributeError(f"module 'enginehouse' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -1,5 +1,5 @@
-"""``python -m app``: the ``enginehouse`` command line."""
+"""``python -m enginehouse``: the ``enginehouse`` command line."""
 
-from app.cli import main
+from enginehouse.cli.main import main
 
 raise SystemExit(main())

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from sqlalchemy.engine import URL
 
-from app.errors import InvalidSpecError
+from enginehouse.errors import InvalidSpecError
 
 ENTRY_POINT_GROUP = "enginehouse.adapters"
 """Entry point group a package uses to add adapters: ``<backend> = "pkg.module:Adapter"``."""

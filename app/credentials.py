@@ -21,10 +21,10 @@ from sqlalchemy import event
 from sqlalchemy.dialects import plugins
 from sqlalchemy.engine import URL, CreateEnginePlugin, Dialect, Engine
 
-from app.errors import InvalidSpecError
+from enginehouse.errors import InvalidSpecError
 
 if TYPE_CHECKING:
-    from app.adapters import DialectAdapter
+    from enginehouse.adapters import DialectAdapter
 
 PLUGIN_NAME = "enginehouse_access_token"
 HOLDER_KWARG = "enginehouse_token_holder"

@@ -13,12 +13,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
 
-from app.errors import ManagerShutDownError
-from app.manager import EngineManager
-from app.once import Once
-from app.settings import ManagerSettings
-from app.specs import DatabaseSpec
-from app.stats import ManagerStats
+from enginehouse.errors import ManagerShutDownError
+from enginehouse.manager import EngineManager
+from enginehouse.single_flight import SingleFlight
+from enginehouse.settings import ManagerSettings
+from enginehouse.specs import DatabaseSpec
+from enginehouse.stats import ManagerStats
 
 T = TypeVar("T")
 _ATTEMPTS = 3  # starts tried when configure() keeps racing them
@@ -31,7 +31,7 @@ class DefaultEngines:
         self._settings: ManagerSettings | None = None
         self._manager: EngineManager | None = None
         self._version = 0
-        self._starts: Once[EngineManager] = Once()
+        self._starts: SingleFlight[EngineManager] = SingleFlight()
 
     def configure(self, **values: Any) -> None:
         """Validate and keep settings for the default manager (restarting it if running)."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from app.errors import ConfigurationError
+from enginehouse.errors import ConfigurationError
 
 # KEYS: free, procs, want, my taken list. ARGV: taken-key base, cap, ttl, me, ...
 _PRELUDE = """

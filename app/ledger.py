@@ -1,7 +1,7 @@
 """Embedded budgets, shared by every manager of the process.
 
 Without ``fleet_url`` a database's cap must hold across all engines of the
-process, whichever :class:`~app.manager.EngineManager` made them (say a Flask
+process, whichever :class:`~enginehouse.manager.EngineManager` made them (say a Flask
 extension's manager and the default ``engines``). Each budget is a queue of
 ``cap`` permit tokens, the in-process twin of the fleet's Redis free list:
 
@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import pykka
 
-from app.fleet import Renewal
+from enginehouse.fleet import Renewal
 
 _TOKEN = object()
 
@@ -119,7 +119,7 @@ class LedgerView(NamedTuple):
 class LocalLedger:
     """One keeper's handle on the process's embedded budgets (namespace ``prefix``).
 
-    The embedded twin of :class:`app.fleet.LeaseStore`: the keeper calls
+    The embedded twin of :class:`enginehouse.fleet.LeaseStore`: the keeper calls
     :meth:`take`, :meth:`give`, :meth:`leave` and :meth:`view`; its
     LeaseWaiter calls :meth:`wait` and :meth:`untake`.
     """

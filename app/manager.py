@@ -23,7 +23,7 @@ import pykka
 from pydantic import SecretStr
 from sqlalchemy.engine import Connection, Engine
 
-from actors import (
+from enginehouse.actors import (
     ChildSpec,
     EngineRegistry,
     Janitor,
@@ -33,23 +33,23 @@ from actors import (
     Supervisor,
     count_value,
 )
-from actors.tunnels import TunnelDirectory, TunnelHealthRound, TunnelPreparer, directory_lookup
-from app import credentials, forking
-from app.budget import Budgets
-from app.errors import (
+from enginehouse.actors.tunnel_directory import TunnelDirectory, TunnelHealthRound, TunnelPreparer, directory_lookup
+from enginehouse import credentials, forking
+from enginehouse.budget_client import Budgets
+from enginehouse.errors import (
     ActorTimeoutError,
     ActorUnavailableError,
     InvalidSpecError,
     ManagerShutDownError,
 )
-from app.once import Once
-from app.plan import build_plan, request_key
-from app.safety import check_uri
-from app.settings import ManagerSettings, Mode
-from app.specs import DatabaseSpec
-from app.stats import ActorStats, BudgetStats, EngineStats, ManagerStats
-from messages.janitor import Tick
-from messages.registry import (
+from enginehouse.single_flight import SingleFlight
+from enginehouse.plan import build_plan, request_key
+from enginehouse.safety import check_uri
+from enginehouse.settings import ManagerSettings, Mode
+from enginehouse.specs import DatabaseSpec
+from enginehouse.stats import ActorStats, BudgetStats, EngineStats, ManagerStats
+from enginehouse.messages.janitor import Tick
+from enginehouse.messages.registry import (
     BuildUncached,
     CachedEngine,
     DisposeDatabase,
@@ -59,8 +59,8 @@ from messages.registry import (
     RegistryStats,
     RequestKey,
 )
-from messages.supervision import GetSupervisionStats, StopChildren, SupervisionStats, WhereIs
-from messages.tunnel import GetTunnelStats, ReleaseForwards
+from enginehouse.messages.supervision import GetSupervisionStats, StopChildren, SupervisionStats, WhereIs
+from enginehouse.messages.tunnel import GetTunnelStats, ReleaseForwards
 
 log = logging.getLogger("enginehouse.manager")
 
@@ -79,7 +79,7 @@ class EngineManager:
     """Hands out SQLAlchemy engines, cached per key (SINGLETON) or fresh (NEW).
 
     ``EngineManager(mode="singleton", idle_timeout=300, ...)`` takes the
-    settings of :class:`~app.settings.ManagerSettings` as keywords (or one
+    settings of :class:`~enginehouse.settings.ManagerSettings` as keywords (or one
     ``settings=`` object); unset ones come from ``ENGINEHOUSE_*`` variables.
     """
 
@@ -90,7 +90,7 @@ class EngineManager:
         self._new_mode = self.settings.mode is Mode.NEW
         self._hits = itertools.count()
         self._closed = False
-        self._starts: Once[_System] = Once()
+        self._starts: SingleFlight[_System] = SingleFlight()
         # The facade supervises the Supervisor: same intensity, no backoff (a rare bug path).
         self._supervisor_ledger = RestartLedger(_policy(self.settings))
         self._budgets = Budgets(self.settings, self._live)

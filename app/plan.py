@@ -14,12 +14,12 @@ from pydantic import SecretStr
 from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import URL
 
-from app import credentials
-from app.adapters import DialectAdapter, adapter_for, merge_encrypted_extra
-from app.errors import EngineCreationError, EngineManagerError, InvalidSpecError
-from app.settings import ManagerSettings, Mode
-from app.specs import DatabaseSpec, check_engine_params
-from messages.registry import EnginePlan, RequestKey
+from enginehouse import credentials
+from enginehouse.adapters import DialectAdapter, adapter_for, merge_encrypted_extra
+from enginehouse.errors import EngineCreationError, EngineManagerError, InvalidSpecError
+from enginehouse.settings import ManagerSettings, Mode
+from enginehouse.specs import DatabaseSpec, check_engine_params
+from enginehouse.messages.registry import EnginePlan, RequestKey
 
 POOL_CLASS_BY_NAME: dict[str, type[sa_pool.Pool]] = {
     "queue": sa_pool.QueuePool,
@@ -69,7 +69,7 @@ def build_plan(
     """Engine URL and arguments for ``key``: extra and encrypted extra, adapter, mutator.
 
     An engine of one user (``key.user`` set) gets a token holder: the access
-    token is placed at connect time, never in the plan (see app.credentials).
+    token is placed at connect time, never in the plan (see enginehouse.credentials).
     """
     adapter = adapter_for(spec.backend)
     params, redact = _with_encrypted_extra(spec, settings, adapter)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from sqlalchemy.engine import URL
 
-from app.errors import EngineManagerError, UnsafeURIError
-from app.settings import ManagerSettings
-from app.specs import DatabaseSpec
+from enginehouse.errors import EngineManagerError, UnsafeURIError
+from enginehouse.settings import ManagerSettings
+from enginehouse.specs import DatabaseSpec
 
 _TRUE = ("true", "1", "yes", "on")
 

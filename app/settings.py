@@ -17,8 +17,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.errors import ConfigurationError
-from app.fleet import check_url as check_fleet_url
+from enginehouse.errors import ConfigurationError
+from enginehouse.fleet import check_url as check_fleet_url
 
 
 class Mode(StrEnum):
@@ -36,7 +36,7 @@ ConnectionMutator = Callable[..., tuple[Any, dict[str, Any]]]
 """``(url, engine_kwargs, *, user, source) -> (url, engine_kwargs)``."""
 
 UriValidator = Callable[..., None]
-"""``(url, database) -> None``; raises :class:`~app.errors.InvalidSpecError` to refuse."""
+"""``(url, database) -> None``; raises :class:`~enginehouse.errors.InvalidSpecError` to refuse."""
 
 EngineContext = Callable[..., AbstractContextManager[Any]]
 """``(database, *, catalog, schema, user, source) -> context manager`` around ``connect()``."""

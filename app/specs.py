@@ -26,8 +26,8 @@ from pydantic import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from app.adapters import has_adapter
-from app.errors import EngineManagerError, InvalidSpecError
+from enginehouse.adapters import has_adapter
+from enginehouse.errors import EngineManagerError, InvalidSpecError
 
 POOL_CLASSES = ("queue", "singleton", "assertion", "null", "static")
 """Names accepted in ``extra.engine_params.poolclass`` (Superset's vocabulary)."""

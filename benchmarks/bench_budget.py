@@ -31,8 +31,8 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, text
 
-from app import DatabaseSpec, EngineManager
-from app.budget import close_and_wait
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.budget_client import close_and_wait
 from benchmarks.common import (
     ConnectionSampler,
     interleave,

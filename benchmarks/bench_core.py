@@ -30,9 +30,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
-from app import DatabaseSpec, EngineManager
-from app.default import DefaultEngines
-from app.plan import build_plan, request_key
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.default import DefaultEngines
+from enginehouse.plan import build_plan, request_key
 from benchmarks.common import (
     PLOTS_DIR,
     Ratio,
@@ -151,7 +151,7 @@ def bench_hit_path(
 
 
 def _default_engines() -> DefaultEngines:
-    from app import engines
+    from enginehouse import engines
 
     return engines
 

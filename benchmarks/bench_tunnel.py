@@ -29,9 +29,9 @@ import pykka
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from actors.policy import RestartPolicy
-from actors.tunnel import TunnelSupervisor
-from app import DatabaseSpec, EngineManager, SSHTunnelSpec
+from enginehouse.actors.policy import RestartPolicy
+from enginehouse.actors.tunnel_supervisor import TunnelSupervisor
+from enginehouse import DatabaseSpec, EngineManager, SSHTunnelSpec
 from benchmarks.common import (
     PLOTS_DIR,
     ROOT,
@@ -41,7 +41,7 @@ from benchmarks.common import (
     utc_now,
     write_results,
 )
-from messages.tunnel import CloseTunnel, EnsureConnected, Forwarded, OpenForward
+from enginehouse.messages.tunnel import CloseTunnel, EnsureConnected, Forwarded, OpenForward
 
 sys.path.insert(0, str(ROOT / "tests"))
 from sshd_fixtures import PASSWORD, USER, ThrowawaySshd, free_port, remove_sshd, start_sshd

@@ -58,17 +58,17 @@ class Release:
 
 
 @dataclass(frozen=True)
-class Want:
-    """Tell (keeper to its LeaseWaiter): block in Redis for permits of ``key`` until Enough."""
+class StartWaiting:
+    """Tell (keeper to its LeaseWaiter): block in Redis for permits of ``key`` until StopWaiting."""
 
 
 @dataclass(frozen=True)
-class Enough:
+class StopWaiting:
     """Tell (keeper to its LeaseWaiter): no caller waits any more; stop blocking."""
 
 
 @dataclass(frozen=True)
-class Waited:
+class WaitEnded:
     """Tell (LeaseWaiter to keeper): one blocking wait in Redis ended.
 
     ``got``: a permit of ``key`` is now ours in Redis (the keeper hands it to
@@ -82,9 +82,9 @@ class Waited:
 
 @dataclass(frozen=True)
 class WatchClose:
-    """Tell (to the Closer): ``watch`` duplicates a just-closed connection's socket; give
+    """Tell (to the DisconnectWatcher): ``watch`` duplicates a just-closed connection's socket; give
     ``lease`` back once the server has dropped the connection (or ``closed_at`` + the
-    Closer's bound has passed)."""
+    DisconnectWatcher's bound has passed)."""
 
     watch: socket.socket
     lease: Lease
@@ -93,7 +93,7 @@ class WatchClose:
 
 
 @dataclass(frozen=True)
-class Squeeze:
+class RecomputeShare:
     """Tell (keeper to the other keepers of the process, embedded): someone's waiting for
     ``key`` started or ended; recompute your fair share and give back what exceeds it."""
 

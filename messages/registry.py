@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from sqlalchemy.engine import URL, Engine
 
 if TYPE_CHECKING:
-    from app.specs import SSHTunnelSpec
+    from enginehouse.specs import SSHTunnelSpec
 
 
 class RequestKey(NamedTuple):

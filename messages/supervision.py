@@ -22,7 +22,7 @@ class WhereIs:
 
 
 @dataclass(frozen=True)
-class Forward:
+class Deliver:
     """Tell: pass ``message`` on to child ``name`` (restarting it if it died).
 
     Lets one child reach another without a blocking ask, so no two actors

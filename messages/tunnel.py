@@ -1,7 +1,7 @@
 """Conversation with the SSH tunnel actors.
 
-The :class:`~actors.tunnels.TunnelDirectory` answers which
-:class:`~actors.tunnel.TunnelSupervisor` serves a bastion; each supervisor
+The :class:`~enginehouse.actors.tunnel_directory.TunnelDirectory` answers which
+:class:`~enginehouse.actors.tunnel_supervisor.TunnelSupervisor` serves a bastion; each supervisor
 opens and releases forwards over its one SSH transport, checks its health on
 the Janitor's round and reports :class:`TunnelStats`.
 """
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from actors.tunnel import Link
-    from app.specs import SSHTunnelSpec
+    from enginehouse.actors.tunnel_supervisor import Link
+    from enginehouse.specs import SSHTunnelSpec
 
 Owner = int | str
 """Who uses a forward: a database id."""

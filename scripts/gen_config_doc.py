@@ -14,7 +14,7 @@ from pydantic_core import PydanticUndefined
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.settings import ManagerSettings  # noqa: E402
+from enginehouse.settings import ManagerSettings  # noqa: E402
 
 DOC = ROOT / "docs" / "configuration.md"
 BEGIN, END = "<!-- settings-table:begin -->", "<!-- settings-table:end -->"

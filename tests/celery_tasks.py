@@ -15,7 +15,8 @@ from celery import Celery
 from celery.signals import worker_init
 from sqlalchemy import text
 
-from app import DatabaseSpec, engines, forking, workers
+from enginehouse import DatabaseSpec, engines, forking
+from enginehouse.integrations import workers
 
 BROKER = os.environ.get("ENGINEHOUSE_TEST_CELERY_BROKER", "redis://127.0.0.1:6379/5")
 QUEUE = os.environ.get("ENGINEHOUSE_TEST_CELERY_QUEUE", "enginehouse-test")

@@ -11,7 +11,7 @@ from typing import Any
 import pykka
 import pytest
 
-from app import DatabaseSpec, EngineManager
+from enginehouse import DatabaseSpec, EngineManager
 
 pytest_plugins: list[str] = ["secret_scan", "sshd_fixtures", "fleet_fixtures", "pgbouncer_fixtures"]
 

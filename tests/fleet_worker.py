@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
+from enginehouse import DatabaseSpec, EngineManager
 
 
 def main(config: dict[str, Any]) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 from flask import Flask, jsonify
 from sqlalchemy import text
 
-from app import DatabaseSpec, workers
-from app.flask import EngineManagerExtension
+from enginehouse import DatabaseSpec
+from enginehouse.integrations import workers
+from enginehouse.integrations.flask import EngineManagerExtension
 
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SPEC = DatabaseSpec(id=801, uri=PG, extra={"engine_params": {"pool_size": 1}})

@@ -1,6 +1,6 @@
 """gunicorn config for tests/test_gunicorn.py: the documented one-line hook import."""
 
-from app.workers import post_fork, worker_exit  # noqa: F401  (gunicorn finds them by name)
+from enginehouse.integrations.workers import post_fork, worker_exit  # noqa: F401  (gunicorn finds them by name)
 
 workers = 2
 preload_app = True

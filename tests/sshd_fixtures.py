@@ -26,7 +26,7 @@ import paramiko
 import pytest
 from secret_scan import register_secret
 
-from actors.ssh import HOST_KEY_PINS
+from enginehouse.actors.ssh import HOST_KEY_PINS
 
 ROOT = Path(__file__).resolve().parent.parent
 SSHD = "/usr/sbin/sshd"

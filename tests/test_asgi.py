@@ -13,10 +13,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
-from app.asgi import engine_manager, lifespan, make_lifespan
-from app.errors import ConfigurationError
-from app.metrics import disable_pool_events
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.integrations.asgi import engine_manager, lifespan, make_lifespan
+from enginehouse.errors import ConfigurationError
+from enginehouse.integrations.metrics import disable_pool_events
 
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SPEC = DatabaseSpec(id=21, uri=PG, extra={"engine_params": {"pool_size": 2}})
@@ -93,7 +93,7 @@ def test_dependency_without_lifespan_is_a_clear_error() -> None:
     api = make_api(None)
     with (
         TestClient(api, raise_server_exceptions=True) as client,
-        pytest.raises(RuntimeError, match=r"lifespan=app\.asgi\.lifespan"),
+        pytest.raises(RuntimeError, match=r"lifespan=enginehouse\.integrations\.asgi\.lifespan"),
     ):
         client.get("/pid")
 

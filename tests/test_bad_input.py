@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from app import DatabaseSpec, EngineManager, Mode
-from app.errors import (
+from enginehouse import DatabaseSpec, EngineManager, Mode
+from enginehouse.errors import (
     ConfigurationError,
     DriverNotInstalledError,
     EngineCreationError,
@@ -221,7 +221,7 @@ def test_mode_accepts_the_enum() -> None:
 
 
 def test_settings_object_and_keywords_together() -> None:
-    from app.settings import ManagerSettings
+    from enginehouse.settings import ManagerSettings
 
     with pytest.raises(EngineManagerError):
         EngineManager(ManagerSettings.build(), mode="new")

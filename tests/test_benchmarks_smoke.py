@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from app import DatabaseSpec
-from app.default import DefaultEngines
+from enginehouse import DatabaseSpec
+from enginehouse.default import DefaultEngines
 from benchmarks import bench_core, common
 from benchmarks.common import Ratio, Result
 from tests.conftest import PG_URI

@@ -1,4 +1,4 @@
-"""``python -m app``: help everywhere, check against real PostgreSQL, stats over HTTP, bench."""
+"""``python -m enginehouse``: help everywhere, check against real PostgreSQL, stats over HTTP, bench."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 from secret_scan import assert_no_secret, register_secret
 
-from app import DatabaseSpec, EngineManager
-from app.cli import main
-from app.metrics import disable_pool_events, start_metrics_server
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.cli.main import main
+from enginehouse.integrations.metrics import disable_pool_events, start_metrics_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -40,7 +40,7 @@ def with_password(uri: str) -> str:
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "app", *args],
+        [sys.executable, "-m", "enginehouse", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -311,7 +311,7 @@ def test_bench_runs_each_benchmark_quick_and_stops_at_a_failure(tmp_path: Path) 
     (folder / "bench_c.py").write_text(script.format(name="c", code=0))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ENGINEHOUSE_BENCHMARKS_DIR": str(folder)}
     result = subprocess.run(
-        [sys.executable, "-m", "app", "bench"],
+        [sys.executable, "-m", "enginehouse", "bench"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -324,7 +324,7 @@ def test_bench_runs_each_benchmark_quick_and_stops_at_a_failure(tmp_path: Path) 
     assert "c ran with" not in result.stdout
     assert "bench_b failed with exit code 9" in result.stderr
     full = subprocess.run(
-        [sys.executable, "-m", "app", "bench", "bench_c", "--full"],
+        [sys.executable, "-m", "enginehouse", "bench", "bench_c", "--full"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from actors import EngineRegistry
-from app import DatabaseSpec, EngineManager
-from app.errors import EngineManagerError
-from messages.registry import BuildUncached, GetEngine
-from messages.supervision import WhereIs
+from enginehouse.actors import EngineRegistry
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.errors import EngineManagerError
+from enginehouse.messages.registry import BuildUncached, GetEngine
+from enginehouse.messages.supervision import WhereIs
 
 pytestmark = pytest.mark.usefixtures("sqlite_files_allowed")
 
@@ -135,7 +135,7 @@ def test_hit_path_makes_no_actor_round_trip(
 def test_threads_racing_a_supervisor_crash_start_one_new_system(
     tmp_path: Path, poll: Callable[..., object]
 ) -> None:
-    from actors import Supervisor
+    from enginehouse.actors import Supervisor
 
     specs = [DatabaseSpec(id=i, uri=f"sqlite:///{tmp_path / f'{i}.db'}") for i in range(8)]
     with EngineManager(cleanup_interval=60, ask_timeout=10, restart_backoff=0) as manager:

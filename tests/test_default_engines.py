@@ -13,10 +13,10 @@ import pykka
 import pytest
 from sqlalchemy import text
 
-import app.default
-from actors import Supervisor
-from app import DatabaseSpec, DefaultEngines, EngineManager, Mode, engines
-from app.errors import ConfigurationError
+import enginehouse.default
+from enginehouse.actors import Supervisor
+from enginehouse import DatabaseSpec, DefaultEngines, EngineManager, Mode, engines
+from enginehouse.errors import ConfigurationError
 
 pytestmark = pytest.mark.usefixtures("sqlite_files_allowed")
 
@@ -107,7 +107,7 @@ def test_concurrent_first_use_starts_exactly_one_manager(
             next(created)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(app.default, "EngineManager", Counting)
+    monkeypatch.setattr(enginehouse.default, "EngineManager", Counting)
     fresh = DefaultEngines()
     fresh.configure(cleanup_interval=60)
     supervisors_before = supervisors()
@@ -142,7 +142,7 @@ def test_configure_during_start_never_hands_out_a_stale_manager(
             if len(built) == 1:  # a configure() lands while the first manager starts
                 fresh.configure(mode="new", cleanup_interval=60)
 
-    monkeypatch.setattr(app.default, "EngineManager", Reconfigured)
+    monkeypatch.setattr(enginehouse.default, "EngineManager", Reconfigured)
     fresh.configure(mode="singleton", cleanup_interval=60)
     try:
         manager = fresh.manager()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.settings import ManagerSettings
+from enginehouse.settings import ManagerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,4 +34,4 @@ def test_readme_names_the_two_commands() -> None:
     for marker in ("<!-- demo-command -->", "<!-- test-command -->"):
         block = text.split(marker, 1)[1].split("```", 2)[1].strip()
         assert block, marker
-    assert "scripts/test.sh" in text and "python -m app demo" in text
+    assert "scripts/test.sh" in text and "python -m enginehouse demo" in text

@@ -15,10 +15,10 @@ from flask import Flask, g, jsonify
 from secret_scan import assert_no_secret, register_secret
 from sqlalchemy import text
 
-from app.errors import ConfigurationError
-from app.flask import EXTENSION_KEY, EngineManagerExtension, get_sqla_engine, to_spec
-from app.metrics import disable_pool_events
-from app.settings import Mode
+from enginehouse.errors import ConfigurationError
+from enginehouse.integrations.flask import EXTENSION_KEY, EngineManagerExtension, get_sqla_engine, to_spec
+from enginehouse.integrations.metrics import disable_pool_events
+from enginehouse.settings import Mode
 
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PASSWORD = "s3cr3t-pw"

@@ -10,8 +10,8 @@ import pytest
 from fleet_fixtures import PgSampler, budget_of, pg_spec_dict, unique
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
-from app.errors import ConfigurationError, InvalidSpecError, PoolExhaustedError
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.errors import ConfigurationError, InvalidSpecError, PoolExhaustedError
 
 
 @pytest.fixture

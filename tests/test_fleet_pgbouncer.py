@@ -9,7 +9,7 @@ from fleet_fixtures import SHARED_REDIS, unique
 from pgbouncer_fixtures import PgBouncer
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
+from enginehouse import DatabaseSpec, EngineManager
 
 DOUBLE = text("SELECT CAST(:n AS int) * 2")
 

@@ -17,7 +17,7 @@ import pytest
 from fleet_fixtures import PgSampler, budget_of, pg_spec_dict, unique, waiting_in
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
+from enginehouse import DatabaseSpec, EngineManager
 
 SETTINGS = {"cleanup_interval": 60, "ask_timeout": 10}
 

@@ -32,8 +32,8 @@ from fleet_fixtures import (
 )
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
-from app.errors import FleetUnavailableError
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.errors import FleetUnavailableError
 
 # Short rounds so that rebalancing and recovery happen within a test (production: 30 s).
 # A lease must outlive the longest stall of its process's renewals: under a load of

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from app import DatabaseSpec, EngineManager, engines
+from enginehouse import DatabaseSpec, EngineManager, engines
 
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CHILD_DEADLINE = 60.0

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
-from app import DatabaseSpec, EngineManager
-from app.errors import InvalidSpecError
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.errors import InvalidSpecError
 
 
 def test_cached_engine_has_no_statement_events(

@@ -10,10 +10,10 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.janitor import Janitor
-from messages.janitor import GetJanitorStats, JanitorStats, Tick
-from messages.registry import Sweep
-from messages.supervision import ChildExited, Forward
+from enginehouse.actors.janitor import Janitor
+from enginehouse.messages.janitor import GetJanitorStats, JanitorStats, Tick
+from enginehouse.messages.registry import Sweep
+from enginehouse.messages.supervision import ChildExited, Deliver
 
 TIMEOUT = 10.0
 
@@ -31,7 +31,7 @@ def ask(ref: pykka.ActorRef[Any], message: object) -> Any:
 
 def sweeps(recorder: pykka.ActorRef[Any]) -> list[Any]:
     seen = ask(recorder, "seen")
-    return [m.message for m in seen if isinstance(m, Forward) and m.name == "registry"]
+    return [m.message for m in seen if isinstance(m, Deliver) and m.name == "registry"]
 
 
 def test_unscheduled_tick_forwards_one_sweep(recorder: pykka.ActorRef[Any]) -> None:

@@ -14,9 +14,9 @@ import pytest
 import redis
 from fleet_fixtures import SHARED_REDIS
 
-from actors.waiter import LeaseWaiter
-from app import fleet
-from messages.budget import Enough, Waited, Want
+from enginehouse.actors.lease_waiter import LeaseWaiter
+from enginehouse import fleet
+from enginehouse.messages.budget import StopWaiting, WaitEnded, StartWaiting
 
 BUDGET = "db:waiter-test"
 TTL = 30.0
@@ -40,8 +40,8 @@ def blocked_in_redis() -> int:
         client.close()
 
 
-def waited(recorder: pykka.ActorRef[Any]) -> list[Waited]:
-    return [m for m in recorder.ask("seen", timeout=5) if isinstance(m, Waited)]
+def waited(recorder: pykka.ActorRef[Any]) -> list[WaitEnded]:
+    return [m for m in recorder.ask("seen", timeout=5) if isinstance(m, WaitEnded)]
 
 
 def test_a_permit_freed_elsewhere_wakes_the_waiter_in_one_round_trip(
@@ -55,16 +55,16 @@ def test_a_permit_freed_elsewhere_wakes_the_waiter_in_one_round_trip(
     assert (renewal.held, renewal.others_waiting, renewal.processes) == (1, 1, 2)
     waiter = LeaseWaiter.start(recorder, two.channel(), BUDGET, block=5.0)
     try:
-        waiter.tell(Want())
+        waiter.tell(StartWaiting())
         poll(blocked_in_redis, what="the waiter to block in Redis")
         assert waited(recorder) == []  # nothing freed: it blocks in Redis, it does not poll
         one.give(BUDGET, 1, TTL, 1)
         poll(lambda: waited(recorder), what="the waiter's news")
-        assert waited(recorder) == [Waited(BUDGET, got=True)]
+        assert waited(recorder) == [WaitEnded(BUDGET, got=True)]
         # The permit is now the second process's in Redis: the first cannot take it.
         assert one.take(BUDGET, 1, TTL)[0] is False
     finally:
-        waiter.tell(Enough())
+        waiter.tell(StopWaiting())
         waiter.stop(block=False)
 
 
@@ -76,10 +76,10 @@ def test_enough_stops_the_waiting(
     assert two.take(BUDGET, 1, TTL)[0] is False
     waiter = LeaseWaiter.start(recorder, two.channel(), BUDGET, block=0.2)
     try:
-        waiter.tell(Want())
+        waiter.tell(StartWaiting())
         poll(lambda: waited(recorder), what="one empty wait")  # 0.2 s blocks, nothing freed
         assert all(not m.got and not m.failed for m in waited(recorder))
-        waiter.tell(Enough())
+        waiter.tell(StopWaiting())
         settled = len(waited(recorder))
         one.give(BUDGET, 1, TTL, 1)
         # At most the wait already under way ends; then no more waits are made.
@@ -98,9 +98,9 @@ def test_a_dead_redis_is_reported_as_failed(recorder: pykka.ActorRef[Any], poll:
     )
     waiter = LeaseWaiter.start(recorder, store.channel(), BUDGET, block=0.2)
     try:
-        waiter.tell(Want())
+        waiter.tell(StartWaiting())
         poll(lambda: waited(recorder), what="the failure")
-        assert waited(recorder) == [Waited(BUDGET, got=False, failed=True)]
+        assert waited(recorder) == [WaitEnded(BUDGET, got=False, failed=True)]
     finally:
         waiter.stop()
         store.close()
@@ -128,7 +128,7 @@ def test_a_permit_reaching_a_waiter_whose_keeper_stopped_goes_back(
     keeper = Recorder.start()
     waiter = LeaseWaiter.start(keeper, two.channel(), BUDGET, block=5.0)
     try:
-        waiter.tell(Want())
+        waiter.tell(StartWaiting())
         poll(blocked_in_redis, what="the waiter to block in Redis")
         keeper.stop()  # the keeper is gone while its waiter blocks in Redis
         one.give(BUDGET, 1, TTL, 1)
@@ -149,7 +149,7 @@ def test_a_permit_caught_while_the_keeper_shuts_down_goes_back(
 ) -> None:
     """A manager shutting down while its waiter still blocks in Redis loses no permit:
     the waiter's own connection stays open to put back what it catches."""
-    from app import EngineManager
+    from enginehouse import EngineManager
 
     settings = {"fleet_url": SHARED_REDIS, "fleet_prefix": fleet_prefix,
                 "cleanup_interval": 30, "fleet_lease_ttl": 90, "ask_timeout": 10}

@@ -14,7 +14,7 @@ import pykka
 import pytest
 from conftest import Recorder
 
-from app.ledger import LocalLedger
+from enginehouse.ledger import LocalLedger
 
 KEY = "db:ledger-test"
 

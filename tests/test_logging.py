@@ -9,8 +9,8 @@ import pytest
 from secret_scan import assert_no_secret, register_secret
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
-from app.errors import EngineCreationError
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.errors import EngineCreationError
 
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PASSWORD = "s3cr3t-pw"

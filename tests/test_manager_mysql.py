@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import pool as sa_pool
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
-from app.errors import InvalidSpecError
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.errors import InvalidSpecError
 
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 SCHEMA = "enginehouse_schema"

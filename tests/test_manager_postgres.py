@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import pool as sa_pool
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
+from enginehouse import DatabaseSpec, EngineManager
 
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CATALOG = "enginehouse_cat"

@@ -11,8 +11,8 @@ from sqlalchemy import event, text
 from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import URL, Engine
 
-from app import DatabaseSpec, EngineManager
-from app.errors import InvalidSpecError
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.errors import InvalidSpecError
 
 pytestmark = pytest.mark.usefixtures("sqlite_files_allowed")
 

@@ -17,9 +17,9 @@ import sqlalchemy
 from prometheus_client.parser import text_string_to_metric_families
 from secret_scan import assert_no_secret, register_secret
 
-from app import DatabaseSpec, EngineManager
-from app.errors import PoolExhaustedError
-from app.metrics import MetricsServer, disable_pool_events, registry_for, start_metrics_server
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.errors import PoolExhaustedError
+from enginehouse.integrations.metrics import MetricsServer, disable_pool_events, registry_for, start_metrics_server
 
 PG_HOST_URI = os.environ.get(
     "ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -17,9 +17,9 @@ from sqlalchemy import text
 from sqlalchemy.dialects import registry as dialect_registry
 from sqlalchemy.engine import make_url
 
-from app import DatabaseSpec, EngineManager
-from app import adapters as adapters_module
-from app.adapters import (
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse import adapters as adapters_module
+from enginehouse.adapters import (
     ENTRY_POINT_GROUP,
     BaseAdapter,
     DialectAdapter,
@@ -29,7 +29,7 @@ from app.adapters import (
     refresh_adapters,
     register_adapter,
 )
-from app.errors import DriverNotInstalledError, InvalidSpecError
+from enginehouse.errors import DriverNotInstalledError, InvalidSpecError
 
 TRINO = make_url("trino://svc@trino.example:8443/hive/default")
 ADJUST = {"catalog": None, "schema": None, "user": None, "access_token": None}
@@ -116,7 +116,7 @@ PACKAGE_MODULE = '''
 """A third-party package: a dialect alias of PostgreSQL and its enginehouse adapter."""
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
-from app.adapters import PostgresAdapter
+from enginehouse.adapters import PostgresAdapter
 
 
 class EhpgDialect(PGDialect_psycopg):

@@ -14,8 +14,8 @@ from pydantic import SecretStr
 from secret_scan import assert_no_secret, register_secret
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
-from app.errors import EngineManagerError, InvalidSpecError
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.errors import EngineManagerError, InvalidSpecError
 
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")

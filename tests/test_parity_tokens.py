@@ -14,11 +14,11 @@ from secret_scan import assert_no_secret, register_secret
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Engine
 
-from app import DatabaseSpec, DefaultEngines, EngineManager, engines
-from app import adapters as adapters_module
-from app.adapters import PostgresAdapter
-from app.errors import InvalidSpecError
-from app.metrics import disable_pool_events, registry_for
+from enginehouse import DatabaseSpec, DefaultEngines, EngineManager, engines
+from enginehouse import adapters as adapters_module
+from enginehouse.adapters import PostgresAdapter
+from enginehouse.errors import InvalidSpecError
+from enginehouse.integrations.metrics import disable_pool_events, registry_for
 
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")

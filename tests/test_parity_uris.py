@@ -11,9 +11,9 @@ from secret_scan import assert_no_secret
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from app import DatabaseSpec, EngineManager, ManagerSettings
-from app.errors import InvalidSpecError, UnsafeURIError
-from app.safety import is_sqlite_memory
+from enginehouse import DatabaseSpec, EngineManager, ManagerSettings
+from enginehouse.errors import InvalidSpecError, UnsafeURIError
+from enginehouse.safety import is_sqlite_memory
 
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")

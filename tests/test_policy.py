@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.policy import RestartLedger, RestartPolicy, RestartType
+from enginehouse.actors.policy import RestartLedger, RestartPolicy, RestartType
 
 
 def test_ledger_allows_max_restarts_within_period_then_gives_up() -> None:

@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
-from actors.registry import EngineRegistry, Snapshot
-from app.errors import DriverNotInstalledError
-from app.plan import build_plan, request_key
-from app.settings import ManagerSettings
-from app.specs import DatabaseSpec
-from messages.registry import (
+from enginehouse.actors.registry import EngineRegistry, Snapshot
+from enginehouse.errors import DriverNotInstalledError
+from enginehouse.plan import build_plan, request_key
+from enginehouse.settings import ManagerSettings
+from enginehouse.specs import DatabaseSpec
+from enginehouse.messages.registry import (
     BuildUncached,
     CachedEngine,
     DisposeAll,
@@ -30,7 +30,7 @@ from messages.registry import (
     RequestKey,
     Sweep,
 )
-from messages.supervision import ChildExited
+from enginehouse.messages.supervision import ChildExited
 
 TIMEOUT = 10.0
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from secret_scan import SECRETS, assert_no_secret, exception_text, register_secret
 
-from app import DatabaseSpec
-from app.errors import InvalidSpecError
+from enginehouse import DatabaseSpec
+from enginehouse.errors import InvalidSpecError
 
 PLANTED = "planted-s3cr3t-value"
 

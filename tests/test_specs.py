@@ -6,10 +6,10 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import pool as sa_pool
 
-from app.errors import InvalidSpecError
-from app.plan import build_plan, request_key
-from app.settings import ManagerSettings
-from app.specs import DatabaseSpec, SSHTunnelSpec
+from enginehouse.errors import InvalidSpecError
+from enginehouse.plan import build_plan, request_key
+from enginehouse.settings import ManagerSettings
+from enginehouse.specs import DatabaseSpec, SSHTunnelSpec
 
 PASSWORD = "s3cr3t-pw"
 URI = f"postgresql+psycopg://alice:{PASSWORD}@127.0.0.1:5432/test"

@@ -11,15 +11,15 @@ import pykka
 import pytest
 from sqlalchemy import text
 
-from actors.janitor import Janitor
-from actors.policy import RestartPolicy, RestartType
-from actors.registry import EngineRegistry, Snapshot
-from actors.supervisor import ChildSpec, Supervisor
-from app import DatabaseSpec, EngineManager
-from app.errors import ActorTimeoutError, ActorUnavailableError, EngineManagerError
-from messages.registry import GetStats, RegistryStats, Sweep
-from messages.supervision import (
-    Forward,
+from enginehouse.actors.janitor import Janitor
+from enginehouse.actors.policy import RestartPolicy, RestartType
+from enginehouse.actors.registry import EngineRegistry, Snapshot
+from enginehouse.actors.supervisor import ChildSpec, Supervisor
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.errors import ActorTimeoutError, ActorUnavailableError, EngineManagerError
+from enginehouse.messages.registry import GetStats, RegistryStats, Sweep
+from enginehouse.messages.supervision import (
+    Deliver,
     GetSupervisionStats,
     StopChildren,
     SupervisionStats,
@@ -157,8 +157,8 @@ def test_forward_reaches_the_child(
     start: Callable[[RestartPolicy], pykka.ActorRef[Any]],
 ) -> None:
     supervisor = start(FAST)
-    supervisor.tell(Forward("registry", Sweep(idle_timeout=1.0, max_engines=4, now=0.0)))
-    supervisor.tell(Forward("nope", Sweep(idle_timeout=1.0, max_engines=4, now=0.0)))
+    supervisor.tell(Deliver("registry", Sweep(idle_timeout=1.0, max_engines=4, now=0.0)))
+    supervisor.tell(Deliver("nope", Sweep(idle_timeout=1.0, max_engines=4, now=0.0)))
     registry_stats: RegistryStats = ask(where(supervisor, "registry"), GetStats())
     assert registry_stats.evictions == 0
     assert supervisor.is_alive()  # forwarding to an unknown child is logged, not fatal

@@ -14,11 +14,11 @@ import pytest
 from conftest import wait_until
 from sshd_fixtures import PASSWORD, USER, ThrowawaySshd, tunnel_threads
 
-from actors.policy import RestartPolicy
-from actors.tunnel import TunnelSupervisor
-from app.errors import TunnelError
-from app.specs import SSHTunnelSpec
-from messages.tunnel import (
+from enginehouse.actors.policy import RestartPolicy
+from enginehouse.actors.tunnel_supervisor import TunnelSupervisor
+from enginehouse.errors import TunnelError
+from enginehouse.specs import SSHTunnelSpec
+from enginehouse.messages.tunnel import (
     CheckHealth,
     CloseTunnel,
     EnsureConnected,

@@ -13,9 +13,9 @@ from sqlalchemy import text
 from sshd_fixtures import KEY_PASSPHRASE, PASSWORD, USER, ThrowawaySshd, tunnel_threads
 from test_tunnel_manager import bastion, database, make_manager
 
-from actors import ssh
-from app import EngineManager
-from app.errors import InvalidSpecError, TunnelError
+from enginehouse.actors import ssh
+from enginehouse import EngineManager
+from enginehouse.errors import InvalidSpecError, TunnelError
 
 
 @pytest.fixture

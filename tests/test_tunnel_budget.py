@@ -17,9 +17,9 @@ from sqlalchemy import text
 from sshd_fixtures import ThrowawaySshd, tunnel_threads
 from test_tunnel_manager import bastion, database
 
-from app import DatabaseSpec, EngineManager, SSHTunnelSpec
-from app.errors import TunnelError
-from app.stats import BudgetStats
+from enginehouse import DatabaseSpec, EngineManager, SSHTunnelSpec
+from enginehouse.errors import TunnelError
+from enginehouse.stats import BudgetStats
 
 # A short connect timeout bounds how long a session waits for a permit.
 CAPPED: dict[str, Any] = {

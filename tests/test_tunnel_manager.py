@@ -14,9 +14,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sshd_fixtures import PASSWORD, USER, ThrowawaySshd, tunnel_threads
 
-from app import DatabaseSpec, EngineManager, SSHTunnelSpec
-from app.errors import TunnelError
-from messages.tunnel import TunnelStats
+from enginehouse import DatabaseSpec, EngineManager, SSHTunnelSpec
+from enginehouse.errors import TunnelError
+from enginehouse.messages.tunnel import TunnelStats
 
 
 def bastion(server: ThrowawaySshd, **values: Any) -> SSHTunnelSpec:

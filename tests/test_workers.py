@@ -9,8 +9,8 @@ import time
 
 from sqlalchemy import text
 
-from app import DatabaseSpec, EngineManager
-from app.workers import after_fork, last_reset, post_fork, worker_exit
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.integrations.workers import after_fork, last_reset, post_fork, worker_exit
 
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SPEC = DatabaseSpec(id=701, uri=PG, extra={"engine_params": {"pool_size": 1}})

@@ -11,12 +11,12 @@ from typing import Any, Generic, TypeVar
 
 import pykka
 
-from app.errors import ActorTimeoutError
+from enginehouse.errors import ActorTimeoutError
 
 T = TypeVar("T")
 
 
-class Once(Generic[T]):
+class SingleFlight(Generic[T]):
     """``once.run(key, fn, timeout)``: ``fn()`` runs for the first caller of each key."""
 
     def __init__(self) -> None:

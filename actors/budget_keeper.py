@@ -7,17 +7,17 @@ caller waits on with its ``pool_timeout``; no lock is involved anywhere.
 
 Embedded (no ``fleet_url``) the cap holds across every engine of the process,
 whichever manager made it: the keepers of one process share permit tokens
-through :mod:`app.ledger` and tell each other (:class:`Squeeze`) when a
+through :mod:`enginehouse.ledger` and tell each other (:class:`RecomputeShare`) when a
 caller starts or stops waiting, so each gives back what exceeds its share.
-With ``fleet_url`` each permit is also a lease in Redis (:mod:`app.fleet`), so
+With ``fleet_url`` each permit is also a lease in Redis (:mod:`enginehouse.fleet`), so
 the cap holds across processes and hosts; the keeper renews leases on the
 Janitor's rounds, and learns there how many processes share the budget. When
-the fleet is full, a :class:`~actors.waiter.LeaseWaiter` blocks in Redis for
+the fleet is full, a :class:`~enginehouse.actors.lease_waiter.LeaseWaiter` blocks in Redis for
 the budget's next free permit, so waiting costs no polling.
 
 Giving back: a waiter that cannot be served makes the keeper shed idle pooled
 connections of the same budget (closed in place, their permits freed), and
-publish "shed tokens" on the :class:`~actors.pools.Board`: each token makes
+publish "shed tokens" on the :class:`~enginehouse.actors.pools.ShareBoard`: each token makes
 one connection close on check-in instead of returning idle to its pool. A
 process (or, embedded, a manager) sheds what it holds beyond its fair share
 (cap / processes or managers) while others wait.
@@ -35,25 +35,25 @@ from typing import Any
 
 import pykka
 
-from actors.pools import Board, close_idle, limit_pool
-from actors.supervisor import report_crash
-from actors.waiter import Channel, LeaseWaiter
-from app import fleet, ledger
-from app.errors import FleetUnavailableError, ManagerShutDownError, PoolExhaustedError
-from app.ledger import LocalLedger
-from messages.budget import (
+from enginehouse.actors.pools import ShareBoard, close_idle, limit_pool
+from enginehouse.actors.supervisor import report_crash
+from enginehouse.actors.lease_waiter import Channel, LeaseWaiter
+from enginehouse import fleet, ledger
+from enginehouse.errors import FleetUnavailableError, ManagerShutDownError, PoolExhaustedError
+from enginehouse.ledger import LocalLedger
+from enginehouse.messages.budget import (
     Acquire,
     Attach,
     BudgetStatus,
     Cancel,
-    Enough,
+    StopWaiting,
     GetBudgetStats,
     Lease,
     Release,
     Renew,
-    Squeeze,
-    Waited,
-    Want,
+    RecomputeShare,
+    WaitEnded,
+    StartWaiting,
 )
 
 log = logging.getLogger("enginehouse.budget")
@@ -115,7 +115,7 @@ class BudgetKeeper(pykka.ThreadingActor):
 
     def __init__(
         self,
-        board: Board,
+        board: ShareBoard,
         *,
         generation: int,
         fleet_url: str | None = None,
@@ -170,7 +170,7 @@ class BudgetKeeper(pykka.ThreadingActor):
             if budget.waiter is not None:
                 # It may sit in a blocking wait for up to WAIT_BLOCK; a permit it catches
                 # meanwhile it puts back itself, on its own connection.
-                budget.waiter.tell(Enough())
+                budget.waiter.tell(StopWaiting())
                 budget.waiter.stop(block=False)
             if self._store is not None and self._down_since is None and any(budget.trips.values()):
                 self._call(self._store.leave, budget, "release", budget.cap, self._ttl)
@@ -188,9 +188,9 @@ class BudgetKeeper(pykka.ThreadingActor):
             return self._acquire(message)
         if isinstance(message, Release):
             return self._release(message)
-        if isinstance(message, Waited):
+        if isinstance(message, WaitEnded):
             return self._waited(message)
-        if isinstance(message, Squeeze):
+        if isinstance(message, RecomputeShare):
             return self._squeezed(message)
         if isinstance(message, Cancel):
             return self._cancel(message)
@@ -249,7 +249,7 @@ class BudgetKeeper(pykka.ThreadingActor):
                 return None
         return None  # already granted (the caller got it) or failed
 
-    def _waited(self, message: Waited) -> None:
+    def _waited(self, message: WaitEnded) -> None:
         """Our LeaseWaiter's blocking wait in Redis ended: with a permit, empty, or failed."""
         budget = self._budgets.get(message.key)
         if budget is None:
@@ -275,7 +275,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         self._settle(budget)
         self._rebalance(budget)
 
-    def _squeezed(self, message: Squeeze) -> None:
+    def _squeezed(self, message: RecomputeShare) -> None:
         budget = self._budgets.get(message.key)
         if budget is not None and self._ledger is not None:
             self._share_locally(budget)
@@ -381,7 +381,7 @@ class BudgetKeeper(pykka.ThreadingActor):
                 assert self._ledger is not None
                 channel, block = self._ledger.channel(), ledger.WAIT_BLOCK
             budget.waiter = LeaseWaiter.start(self.actor_ref, channel, budget.key, block=block)
-        budget.waiter.tell(Want())
+        budget.waiter.tell(StartWaiting())
         budget.wanting = True
 
     def _settle(self, budget: _Budget) -> None:
@@ -389,7 +389,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         if budget.wanting and self._ledger is not None:
             self._ledger.set_waiting(budget.key, len(budget.waiters))
         if budget.wanting and not budget.waiters and budget.waiter is not None:
-            budget.waiter.tell(Enough())
+            budget.waiter.tell(StopWaiting())
             budget.wanting = False
             budget.refused = False
             if self._ledger is not None:
@@ -410,7 +410,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         assert self._ledger is not None
         for keeper in self._ledger.others(budget.key):
             with contextlib.suppress(pykka.ActorDeadError):
-                keeper.tell(Squeeze(budget.key))
+                keeper.tell(RecomputeShare(budget.key))
 
     def _share_locally(self, budget: _Budget) -> None:
         """Embedded: our fair share of the process's cap while any manager waits.
@@ -571,7 +571,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         for budget in self._budgets.values():
             budget.announced = False
             if budget.wanting and budget.waiter is not None:
-                budget.waiter.tell(Enough())  # its connection fails too; we serve locally now
+                budget.waiter.tell(StopWaiting())  # its connection fails too; we serve locally now
             budget.wanting = False
         self._down_since = time.monotonic()
         self._next_reconnect = self._down_since + _RETRY_DOWN

@@ -1,7 +1,7 @@
 """FastAPI / Starlette lifespan: a manager that starts and stops with the ASGI app.
 
     from fastapi import Depends, FastAPI
-    from app.asgi import engine_manager, lifespan
+    from enginehouse.integrations.asgi import engine_manager, lifespan
 
     api = FastAPI(lifespan=lifespan)                 # settings from ENGINEHOUSE_* variables
 
@@ -23,8 +23,8 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from app.manager import EngineManager
-from app.settings import ManagerSettings
+from enginehouse.manager import EngineManager
+from enginehouse.settings import ManagerSettings
 
 log = logging.getLogger("enginehouse.asgi")
 
@@ -54,7 +54,7 @@ def make_lifespan(
         server = None
         try:
             if metrics_port is not None:
-                from app.metrics import start_metrics_server
+                from enginehouse.integrations.metrics import start_metrics_server
 
                 server = start_metrics_server(manager, port=metrics_port)
             app_state = getattr(app, "state", None)
@@ -87,7 +87,7 @@ def engine_manager(request: HTTPConnection) -> EngineManager:
     if manager is None:
         manager = getattr(request.app.state, STATE_KEY, None)
     if not isinstance(manager, EngineManager):
-        raise RuntimeError("no engine manager: create the app with lifespan=app.asgi.lifespan")
+        raise RuntimeError("no engine manager: create the app with lifespan=enginehouse.integrations.asgi.lifespan")
     return manager
 
 

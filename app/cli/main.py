@@ -1,4 +1,4 @@
-"""The ``enginehouse`` command (also ``python -m app``): demo, check, stats, bench.
+"""The ``enginehouse`` command (also ``python -m enginehouse``): demo, check, stats, bench.
 
 Exit codes are documented in docs/cli.md; every failure prints one clear
 line on stderr and never a secret.
@@ -20,9 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from app.check import ExitCode, Report, check_file
+from enginehouse import __version__
+from enginehouse.cli.check import ExitCode, Report, check_file
 
-BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 """Where ``bench`` finds ``bench_*.py``; the ENGINEHOUSE_BENCHMARKS_DIR variable overrides it."""
 
 EPILOG = """exit codes: 0 ok, 1 internal error, 2 bad input (usage, spec, URL), 3 driver missing,
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="show lifecycle logs on stderr (-vv: debug)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -110,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser(
         "stats",
         help="summarise a running process's /metrics endpoint",
-        description="Fetch a Prometheus page served by app.metrics.start_metrics_server "
+        description="Fetch a Prometheus page served by enginehouse.integrations.metrics.start_metrics_server "
         "and print engines, pools, actors, tunnels and budgets.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -149,7 +151,7 @@ def _positive(value: str) -> float:
 
 def _demo(arguments: list[str]) -> int:
     try:
-        from app.demo import run_demo
+        from enginehouse.cli.demo import run_demo
     except ImportError as exc:
         print(f"demo unavailable: {exc}", file=sys.stderr)
         return int(ExitCode.INTERNAL)

@@ -1,9 +1,9 @@
 """The TunnelSupervisor actor: one per bastion, one SSH transport, every forward over it.
 
 It connects lazily (on the first :class:`OpenForward`), reconnects a dead
-transport under a :class:`~actors.policy.RestartPolicy` (when a health round
+transport under a :class:`~enginehouse.actors.policy.RestartPolicy` (when a health round
 or a new channel finds it dead), closes an idle one, and gives up with a
-:class:`~app.errors.TunnelError` that names the bastion and why. Local
+:class:`~enginehouse.errors.TunnelError` that names the bastion and why. Local
 listeners outlive transports, so an engine's ``127.0.0.1:port`` stays valid
 across restarts.
 
@@ -23,13 +23,13 @@ from typing import Any
 import paramiko
 import pykka
 
-from actors.counters import count_value
-from actors.forwarder import ChannelOpener, Forward
-from actors.policy import RestartLedger, RestartPolicy
-from actors.ssh import connect, load_private_key
-from app.errors import EngineManagerError, PoolExhaustedError, TunnelError
-from app.specs import SSHTunnelSpec
-from messages.tunnel import (
+from enginehouse.actors.counters import count_value
+from enginehouse.actors.forwarder import ChannelOpener, PortForward
+from enginehouse.actors.policy import RestartLedger, RestartPolicy
+from enginehouse.actors.ssh import connect, load_private_key
+from enginehouse.errors import EngineManagerError, PoolExhaustedError, TunnelError
+from enginehouse.specs import SSHTunnelSpec
+from enginehouse.messages.tunnel import (
     CheckHealth,
     CloseTunnel,
     EnsureConnected,
@@ -98,7 +98,7 @@ class TunnelSupervisor(pykka.ThreadingActor):
         self._idle_timeout = idle_timeout
         self.link = Link(spec.bastion)
         self._key: paramiko.PKey | None = None
-        self._forwards: dict[tuple[str, int], Forward] = {}
+        self._forwards: dict[tuple[str, int], PortForward] = {}
         self._owners: dict[tuple[str, int], set[Owner]] = {}
         self._opened: dict[tuple[str, int], float] = {}  # last OpenForward per remote
         self._ledger = RestartLedger(policy)
@@ -337,9 +337,9 @@ class TunnelSupervisor(pykka.ThreadingActor):
             ) from None
         channel.close()
 
-    def _listen(self, message: OpenForward) -> Forward:
+    def _listen(self, message: OpenForward) -> PortForward:
         try:
-            return Forward(
+            return PortForward(
                 message.remote_host,
                 message.remote_port,
                 channel_opener(self.link, self.actor_ref, self._ask_timeout, self._connect_timeout),

@@ -1,6 +1,6 @@
 """Pre-fork servers: gunicorn ``post_fork`` and Celery ``worker_process_init`` one-liners.
 
-Fork safety needs no hook: every child notices the fork (app.forking) and
+Fork safety needs no hook: every child notices the fork (enginehouse.forking) and
 its managers rebuild their actors and drop inherited pools on first use.
 These hooks only make that happen at once, explicitly and logged, so the
 first request of a child does not pay for it, and stop the child's
@@ -8,11 +8,11 @@ managers cleanly when the child exits.
 
 gunicorn.conf.py::
 
-    from app.workers import post_fork, worker_exit  # noqa: F401  (gunicorn finds them by name)
+    from enginehouse.integrations.workers import post_fork, worker_exit  # noqa: F401  (gunicorn finds them by name)
 
 Celery (in the module that creates the Celery app)::
 
-    from app.workers import install_celery_hooks
+    from enginehouse.integrations.workers import install_celery_hooks
     install_celery_hooks()
 """
 
@@ -22,8 +22,8 @@ import logging
 import os
 from typing import Any
 
-from app import forking
-from app.manager import EngineManager, _live_managers
+from enginehouse import forking
+from enginehouse.manager import EngineManager, _live_managers
 
 log = logging.getLogger("enginehouse.workers")
 
@@ -80,12 +80,12 @@ def shutdown_all() -> int:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """gunicorn hook: ``post_fork = app.workers.post_fork``."""
+    """gunicorn hook: ``post_fork = enginehouse.integrations.workers.post_fork``."""
     after_fork()
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """gunicorn hook: ``worker_exit = app.workers.worker_exit``."""
+    """gunicorn hook: ``worker_exit = enginehouse.integrations.workers.worker_exit``."""
     shutdown_all()
 
 

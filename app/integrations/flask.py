@@ -1,6 +1,6 @@
 """Flask extension and Superset drop-in: one :class:`EngineManager` per Flask app.
 
-    from app.flask import EngineManagerExtension, get_sqla_engine
+    from enginehouse.integrations.flask import EngineManagerExtension, get_sqla_engine
 
     engine_manager = EngineManagerExtension(app)      # or .init_app(app) later
 
@@ -9,7 +9,7 @@
 
 Configuration comes from ``app.config``: Superset's keys (mapped as in
 :data:`SUPERSET_KEYS`, see docs/superset.md) and ``ENGINEHOUSE_<SETTING>``
-keys for every :class:`~app.settings.ManagerSettings` field. A key is only
+keys for every :class:`~enginehouse.settings.ManagerSettings` field. A key is only
 passed on when the settings have that field, so an older enginehouse
 ignores (and logs) what it cannot honour instead of failing to start.
 """
@@ -28,11 +28,11 @@ from typing import Any
 from flask import Flask, current_app, g, has_app_context
 from sqlalchemy.engine import Engine
 
-from app.errors import ConfigurationError
-from app.manager import EngineManager
-from app.once import Once
-from app.settings import ManagerSettings
-from app.specs import DatabaseSpec, SSHTunnelSpec
+from enginehouse.errors import ConfigurationError
+from enginehouse.manager import EngineManager
+from enginehouse.single_flight import SingleFlight
+from enginehouse.settings import ManagerSettings
+from enginehouse.specs import DatabaseSpec, SSHTunnelSpec
 
 log = logging.getLogger("enginehouse.flask")
 
@@ -131,7 +131,7 @@ class _State:
         self.metrics_port = app.config.get(METRICS_PORT_KEY)
         # (generation, manager) in one attribute: replaced whole, read without a lock
         self._current: tuple[int, EngineManager | None] = (0, None)
-        self._starts: Once[EngineManager] = Once()
+        self._starts: SingleFlight[EngineManager] = SingleFlight()
 
     @property
     def manager(self) -> EngineManager | None:
@@ -157,7 +157,7 @@ class _State:
     def _serve_metrics(self) -> None:
         if self.metrics_port is None or self.metrics_server is not None:
             return
-        from app.metrics import start_metrics_server
+        from enginehouse.integrations.metrics import start_metrics_server
 
         try:
             self.metrics_server = start_metrics_server(self, port=int(self.metrics_port))

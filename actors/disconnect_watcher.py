@@ -1,4 +1,4 @@
-"""The Closer actor: frees a closed connection's permit once the server has dropped it.
+"""The DisconnectWatcher actor: frees a closed connection's permit once the server has dropped it.
 
 A permit must not move on while the server still counts the old connection,
 or ``pg_stat_activity`` could briefly show it next to the new one. Knowing
@@ -19,14 +19,14 @@ from typing import Any
 
 import pykka
 
-from actors.supervisor import report_crash
-from messages.budget import Lease, WatchClose
+from enginehouse.actors.supervisor import report_crash
+from enginehouse.messages.budget import Lease, WatchClose
 
 SERVER_GONE_WAIT = 1.0
 """Longest wait, in s, for the server to drop a closed connection."""
 
 
-class Closer(pykka.ThreadingActor):
+class DisconnectWatcher(pykka.ThreadingActor):
     """Waits for closed connections to be gone, then gives their permits back."""
 
     use_daemon_thread = True

@@ -27,18 +27,18 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
-from actors.budget import BudgetKeeper
-from actors.closer import SERVER_GONE_WAIT, Closer, close_watching, wait_until_gone
-from actors.pools import Board, drop_if_surplus, limit_pool, prepare_pool
-from app import fleet, forking
-from app.errors import (
+from enginehouse.actors.budget_keeper import BudgetKeeper
+from enginehouse.actors.disconnect_watcher import SERVER_GONE_WAIT, DisconnectWatcher, close_watching, wait_until_gone
+from enginehouse.actors.pools import ShareBoard, drop_if_surplus, limit_pool, prepare_pool
+from enginehouse import fleet, forking
+from enginehouse.errors import (
     ActorTimeoutError,
     ActorUnavailableError,
     ConfigurationError,
     PoolExhaustedError,
 )
-from app.settings import ManagerSettings
-from messages.budget import (
+from enginehouse.settings import ManagerSettings
+from enginehouse.messages.budget import (
     Acquire,
     Attach,
     BudgetStatus,
@@ -48,9 +48,9 @@ from messages.budget import (
     Renew,
     WatchClose,
 )
-from messages.budget import Release as ReleaseMessage
-from messages.registry import EnginePlan
-from messages.supervision import WhereIs
+from enginehouse.messages.budget import Release as ReleaseMessage
+from enginehouse.messages.registry import EnginePlan
+from enginehouse.messages.supervision import WhereIs
 
 log = logging.getLogger("enginehouse.budget")
 
@@ -65,7 +65,7 @@ class Budgets:
         self._settings = settings
         self._live = live  # the manager's _live(): restarts the actors after a fork
         self._url = settings.fleet_url.get_secret_value() if settings.fleet_url else None
-        self._board = Board()
+        self._board = ShareBoard()
         self._ref: pykka.ActorRef[Any] | None = None
         self._generation = -1
         self._tickets = itertools.count(1)
@@ -95,7 +95,7 @@ class Budgets:
 
     def start_closer(self, supervisor: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
         """The supervisor's factory for the ``closer`` child (also after a restart)."""
-        ref = Closer.start(self.release, supervisor=supervisor)
+        ref = DisconnectWatcher.start(self.release, supervisor=supervisor)
         self._closer, self._closer_generation = ref, forking.state.generation
         return ref
 
@@ -261,7 +261,7 @@ class Budgets:
     def _closed_detached(self, dbapi_connection: Any) -> None:
         # The event fires just before the pool closes the connection: close it here
         # first (closing twice is harmless) and free the permit only once the server
-        # has dropped it; the Closer waits for that, not this thread.
+        # has dropped it; the DisconnectWatcher waits for that, not this thread.
         lease = self._by_connection.pop(id(dbapi_connection), None)
         if lease is None:
             return
@@ -303,8 +303,8 @@ class Budgets:
 def close_and_wait(dbapi_connection: Any) -> None:
     """Close a DBAPI connection and wait (at most 1 s) until the server has dropped it.
 
-    What the Closer actor does off the closing thread; used inline when no
-    Closer runs (and by the budget benchmark, to price the wait on its own).
+    What the DisconnectWatcher actor does off the closing thread; used inline when no
+    DisconnectWatcher runs (and by the budget benchmark, to price the wait on its own).
     """
     watch = close_watching(dbapi_connection)
     if watch is not None:

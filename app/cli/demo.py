@@ -1,4 +1,4 @@
-"""``python -m app demo``: many databases, sources and users on embedded SQLite.
+"""``python -m enginehouse demo``: many databases, sources and users on embedded SQLite.
 
 Shows, with no server: one cached engine per database however many threads
 and users hit it, single-flight creation under a burst, the cost of NEW
@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlalchemy import text
 
-from app.errors import EngineManagerError
-from app.manager import EngineManager
-from app.settings import ManagerSettings
-from app.specs import DatabaseSpec
+from enginehouse.errors import EngineManagerError
+from enginehouse.manager import EngineManager
+from enginehouse.settings import ManagerSettings
+from enginehouse.specs import DatabaseSpec
 
 SOURCES = ("dashboard", "chart", "sql_lab")
 USERS = ("alice", "bob", "carol", "dave")

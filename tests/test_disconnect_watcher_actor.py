@@ -1,4 +1,4 @@
-"""The Closer actor (through its messages) and the close path that uses it.
+"""The DisconnectWatcher actor (through its messages) and the close path that uses it.
 
 A socket pair stands in for a connection's socket and the server's side of
 it: the permit may move on only once the "server" side is closed.
@@ -15,9 +15,9 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.closer import Closer
-from app import EngineManager
-from messages.budget import Lease, WatchClose
+from enginehouse.actors.disconnect_watcher import DisconnectWatcher
+from enginehouse import EngineManager
+from enginehouse.messages.budget import Lease, WatchClose
 
 LEASE = Lease("db:closer-test", "p|1", 0)
 
@@ -34,7 +34,7 @@ def start(released: tuple[list[Lease], threading.Event], wait: float) -> pykka.A
         leases.append(lease)
         event.set()
 
-    return Closer.start(release, wait=wait)
+    return DisconnectWatcher.start(release, wait=wait)
 
 
 def test_the_permit_moves_on_once_the_server_side_is_gone(

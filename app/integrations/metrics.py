@@ -8,7 +8,7 @@ Two sources feed one :class:`~prometheus_client.CollectorRegistry`:
   nothing is counted twice and a scrape never races the actors.
 - :data:`POOL_EVENTS` times every connection checkout of every engine the
   registry builds (wait histogram, pending gauge, timeouts, usage, physical connections),
-  through :data:`actors.registry.ENGINE_HOOKS`. It is process-wide.
+  through :data:`enginehouse.actors.registry.ENGINE_HOOKS`. It is process-wide.
 
 Labels carry a database id, an actor name or a bastion (``user@host:port``),
 never a URL with a password. Every name is listed in docs/metrics.md.
@@ -33,9 +33,9 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from actors.registry import ENGINE_HOOKS
-from app.errors import PoolExhaustedError
-from messages.registry import EnginePlan
+from enginehouse.actors.registry import ENGINE_HOOKS
+from enginehouse.errors import PoolExhaustedError
+from enginehouse.messages.registry import EnginePlan
 
 log = logging.getLogger("enginehouse.metrics")
 

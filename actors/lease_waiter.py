@@ -3,10 +3,10 @@
 A keeper must keep answering its mailbox, so it never blocks on a permit
 itself. When its budget is full (across the fleet in Redis, or across the
 process's managers in the embedded ledger), it tells this actor
-:class:`Want`; the actor then blocks (``BLMOVE`` in Redis, a queue ``get``
+:class:`StartWaiting`; the actor then blocks (``BLMOVE`` in Redis, a queue ``get``
 embedded; at most ``block`` seconds at a time) until a permit given back
-anywhere becomes this keeper's, and tells the keeper :class:`Waited`. It keeps
-waiting until the keeper tells it :class:`Enough`. There is no polling: a
+anywhere becomes this keeper's, and tells the keeper :class:`WaitEnded`. It keeps
+waiting until the keeper tells it :class:`StopWaiting`. There is no polling: a
 freed permit reaches the longest waiter at once (in Redis, in one round trip).
 """
 
@@ -18,15 +18,15 @@ from typing import Any, Protocol
 
 import pykka
 
-from app import fleet
-from messages.budget import Enough, Waited, Want
+from enginehouse import fleet
+from enginehouse.messages.budget import StopWaiting, WaitEnded, StartWaiting
 
 log = logging.getLogger("enginehouse.budget")
 
 
 class Channel(Protocol):
-    """What a waiter blocks on: a Redis client of its own (:class:`app.fleet.WaitChannel`)
-    or the process's embedded ledger (:class:`app.ledger.LocalLedger`). The waiter
+    """What a waiter blocks on: a Redis client of its own (:class:`enginehouse.fleet.WaitChannel`)
+    or the process's embedded ledger (:class:`enginehouse.ledger.LocalLedger`). The waiter
     closes it when it stops."""
 
     outage_errors: tuple[type[BaseException], ...]
@@ -62,17 +62,17 @@ class LeaseWaiter(pykka.ThreadingActor):
         self._block = block
         self._outage = channel.outage_errors
         self._wanted = False
-        self._armed = False  # a _Block is in our mailbox: Want must not queue a second one
+        self._armed = False  # a _Block is in our mailbox: StartWaiting must not queue a second one
 
     def on_stop(self) -> None:
         self._channel.close()
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, Want):
+        if isinstance(message, StartWaiting):
             self._wanted = True
             self._arm()
             return None
-        if isinstance(message, Enough):
+        if isinstance(message, StopWaiting):
             self._wanted = False
             return None
         if isinstance(message, _Block):
@@ -92,15 +92,15 @@ class LeaseWaiter(pykka.ThreadingActor):
             got = self._channel.wait(self._key, self._block)
         except self._outage:
             self._wanted = False
-            self._tell(Waited(self._key, got=False, failed=True))
+            self._tell(WaitEnded(self._key, got=False, failed=True))
             return
-        if not self._tell(Waited(self._key, got=got)) and got:
+        if not self._tell(WaitEnded(self._key, got=got)) and got:
             # The keeper stopped while we waited: nobody will give this permit back.
             with contextlib.suppress(*self._outage):
                 self._channel.untake(self._key)
         self._arm()
 
-    def _tell(self, message: Waited) -> bool:
+    def _tell(self, message: WaitEnded) -> bool:
         try:
             self._keeper.tell(message)
         except pykka.ActorDeadError:

@@ -1,7 +1,7 @@
 """The TunnelDirectory actor, and the hooks that connect tunnels to engines.
 
 The directory maps a bastion's fingerprint to its one
-:class:`~actors.tunnel.TunnelSupervisor`. Messages reach it one at a time, so
+:class:`~enginehouse.actors.tunnel_supervisor.TunnelSupervisor`. Messages reach it one at a time, so
 many databases that first use a bastion at once still start one supervisor,
 hence one SSH session. It stops its supervisors when it stops.
 
@@ -24,14 +24,14 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 
-from actors.policy import RestartPolicy
-from actors.registry import ENGINE_HOOKS, Snapshot
-from actors.supervisor import report_crash
-from actors.tunnel import HoldSession, Link, ReleaseSession, TunnelSupervisor
-from app.errors import TunnelError
-from messages.registry import EnginePlan
-from messages.supervision import WhereIs
-from messages.tunnel import (
+from enginehouse.actors.policy import RestartPolicy
+from enginehouse.actors.registry import ENGINE_HOOKS, Snapshot
+from enginehouse.actors.supervisor import report_crash
+from enginehouse.actors.tunnel_supervisor import HoldSession, Link, ReleaseSession, TunnelSupervisor
+from enginehouse.errors import TunnelError
+from enginehouse.messages.registry import EnginePlan
+from enginehouse.messages.supervision import WhereIs
+from enginehouse.messages.tunnel import (
     CheckHealth,
     EnsureConnected,
     Forwarded,

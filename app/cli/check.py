@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import literal_column, select, text
 from sqlalchemy.engine import Engine, make_url
 
-from app.errors import (
+from enginehouse.errors import (
     DriverNotInstalledError,
     EngineCreationError,
     EngineManagerError,
@@ -29,7 +29,7 @@ from app.errors import (
     PoolExhaustedError,
     TunnelError,
 )
-from app.specs import DatabaseSpec
+from enginehouse.specs import DatabaseSpec
 
 T = TypeVar("T")
 
@@ -184,7 +184,7 @@ def _steps(
     user: str | None = None,
     query: str | None = None,
 ) -> None:
-    from app.manager import EngineManager  # the actor system only starts when it is needed
+    from enginehouse.manager import EngineManager  # the actor system only starts when it is needed
 
     with checker.step("spec", _classify_spec) as step:
         _check_dialect(data)
