@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+import re
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from enginehouse.errors import ConfigurationError
 from enginehouse.fleet import check_url as check_fleet_url
@@ -45,6 +46,13 @@ Decryptor = Callable[[str], Any]
 """Stored ``encrypted_extra`` ciphertext -> its JSON text (or the decoded object)."""
 
 
+HOUR = 3600
+DAY = 24 * HOUR
+WEEK = 7 * DAY
+# Every duration is finite and bounded: NaN or Infinity would spin or overflow a wait
+# (threading refuses timeouts past threading.TIMEOUT_MAX), and no sane setting is near.
+
+
 class ManagerSettings(BaseSettings):
     """Every setting of :class:`~app.EngineManager`, with its default.
 
@@ -60,26 +68,26 @@ class ManagerSettings(BaseSettings):
         default=Mode.SINGLETON,
         description="singleton: cache engines per key; new: a NullPool engine per get()",
     )
-    idle_timeout: float = Field(default=300.0, gt=0, description="s an engine may stay unused")
-    max_engines: int = Field(default=256, ge=1, description="LRU bound on cached engines")
-    cleanup_interval: float = Field(default=30.0, gt=0, description="s between Janitor sweeps")
-    ask_timeout: float = Field(default=10.0, gt=0, description="s any actor call may take")
+    idle_timeout: float = Field(default=300.0, gt=0, le=WEEK, allow_inf_nan=False, description="s an engine may stay unused")
+    max_engines: int = Field(default=256, ge=1, le=1_000_000, description="LRU bound on cached engines")
+    cleanup_interval: float = Field(default=30.0, gt=0, le=DAY, allow_inf_nan=False, description="s between Janitor sweeps")
+    ask_timeout: float = Field(default=10.0, gt=0, le=HOUR, allow_inf_nan=False, description="s any actor call may take")
     connection_mutator: ImportString[ConnectionMutator] | None = Field(
         default=None, description="(url, engine_kwargs, *, user, source) -> (url, engine_kwargs)"
     )
-    restart_max: int = Field(default=5, ge=0, description="restarts allowed per restart_period")
+    restart_max: int = Field(default=5, ge=0, le=1_000_000, description="restarts allowed per restart_period")
     restart_period: float = Field(
-        default=60.0, gt=0, description="s window in which restart_max restarts are allowed"
+        default=60.0, gt=0, le=DAY, allow_inf_nan=False, description="s window in which restart_max restarts are allowed"
     )
-    restart_backoff: float = Field(default=0.05, ge=0, description="first restart delay, s")
+    restart_backoff: float = Field(default=0.05, ge=0, le=HOUR, allow_inf_nan=False, description="first restart delay, s")
     restart_backoff_max: float = Field(
-        default=2.0, ge=0, description="cap of the doubling restart delay, s"
+        default=2.0, ge=0, le=HOUR, allow_inf_nan=False, description="cap of the doubling restart delay, s"
     )
     tunnel_idle_timeout: float = Field(
-        default=600.0, gt=0, description="s an SSH session with no open channel stays up"
+        default=600.0, gt=0, le=WEEK, allow_inf_nan=False, description="s an SSH session with no open channel stays up"
     )
     tunnel_connect_timeout: float = Field(
-        default=5.0, gt=0, description="s each step of opening an SSH session may take"
+        default=5.0, gt=0, le=HOUR, allow_inf_nan=False, description="s each step of opening an SSH session may take"
     )
     # -- parity with Superset's manager (see docs/security.md, docs/adapters.md) --
     uri_validator: ImportString[UriValidator] | None = Field(
@@ -107,10 +115,10 @@ class ManagerSettings(BaseSettings):
     )
     # -- connection budgets and fleet mode (see docs/fleet.md) --
     default_max_connections: int | None = Field(
-        default=None, ge=1, description="per-database connection cap when extra sets none"
+        default=None, ge=1, le=100_000, description="per-database connection cap when extra sets none"
     )
     max_tunnels_per_bastion: int | None = Field(
-        default=None, ge=1, description="SSH sessions allowed at once per bastion"
+        default=None, ge=1, le=10_000, description="SSH sessions allowed at once per bastion"
     )
     fleet_url: SecretStr | None = Field(
         default=None, description="redis://host:port/db: budgets hold across processes"
@@ -119,7 +127,7 @@ class ManagerSettings(BaseSettings):
         default="closed", description="without Redis: refuse new connections, or a local share"
     )
     fleet_lease_ttl: float = Field(
-        default=90.0, gt=0, description="s a fleet lease outlives its last renewal"
+        default=90.0, gt=0, le=WEEK, allow_inf_nan=False, description="s a fleet lease outlives its last renewal"
     )
     fleet_prefix: str = Field(
         default="enginehouse",
@@ -150,6 +158,8 @@ class ManagerSettings(BaseSettings):
         """Validate settings, raising :class:`ConfigurationError` naming the setting."""
         try:
             return cls(**values)
+        except SettingsError as exc:  # an ENGINEHOUSE_* variable that does not parse
+            raise ConfigurationError(_env_field(str(exc)), "cannot parse its value") from None
         except ValidationError as exc:
             first = exc.errors(include_input=False, include_url=False)[0]
             cause = first.get("ctx", {}).get("error")
@@ -157,3 +167,9 @@ class ManagerSettings(BaseSettings):
                 raise ConfigurationError(cause.field, cause.reason) from None
             field = ".".join(str(part) for part in first["loc"]) or "settings"
             raise ConfigurationError(field, first["msg"]) from None
+
+
+def _env_field(message: str) -> str:
+    """The setting a pydantic-settings parse error names (``error parsing value for field "x"``)."""
+    match = re.search(r'field "([a-z_]+)"', message)
+    return match.group(1) if match else "environment"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -32,9 +33,24 @@ from enginehouse.errors import EngineManagerError, InvalidSpecError
 POOL_CLASSES = ("queue", "singleton", "assertion", "null", "static")
 """Names accepted in ``extra.engine_params.poolclass`` (Superset's vocabulary)."""
 
-# Integer pool arguments and the smallest value SQLAlchemy accepts for each.
-_POOL_INT_MINIMUM = {"pool_size": 0, "max_overflow": -1, "pool_recycle": -1}
-_POOL_FLOAT_MINIMUM = {"pool_timeout": 0.0}
+DAY = 86_400
+# Numeric engine parameters: (integers only?, smallest, largest). SQLAlchemy takes any
+# number, but NaN makes a full pool's checkout spin, Infinity overflows a wait or a
+# budget; the upper bounds are far above any sane setting and far below an overflow.
+ENGINE_NUMBERS: dict[str, tuple[bool, float, float]] = {
+    "pool_size": (True, 0, 10_000),
+    "max_overflow": (True, -1, 10_000),
+    "pool_recycle": (False, -1, 365 * DAY),
+    "pool_timeout": (False, 0, DAY),
+}
+MAX_CONNECTIONS = 100_000
+"""Largest ``extra.max_connections`` (a connection budget)."""
+CONNECT_TIMEOUT_MAX = DAY
+"""Largest numeric ``connect_args`` value whose name ends in ``timeout`` (seconds)."""
+MAX_DEPTH = 32
+"""How deeply ``extra`` and ``encrypted_extra`` may nest objects and arrays."""
+_INT_RANGE = 2**63
+"""Integers in ``extra`` must fit a signed 64-bit integer (JSON readers beyond Python agree)."""
 
 
 def raise_invalid(exc: ValidationError, prefix: str = "") -> InvalidSpecError:
@@ -178,7 +194,11 @@ class DatabaseSpec(_Spec):
         if value is None or value == "":
             return None
         if isinstance(value, dict):
-            return SecretStr(json.dumps(value))
+            check_json_tree(value, "encrypted_extra", name_keys=False)
+            try:
+                return SecretStr(json.dumps(value))
+            except (TypeError, ValueError):  # the message may quote a secret value
+                raise ValueError("must hold JSON values only") from None
         if isinstance(value, SecretStr | str):
             text = value.get_secret_value() if isinstance(value, SecretStr) else value
             _reject_non_object_json(text)
@@ -191,12 +211,10 @@ class DatabaseSpec(_Spec):
         if value is None or value == "":
             return {}
         if isinstance(value, str | bytes):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
+            value = load_json(value, "extra")
         if not isinstance(value, dict):
             raise ValueError(f"must be a JSON object, got {type(value).__name__}")
+        check_json_tree(value, "extra")
         return value
 
     @field_validator("extra")
@@ -244,8 +262,10 @@ class DatabaseSpec(_Spec):
             value = value.get_secret_value()
         if isinstance(value, str | bytes):
             try:
-                value = json.loads(value)
-            except ValueError:
+                value = load_json(value, "encrypted_extra")
+            except InvalidSpecError as exc:
+                if "not valid JSON" not in exc.reason:
+                    raise
                 raise InvalidSpecError(
                     "encrypted_extra",
                     "not valid JSON (set encrypted_extra_decryptor if it is ciphertext)",
@@ -254,6 +274,7 @@ class DatabaseSpec(_Spec):
             raise InvalidSpecError(
                 "encrypted_extra", f"must be a JSON object, got {type(value).__name__}"
             )
+        check_json_tree(value, "encrypted_extra", name_keys=False)
         return value
 
     @property
@@ -284,10 +305,7 @@ def _check_max_connections(cap: Any) -> None:
     """``extra["max_connections"]``, the database's connection budget: an integer >= 1."""
     if cap is None:
         return
-    if isinstance(cap, bool) or not isinstance(cap, int):
-        raise InvalidSpecError("extra.max_connections", "must be an integer")
-    if cap < 1:
-        raise InvalidSpecError("extra.max_connections", "must be >= 1")
+    check_number(cap, "extra.max_connections", 1, MAX_CONNECTIONS, integral=True)
 
 
 def check_engine_params(params: dict[str, Any]) -> None:
@@ -298,14 +316,9 @@ def check_engine_params(params: dict[str, Any]) -> None:
         raise InvalidSpecError(
             prefix + "poolclass", f"unknown pool class {poolclass!r}; use one of {POOL_CLASSES}"
         )
-    for name, minimum in {**_POOL_INT_MINIMUM, **_POOL_FLOAT_MINIMUM}.items():
-        if name not in params:
-            continue
-        number = params[name]
-        if isinstance(number, bool) or not isinstance(number, int | float):
-            raise InvalidSpecError(prefix + name, "must be a number")
-        if number < minimum:
-            raise InvalidSpecError(prefix + name, f"must be >= {minimum}")
+    for name, (integral, low, high) in ENGINE_NUMBERS.items():
+        if name in params:
+            check_number(params[name], prefix + name, low, high, integral=integral)
     if poolclass in ("null", "static", "assertion"):
         for name in ("pool_size", "max_overflow", "pool_timeout"):
             if name in params:
@@ -315,16 +328,77 @@ def check_engine_params(params: dict[str, Any]) -> None:
     connect_args = params.get("connect_args", {})
     if not isinstance(connect_args, dict):
         raise InvalidSpecError(prefix + "connect_args", "must be a JSON object")
+    for name, value in connect_args.items():
+        # Drivers take timeouts as numbers or text ("10"); a number must be one they can wait.
+        if str(name).endswith("timeout") and isinstance(value, int | float):
+            field = f"{prefix}connect_args.{name}"
+            check_number(value, field, 0, CONNECT_TIMEOUT_MAX, integral=False)
+
+
+def check_number(value: Any, field: str, low: float, high: float, *, integral: bool) -> None:
+    """A finite number (an integer if ``integral``) in ``[low, high]``, or an error naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidSpecError(field, "must be an integer" if integral else "must be a number")
+    if integral and not isinstance(value, int):
+        raise InvalidSpecError(field, "must be an integer")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidSpecError(field, "must be a finite number (not NaN or Infinity)")
+    if value < low:
+        raise InvalidSpecError(field, f"must be >= {low:g}")
+    if value > high:
+        raise InvalidSpecError(field, f"must be <= {high:g}")
+
+
+def load_json(text: str | bytes, field: str) -> Any:
+    """Parse JSON text; bad text, overlong integers and deep nesting name ``field``.
+
+    ``NaN`` and ``Infinity`` parse (as Python does): :func:`check_json_tree` then names them.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidSpecError(field, f"not valid JSON ({exc.msg} at char {exc.pos})") from None
+    except RecursionError:
+        raise InvalidSpecError(field, f"nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError):  # an integer beyond Python's digit limit, bad UTF-8
+        raise InvalidSpecError(field, "not valid JSON (bad number or encoding)") from None
+
+
+def check_json_tree(value: Any, field: str, *, name_keys: bool = True) -> None:
+    """Refuse NaN/Infinity, integers beyond 64 bits, non-text keys and nesting past MAX_DEPTH.
+
+    With ``name_keys=False`` (secret documents) errors name ``field`` only, never a key.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, field, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        where = path if name_keys else field
+        if depth > MAX_DEPTH:
+            raise InvalidSpecError(field, f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise InvalidSpecError(where, "must be a finite number (not NaN or Infinity)")
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) >= _INT_RANGE:
+            raise InvalidSpecError(where, "integer out of range (64 bits)")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise InvalidSpecError(where, "object keys must be strings")
+                stack.append((child, f"{path}.{key}", depth + 1))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
 
 
 def _reject_non_object_json(text: str) -> None:
     # JSON is checked now; text that does not parse may be ciphertext (checked on use).
     try:
-        value = json.loads(text)
-    except ValueError:
-        return
+        value = load_json(text, "encrypted_extra")
+    except InvalidSpecError as exc:
+        if "not valid JSON" in exc.reason:
+            return
+        raise
     if not isinstance(value, dict):
         raise ValueError(f"must be a JSON object, got {type(value).__name__}")
+    check_json_tree(value, "encrypted_extra", name_keys=False)
 
 
 def _reveal(secret: SecretStr | None) -> str | None:

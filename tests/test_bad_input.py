@@ -225,3 +225,140 @@ def test_settings_object_and_keywords_together() -> None:
 
     with pytest.raises(EngineManagerError):
         EngineManager(ManagerSettings.build(), mode="new")
+
+
+# -- issue 13 item 2: non-finite and out-of-range numbers name their field -----------------
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("number", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "field",
+    ["pool_size", "max_overflow", "pool_timeout", "pool_recycle", "connect_args.connect_timeout"],
+)
+def test_non_finite_engine_param_is_refused(
+    number: float, field: str, manager: EngineManager, pg_spec: DatabaseSpec
+) -> None:
+    params: dict[str, Any] = {}
+    if field.startswith("connect_args."):
+        params["connect_args"] = {field.split(".", 1)[1]: number}
+    else:
+        params[field] = number
+    error = spec_error({"id": 1, "uri": PG, "extra": {"engine_params": params}})
+    assert error.field == f"extra.engine_params.{field}"
+    still_serves(manager, pg_spec)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"engine_params": {"pool_timeout": NaN}}', "extra.engine_params.pool_timeout"),
+        ('{"engine_params": {"pool_size": Infinity}}', "extra.engine_params.pool_size"),
+        ('{"engine_params": {"pool_recycle": -Infinity}}', "extra.engine_params.pool_recycle"),
+        ('{"max_connections": NaN}', "extra.max_connections"),
+        ('{"max_connections": 1e400}', "extra.max_connections"),
+        ('{"metadata_params": {"x": [1, NaN]}}', "extra.metadata_params.x[1]"),
+        ('{"engine_params": {"pool_size": 100000000000000000000}}', "extra.engine_params.pool_size"),
+        ('{"max_connections": 100000000000000000000000}', "extra.max_connections"),
+        ('{"engine_params": {"max_overflow": 1000001}}', "extra.engine_params.max_overflow"),
+        ('{"engine_params": {"pool_timeout": 1e12}}', "extra.engine_params.pool_timeout"),
+        ('{"engine_params": {"pool_size": 2.5}}', "extra.engine_params.pool_size"),
+        ('{"x": 1' + "0" * 5000 + "}", "extra"),  # past Python's integer digit limit
+        ('{"x": ' + "[" * 40 + "]" * 40 + "}", "extra"),  # nested deeper than 32
+        ("[" * 100_000, "extra"),  # json.loads would raise RecursionError
+    ],
+)
+def test_bad_numbers_in_extra_json_text_name_the_field(
+    text: str, field: str, manager: EngineManager, pg_spec: DatabaseSpec
+) -> None:
+    error = spec_error({"id": 1, "uri": PG, "extra": text})
+    assert error.field == field
+    still_serves(manager, pg_spec)
+
+
+@pytest.mark.parametrize("number", [*NON_FINITE, 10**30, 0, True])
+def test_bad_max_connections_is_refused(number: object) -> None:
+    error = spec_error({"id": 1, "uri": PG, "extra": {"max_connections": number}})
+    assert error.field == "extra.max_connections"
+
+
+@pytest.mark.parametrize(
+    "encrypted",
+    [
+        '{"engine_params": {"pool_timeout": NaN}}',
+        {"engine_params": {"connect_args": {SECRET: float("inf")}}},
+        {"engine_params": {"connect_args": {"password": object()}}},
+    ],
+)
+def test_bad_numbers_in_encrypted_extra_never_name_a_key(encrypted: object) -> None:
+    error = spec_error({"id": 1, "uri": PG, "encrypted_extra": encrypted})
+    assert error.field == "encrypted_extra"
+
+
+def test_out_of_range_pool_timeout_in_encrypted_extra_names_the_field(
+    manager: EngineManager,
+) -> None:
+    spec = DatabaseSpec(
+        id=1, uri=PG, encrypted_extra={"engine_params": {"pool_timeout": 10**9}}
+    )
+    with pytest.raises(InvalidSpecError) as info:
+        manager.get(spec)
+    assert info.value.field == "encrypted_extra.engine_params.pool_timeout"
+
+
+def test_in_range_numbers_still_work(manager: EngineManager) -> None:
+    spec = DatabaseSpec(
+        id="bounds",
+        uri=PG,
+        extra='{"engine_params": {"pool_size": 2, "max_overflow": -1, "pool_timeout": 2.5,'
+        ' "pool_recycle": 3600.0, "connect_args": {"connect_timeout": 5}}, "max_connections": 4}',
+    )
+    with manager.connect(spec) as conn:
+        assert conn.execute(text("select 1")).scalar() == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("idle_timeout", float("inf")),
+        ("idle_timeout", float("nan")),
+        ("cleanup_interval", float("inf")),
+        ("ask_timeout", float("nan")),
+        ("ask_timeout", 1e300),
+        ("restart_period", float("inf")),
+        ("restart_backoff", float("nan")),
+        ("restart_backoff_max", float("inf")),
+        ("tunnel_idle_timeout", float("inf")),
+        ("tunnel_connect_timeout", float("-inf")),
+        ("fleet_lease_ttl", float("nan")),
+        ("max_engines", 10**40),
+        ("restart_max", 10**40),
+        ("default_max_connections", 10**40),
+        ("max_tunnels_per_bastion", 10**40),
+        ("max_engines", float("inf")),
+    ],
+)
+def test_non_finite_and_huge_settings_are_refused(name: str, value: object) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        EngineManager(**{name: value})
+    assert info.value.field == name
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("ENGINEHOUSE_ASK_TIMEOUT", "Infinity", "ask_timeout"),
+        ("ENGINEHOUSE_IDLE_TIMEOUT", "nan", "idle_timeout"),
+        ("ENGINEHOUSE_CLEANUP_INTERVAL", "inf", "cleanup_interval"),
+        ("ENGINEHOUSE_MAX_ENGINES", "9" * 50, "max_engines"),
+        ("ENGINEHOUSE_DENIED_DIALECTS", "not json", "denied_dialects"),
+    ],
+)
+def test_bad_numbers_from_the_environment_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as info:
+        EngineManager()
+    assert info.value.field == field
