@@ -35,10 +35,10 @@ from typing import Any
 
 import pykka
 
+from enginehouse import fleet, ledger
+from enginehouse.actors.lease_waiter import Channel, LeaseWaiter
 from enginehouse.actors.pools import ShareBoard, close_idle, limit_pool
 from enginehouse.actors.supervisor import report_crash
-from enginehouse.actors.lease_waiter import Channel, LeaseWaiter
-from enginehouse import fleet, ledger
 from enginehouse.errors import FleetUnavailableError, ManagerShutDownError, PoolExhaustedError
 from enginehouse.ledger import LocalLedger
 from enginehouse.messages.budget import (
@@ -46,14 +46,14 @@ from enginehouse.messages.budget import (
     Attach,
     BudgetStatus,
     Cancel,
-    StopWaiting,
     GetBudgetStats,
     Lease,
+    RecomputeShare,
     Release,
     Renew,
-    RecomputeShare,
-    WaitEnded,
     StartWaiting,
+    StopWaiting,
+    WaitEnded,
 )
 
 log = logging.getLogger("enginehouse.budget")

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import pykka
 
 from enginehouse import fleet
-from enginehouse.messages.budget import StopWaiting, WaitEnded, StartWaiting
+from enginehouse.messages.budget import StartWaiting, StopWaiting, WaitEnded
 
 log = logging.getLogger("enginehouse.budget")
 

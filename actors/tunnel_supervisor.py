@@ -28,7 +28,6 @@ from enginehouse.actors.forwarder import ChannelOpener, PortForward
 from enginehouse.actors.policy import RestartLedger, RestartPolicy
 from enginehouse.actors.ssh import connect, load_private_key
 from enginehouse.errors import EngineManagerError, PoolExhaustedError, TunnelError
-from enginehouse.specs import SSHTunnelSpec
 from enginehouse.messages.tunnel import (
     CheckHealth,
     CloseTunnel,
@@ -41,6 +40,7 @@ from enginehouse.messages.tunnel import (
     ReleaseForwards,
     TunnelStats,
 )
+from enginehouse.specs import SSHTunnelSpec
 
 log = logging.getLogger("enginehouse.tunnel")
 

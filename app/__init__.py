@@ -39,7 +39,6 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "__version__",
     "DatabaseSpec",
     "DefaultEngines",
     "EngineManager",
@@ -48,6 +47,7 @@ __all__ = [
     "ManagerStats",
     "Mode",
     "SSHTunnelSpec",
+    "__version__",
     "engines",
 ]
 

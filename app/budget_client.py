@@ -27,17 +27,21 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
-from enginehouse.actors.budget_keeper import BudgetKeeper
-from enginehouse.actors.disconnect_watcher import SERVER_GONE_WAIT, DisconnectWatcher, close_watching, wait_until_gone
-from enginehouse.actors.pools import ShareBoard, drop_if_surplus, limit_pool, prepare_pool
 from enginehouse import fleet, forking
+from enginehouse.actors.budget_keeper import BudgetKeeper
+from enginehouse.actors.disconnect_watcher import (
+    SERVER_GONE_WAIT,
+    DisconnectWatcher,
+    close_watching,
+    wait_until_gone,
+)
+from enginehouse.actors.pools import ShareBoard, drop_if_surplus, limit_pool, prepare_pool
 from enginehouse.errors import (
     ActorTimeoutError,
     ActorUnavailableError,
     ConfigurationError,
     PoolExhaustedError,
 )
-from enginehouse.settings import ManagerSettings
 from enginehouse.messages.budget import (
     Acquire,
     Attach,
@@ -51,6 +55,7 @@ from enginehouse.messages.budget import (
 from enginehouse.messages.budget import Release as ReleaseMessage
 from enginehouse.messages.registry import EnginePlan
 from enginehouse.messages.supervision import WhereIs
+from enginehouse.settings import ManagerSettings
 
 log = logging.getLogger("enginehouse.budget")
 

@@ -15,8 +15,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from enginehouse.errors import ManagerShutDownError
 from enginehouse.manager import EngineManager
-from enginehouse.single_flight import SingleFlight
 from enginehouse.settings import ManagerSettings
+from enginehouse.single_flight import SingleFlight
 from enginehouse.specs import DatabaseSpec
 from enginehouse.stats import ManagerStats
 

@@ -23,6 +23,7 @@ import pykka
 from pydantic import SecretStr
 from sqlalchemy.engine import Connection, Engine
 
+from enginehouse import credentials, forking
 from enginehouse.actors import (
     ChildSpec,
     EngineRegistry,
@@ -33,8 +34,12 @@ from enginehouse.actors import (
     Supervisor,
     count_value,
 )
-from enginehouse.actors.tunnel_directory import TunnelDirectory, TunnelHealthRound, TunnelPreparer, directory_lookup
-from enginehouse import credentials, forking
+from enginehouse.actors.tunnel_directory import (
+    TunnelDirectory,
+    TunnelHealthRound,
+    TunnelPreparer,
+    directory_lookup,
+)
 from enginehouse.budget_client import Budgets
 from enginehouse.errors import (
     ActorTimeoutError,
@@ -42,12 +47,6 @@ from enginehouse.errors import (
     InvalidSpecError,
     ManagerShutDownError,
 )
-from enginehouse.single_flight import SingleFlight
-from enginehouse.plan import build_plan, request_key
-from enginehouse.safety import check_uri
-from enginehouse.settings import ManagerSettings, Mode
-from enginehouse.specs import DatabaseSpec
-from enginehouse.stats import ActorStats, BudgetStats, EngineStats, ManagerStats
 from enginehouse.messages.janitor import Tick
 from enginehouse.messages.registry import (
     BuildUncached,
@@ -59,8 +58,19 @@ from enginehouse.messages.registry import (
     RegistryStats,
     RequestKey,
 )
-from enginehouse.messages.supervision import GetSupervisionStats, StopChildren, SupervisionStats, WhereIs
+from enginehouse.messages.supervision import (
+    GetSupervisionStats,
+    StopChildren,
+    SupervisionStats,
+    WhereIs,
+)
 from enginehouse.messages.tunnel import GetTunnelStats, ReleaseForwards
+from enginehouse.plan import build_plan, request_key
+from enginehouse.safety import check_uri
+from enginehouse.settings import ManagerSettings, Mode
+from enginehouse.single_flight import SingleFlight
+from enginehouse.specs import DatabaseSpec
+from enginehouse.stats import ActorStats, BudgetStats, EngineStats, ManagerStats
 
 log = logging.getLogger("enginehouse.manager")
 

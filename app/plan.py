@@ -17,9 +17,9 @@ from sqlalchemy.engine import URL
 from enginehouse import credentials
 from enginehouse.adapters import DialectAdapter, adapter_for, merge_encrypted_extra
 from enginehouse.errors import EngineCreationError, EngineManagerError, InvalidSpecError
+from enginehouse.messages.registry import EnginePlan, RequestKey
 from enginehouse.settings import ManagerSettings, Mode
 from enginehouse.specs import DatabaseSpec, check_engine_params
-from enginehouse.messages.registry import EnginePlan, RequestKey
 
 POOL_CLASS_BY_NAME: dict[str, type[sa_pool.Pool]] = {
     "queue": sa_pool.QueuePool,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from enginehouse.settings import Mode
 from enginehouse.messages.tunnel import TunnelStats
+from enginehouse.settings import Mode
 
 
 class EngineStats(BaseModel):

@@ -31,8 +31,6 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, text
 
-from enginehouse import DatabaseSpec, EngineManager
-from enginehouse.budget_client import close_and_wait
 from benchmarks.common import (
     ConnectionSampler,
     interleave,
@@ -40,6 +38,8 @@ from benchmarks.common import (
     utc_now,
     write_results,
 )
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.budget_client import close_and_wait
 
 PG_URI = os.environ.get(
     "ENGINEHOUSE_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

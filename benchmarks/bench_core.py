@@ -30,9 +30,6 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
-from enginehouse import DatabaseSpec, EngineManager
-from enginehouse.default import DefaultEngines
-from enginehouse.plan import build_plan, request_key
 from benchmarks.common import (
     PLOTS_DIR,
     Ratio,
@@ -47,6 +44,9 @@ from benchmarks.common import (
     utc_now,
     write_results,
 )
+from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.default import DefaultEngines
+from enginehouse.plan import build_plan, request_key
 
 PG_URI = os.environ.get(
     "ENGINEHOUSE_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -29,9 +29,6 @@ import pykka
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from enginehouse.actors.policy import RestartPolicy
-from enginehouse.actors.tunnel_supervisor import TunnelSupervisor
-from enginehouse import DatabaseSpec, EngineManager, SSHTunnelSpec
 from benchmarks.common import (
     PLOTS_DIR,
     ROOT,
@@ -41,6 +38,9 @@ from benchmarks.common import (
     utc_now,
     write_results,
 )
+from enginehouse import DatabaseSpec, EngineManager, SSHTunnelSpec
+from enginehouse.actors.policy import RestartPolicy
+from enginehouse.actors.tunnel_supervisor import TunnelSupervisor
 from enginehouse.messages.tunnel import CloseTunnel, EnsureConnected, Forwarded, OpenForward
 
 sys.path.insert(0, str(ROOT / "tests"))

@@ -9,11 +9,19 @@ the Janitor's round and reports :class:`TunnelStats`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from enginehouse.actors.tunnel_supervisor import Link
     from enginehouse.specs import SSHTunnelSpec
+
+
+class TransportLink(Protocol):
+    """What a :class:`Forwarded` answer exposes of the bastion's transport (the tunnel
+    supervisor's ``Link``): its name and whether the transport is up right now."""
+
+    bastion: str
+
+    def active(self) -> bool: ...
 
 Owner = int | str
 """Who uses a forward: a database id."""
@@ -49,7 +57,7 @@ class Forwarded:
     """
 
     local_port: int
-    link: Link
+    link: TransportLink
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pytest
 
 from enginehouse import DatabaseSpec, EngineManager
 
-pytest_plugins: list[str] = ["secret_scan", "sshd_fixtures", "fleet_fixtures", "pgbouncer_fixtures"]
+pytest_plugins: list[str] = ["service_rule", "secret_scan", "sshd_fixtures", "fleet_fixtures", "pgbouncer_fixtures"]
 
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")

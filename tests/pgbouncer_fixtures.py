@@ -33,11 +33,16 @@ def pgbouncer_binary() -> str:
     found = shutil.which("pgbouncer")
     if found:
         return found
-    subprocess.run(["sh", str(ROOT / "scripts" / "install-pgbouncer.sh")], check=True, timeout=600)
+    from service_rule import service_unavailable
+
+    try:
+        subprocess.run(["sh", str(ROOT / "scripts" / "install-pgbouncer.sh")], check=True, timeout=600)
+    except (subprocess.SubprocessError, OSError) as exc:
+        service_unavailable("pgbouncer", f"scripts/install-pgbouncer.sh failed ({exc})")
     for path in CANDIDATES:
         if os.path.exists(path):
             return path
-    raise RuntimeError("pgbouncer is still missing after scripts/install-pgbouncer.sh")
+    service_unavailable("pgbouncer", "still missing after scripts/install-pgbouncer.sh")
 
 
 def _free_port() -> int:

@@ -37,7 +37,12 @@ KEY_PASSPHRASE = "key-phrase-4567"
 
 def install_sshd() -> None:
     """Run the project's install script (apt-get only when sshd is missing)."""
-    subprocess.run(["bash", str(ROOT / "scripts" / "install-sshd.sh")], check=True, timeout=600)
+    try:
+        subprocess.run(["bash", str(ROOT / "scripts" / "install-sshd.sh")], check=True, timeout=600)
+    except (subprocess.SubprocessError, OSError) as exc:
+        from service_rule import service_unavailable
+
+        service_unavailable("sshd", f"scripts/install-sshd.sh failed ({exc})")
 
 
 def free_port() -> int:

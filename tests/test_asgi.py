@@ -14,9 +14,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from enginehouse import DatabaseSpec, EngineManager
-from enginehouse.integrations.asgi import engine_manager, lifespan, make_lifespan
 from enginehouse.errors import ConfigurationError
+from enginehouse.integrations.asgi import engine_manager, lifespan, make_lifespan
 from enginehouse.integrations.metrics import disable_pool_events
+
+pytestmark = pytest.mark.services("postgres")
 
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SPEC = DatabaseSpec(id=21, uri=PG, extra={"engine_params": {"pool_size": 2}})

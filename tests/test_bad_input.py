@@ -20,7 +20,7 @@ from enginehouse.errors import (
     ManagerShutDownError,
 )
 
-pytestmark = pytest.mark.usefixtures("sqlite_files_allowed")
+pytestmark = [pytest.mark.usefixtures("sqlite_files_allowed"), pytest.mark.services("postgres", "mariadb")]
 
 SECRET = "s3cr3t-pw"
 PG = f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:5432/test"

@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 
-from enginehouse import DatabaseSpec
-from enginehouse.default import DefaultEngines
 from benchmarks import bench_core, common
 from benchmarks.common import Ratio, Result
+from enginehouse import DatabaseSpec
+from enginehouse.default import DefaultEngines
 from tests.conftest import PG_URI
+
+pytestmark = pytest.mark.services("postgres", "redis")
 
 TINY = bench_core.Scale(
     hit_rounds=3, facade_rounds=3, miss_rounds=2, miss_batch=2, mode_seconds=0.2, mode_repeats=1

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import redis
 
+pytestmark = pytest.mark.services("postgres", "redis")
+
 BROKER = "redis://127.0.0.1:6379/5"
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

@@ -20,6 +20,8 @@ from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.cli.main import main
 from enginehouse.integrations.metrics import disable_pool_events, start_metrics_server
 
+pytestmark = pytest.mark.services("postgres", "mariadb")
+
 ROOT = Path(__file__).resolve().parent.parent
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PASSWORD = "s3cr3t-pw"  # the server trusts loopback, so any password works; none may be printed

@@ -13,13 +13,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from enginehouse.actors import EngineRegistry
 from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.actors import EngineRegistry
 from enginehouse.errors import EngineManagerError
 from enginehouse.messages.registry import BuildUncached, GetEngine
 from enginehouse.messages.supervision import WhereIs
 
-pytestmark = pytest.mark.usefixtures("sqlite_files_allowed")
+pytestmark = [pytest.mark.usefixtures("sqlite_files_allowed"), pytest.mark.services("postgres")]
 
 THREADS = 48
 T = TypeVar("T")

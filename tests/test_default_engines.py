@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 
 import enginehouse.default
-from enginehouse.actors import Supervisor
 from enginehouse import DatabaseSpec, DefaultEngines, EngineManager, Mode, engines
+from enginehouse.actors import Supervisor
 from enginehouse.errors import ConfigurationError
 
 pytestmark = pytest.mark.usefixtures("sqlite_files_allowed")

@@ -15,8 +15,8 @@ from typing import Any
 import pykka
 import pytest
 
-from enginehouse.actors.disconnect_watcher import DisconnectWatcher
 from enginehouse import EngineManager
+from enginehouse.actors.disconnect_watcher import DisconnectWatcher
 from enginehouse.messages.budget import Lease, WatchClose
 
 LEASE = Lease("db:closer-test", "p|1", 0)

@@ -16,9 +16,16 @@ from secret_scan import assert_no_secret, register_secret
 from sqlalchemy import text
 
 from enginehouse.errors import ConfigurationError
-from enginehouse.integrations.flask import EXTENSION_KEY, EngineManagerExtension, get_sqla_engine, to_spec
+from enginehouse.integrations.flask import (
+    EXTENSION_KEY,
+    EngineManagerExtension,
+    get_sqla_engine,
+    to_spec,
+)
 from enginehouse.integrations.metrics import disable_pool_events
 from enginehouse.settings import Mode
+
+pytestmark = pytest.mark.services("postgres")
 
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PASSWORD = "s3cr3t-pw"

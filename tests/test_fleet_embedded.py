@@ -13,6 +13,8 @@ from sqlalchemy import text
 from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.errors import ConfigurationError, InvalidSpecError, PoolExhaustedError
 
+pytestmark = pytest.mark.services("postgres", "redis")
+
 
 @pytest.fixture
 def budget_manager() -> Iterator[EngineManager]:

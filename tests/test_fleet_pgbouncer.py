@@ -5,11 +5,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
 from fleet_fixtures import SHARED_REDIS, unique
 from pgbouncer_fixtures import PgBouncer
 from sqlalchemy import text
 
 from enginehouse import DatabaseSpec, EngineManager
+
+pytestmark = pytest.mark.services("postgres", "redis")
 
 DOUBLE = text("SELECT CAST(:n AS int) * 2")
 

@@ -19,6 +19,8 @@ from sqlalchemy import text
 
 from enginehouse import DatabaseSpec, EngineManager
 
+pytestmark = pytest.mark.services("postgres")
+
 SETTINGS = {"cleanup_interval": 60, "ask_timeout": 10}
 
 

@@ -35,6 +35,8 @@ from sqlalchemy import text
 from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.errors import FleetUnavailableError
 
+pytestmark = pytest.mark.services("postgres", "redis")
+
 # Short rounds so that rebalancing and recovery happen within a test (production: 30 s).
 # A lease must outlive the longest stall of its process's renewals: under a load of
 # several processes starting at once on 2 cores, 2 s is not always enough, so only the

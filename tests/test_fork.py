@@ -16,6 +16,8 @@ from sqlalchemy.engine import Engine
 
 from enginehouse import DatabaseSpec, EngineManager, engines
 
+pytestmark = pytest.mark.services("postgres")
+
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CHILD_DEADLINE = 60.0
 

@@ -15,6 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+pytestmark = pytest.mark.services("postgres")
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 DEADLINE = 90.0

@@ -17,6 +17,8 @@ from sqlalchemy.engine import Engine
 from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.errors import InvalidSpecError
 
+pytestmark = pytest.mark.services("postgres")
+
 
 def test_cached_engine_has_no_statement_events(
     manager: EngineManager, pg_spec: DatabaseSpec

@@ -14,9 +14,11 @@ import pytest
 import redis
 from fleet_fixtures import SHARED_REDIS
 
-from enginehouse.actors.lease_waiter import LeaseWaiter
 from enginehouse import fleet
-from enginehouse.messages.budget import StopWaiting, WaitEnded, StartWaiting
+from enginehouse.actors.lease_waiter import LeaseWaiter
+from enginehouse.messages.budget import StartWaiting, StopWaiting, WaitEnded
+
+pytestmark = pytest.mark.services("redis")
 
 BUDGET = "db:waiter-test"
 TTL = 30.0

@@ -12,6 +12,8 @@ from sqlalchemy import text
 from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.errors import EngineCreationError
 
+pytestmark = pytest.mark.services("postgres")
+
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PASSWORD = "s3cr3t-pw"
 register_secret(PASSWORD)

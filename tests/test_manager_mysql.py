@@ -12,6 +12,8 @@ from sqlalchemy import text
 from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.errors import InvalidSpecError
 
+pytestmark = pytest.mark.services("mariadb")
+
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 SCHEMA = "enginehouse_schema"
 

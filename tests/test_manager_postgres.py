@@ -15,6 +15,8 @@ from sqlalchemy import text
 
 from enginehouse import DatabaseSpec, EngineManager
 
+pytestmark = pytest.mark.services("postgres")
+
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CATALOG = "enginehouse_cat"
 SCHEMAS = ("enginehouse_s1", "enginehouse_s2")

@@ -19,7 +19,14 @@ from secret_scan import assert_no_secret, register_secret
 
 from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.errors import PoolExhaustedError
-from enginehouse.integrations.metrics import MetricsServer, disable_pool_events, registry_for, start_metrics_server
+from enginehouse.integrations.metrics import (
+    MetricsServer,
+    disable_pool_events,
+    registry_for,
+    start_metrics_server,
+)
+
+pytestmark = pytest.mark.services("postgres", "redis")
 
 PG_HOST_URI = os.environ.get(
     "ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

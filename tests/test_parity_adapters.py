@@ -31,6 +31,8 @@ from enginehouse.adapters import (
 )
 from enginehouse.errors import DriverNotInstalledError, InvalidSpecError
 
+pytestmark = pytest.mark.services("postgres", "mariadb")
+
 TRINO = make_url("trino://svc@trino.example:8443/hive/default")
 ADJUST = {"catalog": None, "schema": None, "user": None, "access_token": None}
 

@@ -13,6 +13,8 @@ from sqlalchemy.engine import Connection
 
 from enginehouse import DatabaseSpec, EngineManager
 
+pytestmark = pytest.mark.services("postgres", "mariadb")
+
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 

@@ -17,6 +17,8 @@ from sqlalchemy import text
 from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.errors import EngineManagerError, InvalidSpecError
 
+pytestmark = pytest.mark.services("postgres", "mariadb")
+
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"

@@ -20,6 +20,8 @@ from enginehouse.adapters import PostgresAdapter
 from enginehouse.errors import InvalidSpecError
 from enginehouse.integrations.metrics import disable_pool_events, registry_for
 
+pytestmark = pytest.mark.services("postgres", "mariadb")
+
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 

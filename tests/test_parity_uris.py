@@ -15,6 +15,8 @@ from enginehouse import DatabaseSpec, EngineManager, ManagerSettings
 from enginehouse.errors import InvalidSpecError, UnsafeURIError
 from enginehouse.safety import is_sqlite_memory
 
+pytestmark = pytest.mark.services("postgres", "mariadb")
+
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 

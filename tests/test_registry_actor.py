@@ -15,9 +15,6 @@ from sqlalchemy.engine import Engine
 
 from enginehouse.actors.registry import EngineRegistry, Snapshot
 from enginehouse.errors import DriverNotInstalledError
-from enginehouse.plan import build_plan, request_key
-from enginehouse.settings import ManagerSettings
-from enginehouse.specs import DatabaseSpec
 from enginehouse.messages.registry import (
     BuildUncached,
     CachedEngine,
@@ -31,6 +28,11 @@ from enginehouse.messages.registry import (
     Sweep,
 )
 from enginehouse.messages.supervision import ChildExited
+from enginehouse.plan import build_plan, request_key
+from enginehouse.settings import ManagerSettings
+from enginehouse.specs import DatabaseSpec
+
+pytestmark = pytest.mark.services("postgres")
 
 TIMEOUT = 10.0
 

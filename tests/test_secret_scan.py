@@ -14,6 +14,8 @@ from secret_scan import SECRETS, assert_no_secret, exception_text, register_secr
 from enginehouse import DatabaseSpec
 from enginehouse.errors import InvalidSpecError
 
+pytestmark = pytest.mark.services("postgres")
+
 PLANTED = "planted-s3cr3t-value"
 
 

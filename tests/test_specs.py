@@ -11,6 +11,8 @@ from enginehouse.plan import build_plan, request_key
 from enginehouse.settings import ManagerSettings
 from enginehouse.specs import DatabaseSpec, SSHTunnelSpec
 
+pytestmark = pytest.mark.services("postgres")
+
 PASSWORD = "s3cr3t-pw"
 URI = f"postgresql+psycopg://alice:{PASSWORD}@127.0.0.1:5432/test"
 

@@ -11,11 +11,11 @@ import pykka
 import pytest
 from sqlalchemy import text
 
+from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.actors.janitor import Janitor
 from enginehouse.actors.policy import RestartPolicy, RestartType
 from enginehouse.actors.registry import EngineRegistry, Snapshot
 from enginehouse.actors.supervisor import ChildSpec, Supervisor
-from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.errors import ActorTimeoutError, ActorUnavailableError, EngineManagerError
 from enginehouse.messages.registry import GetStats, RegistryStats, Sweep
 from enginehouse.messages.supervision import (

@@ -17,7 +17,6 @@ from sshd_fixtures import PASSWORD, USER, ThrowawaySshd, tunnel_threads
 from enginehouse.actors.policy import RestartPolicy
 from enginehouse.actors.tunnel_supervisor import TunnelSupervisor
 from enginehouse.errors import TunnelError
-from enginehouse.specs import SSHTunnelSpec
 from enginehouse.messages.tunnel import (
     CheckHealth,
     CloseTunnel,
@@ -28,6 +27,7 @@ from enginehouse.messages.tunnel import (
     ReleaseForwards,
     TunnelStats,
 )
+from enginehouse.specs import SSHTunnelSpec
 
 ASK = 15.0
 

@@ -13,9 +13,11 @@ from sqlalchemy import text
 from sshd_fixtures import KEY_PASSPHRASE, PASSWORD, USER, ThrowawaySshd, tunnel_threads
 from test_tunnel_manager import bastion, database, make_manager
 
-from enginehouse.actors import ssh
 from enginehouse import EngineManager
+from enginehouse.actors import ssh
 from enginehouse.errors import InvalidSpecError, TunnelError
+
+pytestmark = pytest.mark.services("postgres")
 
 
 @pytest.fixture

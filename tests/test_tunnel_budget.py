@@ -21,6 +21,8 @@ from enginehouse import DatabaseSpec, EngineManager, SSHTunnelSpec
 from enginehouse.errors import TunnelError
 from enginehouse.stats import BudgetStats
 
+pytestmark = pytest.mark.services("postgres", "redis")
+
 # A short connect timeout bounds how long a session waits for a permit.
 CAPPED: dict[str, Any] = {
     "max_tunnels_per_bastion": 1,

@@ -18,6 +18,8 @@ from enginehouse import DatabaseSpec, EngineManager, SSHTunnelSpec
 from enginehouse.errors import TunnelError
 from enginehouse.messages.tunnel import TunnelStats
 
+pytestmark = pytest.mark.services("postgres")
+
 
 def bastion(server: ThrowawaySshd, **values: Any) -> SSHTunnelSpec:
     values.setdefault("password", PASSWORD)

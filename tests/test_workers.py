@@ -7,10 +7,13 @@ import os
 import select
 import time
 
+import pytest
 from sqlalchemy import text
 
 from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.integrations.workers import after_fork, last_reset, post_fork, worker_exit
+
+pytestmark = pytest.mark.services("postgres")
 
 PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SPEC = DatabaseSpec(id=701, uri=PG, extra={"engine_params": {"pool_size": 1}})

@@ -30,8 +30,8 @@ from sqlalchemy.engine import Engine
 
 from enginehouse.errors import ConfigurationError
 from enginehouse.manager import EngineManager
-from enginehouse.single_flight import SingleFlight
 from enginehouse.settings import ManagerSettings
+from enginehouse.single_flight import SingleFlight
 from enginehouse.specs import DatabaseSpec, SSHTunnelSpec
 
 log = logging.getLogger("enginehouse.flask")
