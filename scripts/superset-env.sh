@@ -3,6 +3,8 @@
 # for the end-to-end tests (tests/superset_e2e/) and benchmarks/bench_superset.py.
 #   Python 3.10; apache-superset==6.1.0 and psycopg2-binary; the four pins Superset's lock file
 #   has but its metadata lacks (rich, flask-caching 2.3.1, cachetools 6.2.1, paramiko<4);
+#   celery and kombu below 5.6 (as Superset's lock file has them: kombu 5.6+ wants redis-py >= 6.1,
+#   Superset pins redis<6, so async SQL Lab's worker dies at start);
 #   gevent (Superset's documented gunicorn worker class), PyMySQL; then
 #   -e ".[superset,postgres,mysql,fleet]" constrained to what Superset already installed.
 # Cached by a stamp: a rerun costs nothing unless pyproject.toml or this script changed
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 VENV=.venv/superset
 SUPERSET_PINS=(
   "apache-superset==6.1.0" "psycopg2-binary" "rich" "flask-caching==2.3.1"
-  "cachetools==6.2.1" "paramiko<4" "gevent" "PyMySQL"
+  "cachetools==6.2.1" "paramiko<4" "celery<5.6" "kombu<5.6" "gevent" "PyMySQL"
 )
 
 find_python() {  # python3.10 from PATH, else from pyenv's versions (as scripts/test.sh does)
@@ -53,6 +55,7 @@ assert md.version("apache-superset") == "6.1.0", md.version("apache-superset")
 assert sqlalchemy.__version__.startswith("1.4."), sqlalchemy.__version__
 assert int(redis.__version__.split(".")[0]) < 6, redis.__version__
 assert int(md.version("paramiko").split(".")[0]) < 4, md.version("paramiko")
+assert tuple(map(int, md.version("kombu").split(".")[:2])) < (5, 6), md.version("kombu")
 import enginehouse  # noqa: F401
 EOF
 echo "$stamp" > "$VENV/.stamp"
