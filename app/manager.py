@@ -47,6 +47,7 @@ from enginehouse.errors import (
     InvalidSpecError,
     ManagerShutDownError,
 )
+from enginehouse.leaks import LeakDetector, request_source
 from enginehouse.messages.janitor import Tick
 from enginehouse.messages.registry import (
     BuildUncached,
@@ -70,7 +71,7 @@ from enginehouse.safety import check_uri
 from enginehouse.settings import ManagerSettings, Mode
 from enginehouse.single_flight import SingleFlight
 from enginehouse.specs import DatabaseSpec
-from enginehouse.stats import ActorStats, BudgetStats, EngineStats, ManagerStats
+from enginehouse.stats import ActorStats, BudgetStats, EngineStats, LongHolderStats, ManagerStats
 
 log = logging.getLogger("enginehouse.manager")
 
@@ -104,6 +105,8 @@ class EngineManager:
         # The facade supervises the Supervisor: same intensity, no backoff (a rare bug path).
         self._supervisor_ledger = RestartLedger(_policy(self.settings))
         self._budgets = Budgets(self.settings, self._live)
+        threshold = self.settings.leak_detection_threshold
+        self._leaks = LeakDetector(threshold) if threshold is not None else None
         self._system = self._start()
         forking.track(self)
         _live_managers.add(self)
@@ -195,8 +198,13 @@ class EngineManager:
         )
         with scope:
             engine = self.get(database, **request)
+            token = request_source.set(request["source"])  # for the leak detector
             try:
-                with engine.connect() as connection:
+                try:
+                    checkout = engine.connect()
+                finally:
+                    request_source.reset(token)
+                with checkout as connection:
                     yield connection
             finally:
                 if self._new_mode:
@@ -242,7 +250,16 @@ class EngineManager:
             actors=[ActorStats(**vars(child)) for child in supervision.children],
             tunnels=list(self._ask(system, "tunnels", GetTunnelStats())),
             budgets=[BudgetStats(**vars(status)) for status in self._budgets.stats()],
+            **self._leak_stats(),
         )
+
+    def _leak_stats(self) -> dict[str, Any]:
+        if self._leaks is None:
+            return {}
+        return {
+            "leaks": {str(db): n for db, n in self._leaks.reported().items()},
+            "long_holders": [LongHolderStats(**vars(h)) for h in self._leaks.long_holders()],
+        }
 
     def shutdown(self) -> None:
         """Stop every actor and dispose every engine. Idempotent."""
@@ -319,7 +336,7 @@ class EngineManager:
                     prepare=TunnelPreparer(
                         directory_lookup(sup, settings.ask_timeout), settings.ask_timeout
                     ),
-                    on_engine_created=self._budgets.on_engine_created,
+                    on_engine_created=self._on_engine_created,
                 ),
                 policy,
             ),
@@ -327,7 +344,7 @@ class EngineManager:
                 "janitor",
                 lambda sup: Janitor.start(
                     sup,
-                    interval=settings.cleanup_interval,
+                    interval=self._janitor_interval(),
                     idle_timeout=settings.idle_timeout,
                     max_engines=settings.max_engines,
                     ask_timeout=settings.ask_timeout,
@@ -337,6 +354,7 @@ class EngineManager:
                             None if settings.mode is Mode.NEW else snapshot,
                         ),
                         self._budgets.janitor_round,
+                        *([self._leaks.janitor_round] if self._leaks is not None else []),
                     ],
                 ),
                 policy,
@@ -348,6 +366,18 @@ class EngineManager:
             directory_lookup(supervisor, settings.ask_timeout), settings.ask_timeout
         )
         return _System(forking.state.generation, snapshot, supervisor)
+
+    def _on_engine_created(self, engine: Engine, plan: EnginePlan) -> None:
+        """The registry's hook for each new engine: its budget, then leak detection."""
+        self._budgets.on_engine_created(engine, plan)
+        if self._leaks is not None:
+            self._leaks.on_engine_created(engine, plan)
+
+    def _janitor_interval(self) -> float:
+        """The Janitor's period: ``cleanup_interval``, shorter when leaks must be seen in time."""
+        interval = self.settings.cleanup_interval
+        threshold = self.settings.leak_detection_threshold
+        return interval if threshold is None else min(interval, max(threshold / 2, 0.05))
 
     def _live(self) -> _System:
         system = self._system
@@ -475,9 +505,17 @@ class _Checkout:
         self._request = request
 
     def __enter__(self) -> Connection:
-        engine = self._manager.get(self._database, **self._request)
+        manager = self._manager
+        engine = manager.get(self._database, **self._request)
         try:
-            connection = engine.connect()
+            if manager._leaks is None:
+                connection = engine.connect()
+            else:  # the leak detector's checkout listener notes the request's source
+                token = request_source.set(self._request["source"])
+                try:
+                    connection = engine.connect()
+                finally:
+                    request_source.reset(token)
             entered = connection.__enter__()
         except BaseException:
             if self._manager._new_mode:

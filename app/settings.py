@@ -72,6 +72,10 @@ class ManagerSettings(BaseSettings):
     max_engines: int = Field(default=256, ge=1, le=1_000_000, description="LRU bound on cached engines")
     cleanup_interval: float = Field(default=30.0, gt=0, le=DAY, allow_inf_nan=False, description="s between Janitor sweeps")
     ask_timeout: float = Field(default=10.0, gt=0, le=HOUR, allow_inf_nan=False, description="s any actor call may take")
+    leak_detection_threshold: float | None = Field(
+        default=None, gt=0, le=DAY, allow_inf_nan=False,
+        description="s a connection may stay checked out before a leak warning (off by default)",
+    )
     connection_mutator: ImportString[ConnectionMutator] | None = Field(
         default=None, description="(url, engine_kwargs, *, user, source) -> (url, engine_kwargs)"
     )

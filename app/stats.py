@@ -38,6 +38,17 @@ class ActorStats(BaseModel):
     gave_up: str | None
 
 
+class LongHolderStats(BaseModel):
+    """A connection checked out longer than ``leak_detection_threshold`` (see enginehouse.leaks)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    database_id: int | str
+    source: str | None
+    age: float
+    thread: str
+
+
 class BudgetStats(BaseModel):
     """One connection budget (``db:<id>``) or tunnel budget (``ssh:<bastion>``).
 
@@ -86,3 +97,7 @@ class ManagerStats(BaseModel):
     actors: list[ActorStats]
     tunnels: list[TunnelStats] = Field(default_factory=list)
     budgets: list[BudgetStats] = Field(default_factory=list)
+    leaks: dict[str, int] = Field(default_factory=dict)
+    """Suspected leaks reported so far, per database id (leak detection on)."""
+    long_holders: list[LongHolderStats] = Field(default_factory=list)
+    """Connections out longer than ``leak_detection_threshold`` now, oldest first."""

@@ -24,7 +24,7 @@ CORE = {
     "safety", "settings", "single_flight", "specs",
 }
 """Vocabulary and strategies everyone shares: they import only each other."""
-FACADE = {"__init__", "budget_client", "default", "manager", "plan", "stats"}
+FACADE = {"__init__", "budget_client", "default", "leaks", "manager", "plan", "stats"}
 """What callers use: it starts the actors and turns their futures into values."""
 EDGE_PACKAGES = {"integrations", "cli", "superset"}
 """Integrations (Flask/Superset, ASGI, gunicorn/Celery, metrics) and the command line."""

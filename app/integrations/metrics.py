@@ -175,6 +175,7 @@ class ManagerCollector(Collector):
         yield from _actors(stats)
         yield from _tunnels(stats)
         yield from _fleet(stats)
+        yield from _leaks(stats)
         scrape = GaugeMetricFamily(
             f"{PREFIX}_scrape_duration_seconds", "Time this scrape spent reading stats()"
         )
@@ -227,6 +228,29 @@ def _pools(stats: Any) -> Iterator[Metric]:
             if field in row:
                 gauge.add_metric([database], row[field])
         yield gauge
+
+
+def _leaks(stats: Any) -> Iterator[Metric]:
+    """Leak detection (``leak_detection_threshold``): reported leaks and current long holders."""
+    leaks = CounterMetricFamily(
+        f"{PREFIX}_connection_leaks",
+        "Connections reported as suspected leaks (checked out past leak_detection_threshold)",
+        labels=["database"],
+    )
+    for database, count in sorted((getattr(stats, "leaks", None) or {}).items()):
+        leaks.add_metric([str(database)], float(count))
+    yield leaks
+    holders = GaugeMetricFamily(
+        f"{PREFIX}_connection_long_holders",
+        "Connections checked out longer than leak_detection_threshold right now",
+        labels=["database"],
+    )
+    counts: dict[str, int] = {}
+    for holder in getattr(stats, "long_holders", None) or ():
+        counts[str(holder.database_id)] = counts.get(str(holder.database_id), 0) + 1
+    for database, count in sorted(counts.items()):
+        holders.add_metric([database], count)
+    yield holders
 
 
 def _actors(stats: Any) -> Iterator[Metric]:
