@@ -68,9 +68,14 @@ class CachedEngine:
     """One engine in the registry's published snapshot.
 
     The registry owns every field but ``last_used``, which the facade stamps
-    on each hit (a single attribute store: atomic, and a lost race between
-    two hits only loses a few microseconds of recency). ``hits`` is an
-    ``itertools.count`` so concurrent increments are never lost.
+    on each hit and the pool's checkin listener on each return (a single
+    attribute store: atomic, and a lost race only loses a few microseconds
+    of recency). ``hits`` is an ``itertools.count`` so concurrent increments
+    are never lost. ``in_use`` holds one key per checked-out connection (its
+    pool record's id; set and popped whole, so idempotent) for pools that do
+    not count their own checkouts: eviction spares an engine in use.
+    ``retired`` is set when the registry lets the engine go: from then on
+    each connection returned to it is closed, so none outlives the registry.
     """
 
     engine: Engine
@@ -78,6 +83,8 @@ class CachedEngine:
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     hits: itertools.count[int] = field(default_factory=itertools.count)
+    in_use: dict[int, None] = field(default_factory=dict)
+    retired: bool = False
 
     def __repr__(self) -> str:
         return f"CachedEngine({self.plan!r})"
