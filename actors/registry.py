@@ -385,7 +385,25 @@ def _pool_status(entry: CachedEngine, now: float) -> PoolStatus:
         overflow=read("overflow"),
         hits=count_value(entry.hits),
         idle_seconds=round(now - entry.last_used, 3),
+        max_connections=pool_max_connections(pool, plan),
     )
+
+
+def pool_max_connections(pool: Any, plan: EnginePlan) -> int | None:
+    """HikariCP's maximumPoolSize for this engine: pool_size + max_overflow, within the cap."""
+    kinds = {k.__name__ for k in type(pool).__mro__}
+    if "QueuePool" in kinds:
+        overflow = int(plan.kwargs.get("max_overflow", 10))
+        size = int(plan.kwargs.get("pool_size", 5))
+        bound: int | None = None if overflow < 0 or size == 0 else size + overflow
+    elif kinds & {"StaticPool", "AssertionPool"}:
+        bound = 1
+    else:  # NullPool opens one per checkout; SingletonThreadPool one per thread
+        bound = None
+    cap = plan.max_connections
+    if cap is None:
+        return bound
+    return cap if bound is None else min(cap, bound)
 
 
 def _mask(exc: BaseException, plan: EnginePlan) -> str:

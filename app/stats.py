@@ -25,6 +25,8 @@ class EngineStats(BaseModel):
     overflow: int | None
     hits: int
     idle_seconds: float
+    max_connections: int | None = None
+    """The most connections the pool may open (pool_size + max_overflow, within any cap)."""
 
 
 class ActorStats(BaseModel):

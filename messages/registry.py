@@ -155,6 +155,8 @@ class PoolStatus:
     overflow: int | None
     hits: int
     idle_seconds: float
+    max_connections: int | None = None
+    """The most connections this pool may open at once (None: unbounded, or per thread)."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,10 @@
 """gunicorn config for tests/test_gunicorn.py: the documented one-line hook import."""
 
-from enginehouse.integrations.workers import post_fork, worker_exit  # noqa: F401  (gunicorn finds them by name)
+from enginehouse.integrations.workers import (  # noqa: F401  (gunicorn finds them by name)
+    child_exit,
+    post_fork,
+    worker_exit,
+)
 
 workers = 2
 preload_app = True

@@ -92,7 +92,7 @@ def test_pool_gauges_and_counters_over_http(served: tuple[EngineManager, Metrics
     assert idle[("enginehouse_cache_misses_total", ())] == 1
     assert idle[("enginehouse_pool_wait_seconds_count", db("301"))] == 2
     assert idle[("enginehouse_pool_usage_seconds_count", db("301"))] == 2
-    assert idle[("enginehouse_pool_connections_created_total", db("301"))] == 2
+    assert idle[("enginehouse_pool_connections_opened_total", db("301"))] == 2
     assert idle[("enginehouse_actor_up", (("actor", "registry"),))] == 1
     assert idle[("enginehouse_actor_restarts_total", (("actor", "janitor"),))] == 0
 

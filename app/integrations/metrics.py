@@ -16,8 +16,12 @@ never a URL with a password. Every name is listed in docs/metrics.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,7 +37,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from enginehouse.actors.registry import ENGINE_HOOKS
+from enginehouse.actors.registry import ENGINE_HOOKS, pool_max_connections
 from enginehouse.errors import PoolExhaustedError
 from enginehouse.messages.registry import EnginePlan
 
@@ -51,88 +55,174 @@ class StatsSource(Protocol):
 
 
 class PoolEvents(Collector):
-    """Checkout timings of every engine built in this process, labelled by database id."""
+    """Pool timers and counters of every engine built in this process, labelled by database id.
+
+    HikariCP's set: acquire (wait) and usage timers, a creation timer,
+    pending threads, timeouts, invalidations, connections opened. Under
+    prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set
+    before the first import) these values live in the shared directory and
+    every worker's are summed at scrape time (:func:`registry_for`).
+
+    Series of a database whose engines are all gone are removed at the next
+    scrape (engines are tracked weakly), so a dropped database leaves no
+    stale series behind.
+    """
 
     def __init__(self) -> None:
         self.wait = Histogram(
             f"{PREFIX}_pool_wait_seconds",
             "Time to acquire a connection from the pool (includes connecting when the pool grows)",
-            ["database"],
-            buckets=WAIT_BUCKETS,
-            registry=None,
-        )
-        self.timeouts = Counter(
-            f"{PREFIX}_pool_timeouts",
-            "Checkouts that gave up after pool_timeout",
-            ["database"],
-            registry=None,
+            ["database"], buckets=WAIT_BUCKETS, registry=None,
         )
         self.usage = Histogram(
-            f"{PREFIX}_pool_usage_seconds",
-            "Time a connection stayed checked out",
-            ["database"],
-            buckets=USAGE_BUCKETS,
-            registry=None,
+            f"{PREFIX}_pool_usage_seconds", "Time a connection stayed checked out",
+            ["database"], buckets=USAGE_BUCKETS, registry=None,
+        )
+        self.creation = Histogram(
+            f"{PREFIX}_pool_connection_creation_seconds",
+            "Time to open one physical DBAPI connection (driver connect, through any tunnel)",
+            ["database"], buckets=WAIT_BUCKETS, registry=None,
+        )
+        self.timeouts = Counter(
+            f"{PREFIX}_pool_timeouts", "Checkouts that gave up after pool_timeout",
+            ["database"], registry=None,
+        )
+        self.invalidations = Counter(
+            f"{PREFIX}_pool_invalidations",
+            "Pooled connections invalidated (disconnects, pre-ping failures, shed, soft)",
+            ["database"], registry=None,
         )
         self.pending = Gauge(
             f"{PREFIX}_pool_pending",
             "Threads waiting for a connection right now (HikariCP: PendingThreads)",
-            ["database"],
-            registry=None,
+            ["database"], registry=None, multiprocess_mode="livesum",
         )
         self.connections = Counter(
-            f"{PREFIX}_pool_connections_created",
-            "Physical DBAPI connections opened",
-            ["database"],
-            registry=None,
+            f"{PREFIX}_pool_connections_opened", "Physical DBAPI connections opened",
+            ["database"], registry=None,
         )
+        # Event-driven gauges (HikariCP: active, total, max): unlike the stats()-based
+        # pool gauges they add up across worker processes in multiprocess mode.
+        self.active = Gauge(
+            f"{PREFIX}_pool_active_connections", "Connections checked out right now",
+            ["database"], registry=None, multiprocess_mode="livesum",
+        )
+        self.open = Gauge(
+            f"{PREFIX}_pool_open_connections",
+            "Physical connections open right now (checked out or idle in a pool)",
+            ["database"], registry=None, multiprocess_mode="livesum",
+        )
+        self.max = Gauge(
+            f"{PREFIX}_pool_max_connections",
+            "Most connections the database's live pools may open (bounded pools)",
+            ["database"], registry=None, multiprocess_mode="livesum",
+        )
+        self._engines: dict[str, weakref.WeakSet[Engine]] = {}
+        self._connecting: dict[int, float] = {}  # thread id -> when its connect started
+
+    def metrics(self) -> tuple[Any, ...]:
+        return (self.wait, self.usage, self.creation, self.timeouts, self.invalidations,
+                self.pending, self.connections, self.active, self.open, self.max)
 
     def collect(self) -> Iterable[Metric]:
-        for metric in (self.wait, self.timeouts, self.usage, self.pending, self.connections):
+        self.drop_gone()
+        for metric in self.metrics():
             yield from metric.collect()
 
+    def drop_gone(self) -> list[str]:
+        """Remove the series of databases none of whose engines is alive any more."""
+        gone = [label for label, engines in list(self._engines.items()) if not len(engines)]
+        for label in gone:
+            self._engines.pop(label, None)
+            for metric in self.metrics():
+                with contextlib.suppress(KeyError):
+                    metric.remove(label)
+        return gone
+
     def instrument(self, engine: Engine, plan: EnginePlan) -> None:
-        """Time ``engine``'s checkouts (an :data:`ENGINE_HOOKS` hook)."""
+        """Time ``engine``'s checkouts and connects (an :data:`ENGINE_HOOKS` hook)."""
         label = str(plan.database_id)
-        wait = self.wait.labels(label)
-        timeouts = self.timeouts.labels(label)
-        usage = self.usage.labels(label)
+        self._engines.setdefault(label, weakref.WeakSet()).add(engine)
+        bound = pool_max_connections(engine.pool, plan)
+        if bound is not None:
+            most = self.max.labels(label)
+            most.inc(bound)
+            weakref.finalize(engine, most.dec, bound).atexit = False
+        engine.raw_connection = _timed(  # type: ignore[method-assign]
+            weakref.WeakMethod(engine.raw_connection), self, label
+        )
+        # Pool-level listeners on the engine: they move with its pool across
+        # dispose()/recreate() and keep the statement path free of engine events.
+        for name, listener in self._listeners(label).items():
+            event.listen(engine, name, listener)
+
+    def _listeners(self, label: str) -> dict[str, Callable[..., None]]:
         connections = self.connections.labels(label)
-        pending = self.pending.labels(label)
-        acquire = engine.raw_connection
+        creation = self.creation.labels(label)
+        usage = self.usage.labels(label)
+        invalidations = self.invalidations.labels(label)
+        active = self.active.labels(label)
+        opened = self.open.labels(label)
+        connecting = self._connecting
 
-        # No pool event fires *before* a checkout, so the engine's single entry
-        # point to its pool (Connection calls engine.raw_connection()) is wrapped.
-        def timed_raw_connection() -> Any:
-            start = time.perf_counter()
-            pending.inc()
-            try:
-                connection = acquire()
-            except (sa_exc.TimeoutError, PoolExhaustedError):  # the budget raises the latter
-                timeouts.inc()
-                raise
-            finally:
-                pending.dec()
-                wait.observe(time.perf_counter() - start)
-            return connection
-
-        setattr(engine, "raw_connection", timed_raw_connection)  # noqa: B010
+        def on_do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+            connecting[threading.get_ident()] = time.perf_counter()
 
         def on_connect(dbapi_connection: Any, record: Any) -> None:
             connections.inc()
+            opened.inc()
+            started = connecting.pop(threading.get_ident(), None)
+            if started is not None:
+                creation.observe(time.perf_counter() - started)
 
         def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             record.info["enginehouse.checkout"] = time.perf_counter()
+            active.inc()
 
         def on_checkin(dbapi_connection: Any, record: Any) -> None:
             started = record.info.pop("enginehouse.checkout", None)
             if started is not None:
+                active.dec()
                 usage.observe(time.perf_counter() - started)
 
-        # Listeners on the engine move with its pool across dispose()/recreate().
-        event.listen(engine, "connect", on_connect)
-        event.listen(engine, "checkout", on_checkout)
-        event.listen(engine, "checkin", on_checkin)
+        def on_close(dbapi_connection: Any, record: Any = None) -> None:
+            opened.dec()
+
+        def on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
+            invalidations.inc()
+
+        return {"do_connect": on_do_connect, "connect": on_connect, "checkout": on_checkout,
+                "checkin": on_checkin, "invalidate": on_invalidate,
+                "soft_invalidate": on_invalidate, "close": on_close, "close_detached": on_close}
+
+
+def _timed(acquire: weakref.WeakMethod[Callable[[], Any]], events: PoolEvents,
+           label: str) -> Callable[[], Any]:
+    """``engine.raw_connection`` timed: no pool event fires *before* a checkout.
+
+    Holds the engine weakly, so instrumenting it makes no reference cycle and
+    a forgotten engine is freed at once (its series then go at the next scrape).
+    """
+    wait = events.wait.labels(label)
+    timeouts = events.timeouts.labels(label)
+    pending = events.pending.labels(label)
+
+    def timed_raw_connection() -> Any:
+        method = acquire()
+        if method is None:
+            raise ReferenceError("engine already collected")
+        start = time.perf_counter()
+        pending.inc()
+        try:
+            return method()
+        except (sa_exc.TimeoutError, PoolExhaustedError):  # the budget raises the latter
+            timeouts.inc()
+            raise
+        finally:
+            pending.dec()
+            wait.observe(time.perf_counter() - start)
+
+    return timed_raw_connection
 
 
 POOL_EVENTS = PoolEvents()
@@ -155,8 +245,9 @@ def disable_pool_events() -> None:
 class ManagerCollector(Collector):
     """Reads ``source.stats()`` at each scrape and turns it into metric families."""
 
-    def __init__(self, source: StatsSource) -> None:
+    def __init__(self, source: StatsSource, *, pools: bool = True) -> None:
         self._source = source
+        self._pools = pools
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
@@ -171,7 +262,8 @@ class ManagerCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from _counters(stats)
-        yield from _pools(stats)
+        if self._pools:
+            yield from _pools(stats)
         yield from _actors(stats)
         yield from _tunnels(stats)
         yield from _fleet(stats)
@@ -202,6 +294,8 @@ _POOL_GAUGES = (
     ("pool_checked_out", "checked_out", "Connections in use (HikariCP: active)"),
     ("pool_checked_in", "checked_in", "Idle connections in the pool (HikariCP: idle)"),
     ("pool_overflow", "overflow", "Connections beyond pool_size (negative: not yet opened)"),
+    ("pool_connections_max", "max_connections",
+     "Most connections the pools may open (HikariCP: max; bounded pools only)"),
 )
 
 
@@ -365,13 +459,47 @@ def _get(item: Any, name: str, default: Any = None) -> Any:
     return getattr(item, name, default)
 
 
+def multiprocess_dir() -> str | None:
+    """prometheus_client's shared directory when its multiprocess mode is on, else None."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
 def registry_for(source: StatsSource, *, pool_events: bool = True) -> CollectorRegistry:
-    """A new registry exposing ``source``'s stats (and the checkout timers)."""
+    """A new registry exposing ``source``'s stats (and the pool timers and gauges).
+
+    In prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set
+    before the first import, as gunicorn and Celery deployments do) the pool
+    metrics of every worker process are summed from the shared directory, and
+    ``source``'s stats add what only this process knows (actors, tunnels,
+    budgets, leaks): its per-pool gauges would be one worker's numbers, so
+    the summed event gauges (active, open, max, pending) stand in for them.
+    """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ManagerCollector(source))
+    if multiprocess_dir() is None:
+        registry.register(ManagerCollector(source))
+        if pool_events:
+            registry.register(enable_pool_events())
+        return registry
+    from prometheus_client import multiprocess
+
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(ManagerCollector(source, pools=False))
     if pool_events:
-        registry.register(enable_pool_events())
+        enable_pool_events()  # this process's engines write into the shared directory
     return registry
+
+
+def mark_process_dead(pid: int | None = None) -> None:
+    """Drop a finished worker's live gauges from the shared directory (multiprocess mode).
+
+    Called by the gunicorn ``child_exit`` and Celery process-shutdown hooks of
+    :mod:`enginehouse.integrations.workers`; a no-op when the mode is off.
+    """
+    if multiprocess_dir() is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(os.getpid() if pid is None else pid)
 
 
 @dataclass

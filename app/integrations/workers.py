@@ -89,6 +89,15 @@ def worker_exit(server: Any, worker: Any) -> None:
     shutdown_all()
 
 
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn hook (runs in the master): ``child_exit = enginehouse.integrations.workers.child_exit``.
+
+    Under prometheus_client's multiprocess mode, drops the dead worker's live
+    gauges from the shared directory; otherwise does nothing.
+    """
+    _mark_dead(worker.pid)
+
+
 # -- Celery -------------------------------------------------------------------
 
 
@@ -100,6 +109,15 @@ def celery_worker_process_init(**_signal: Any) -> None:
 def celery_worker_process_shutdown(**_signal: Any) -> None:
     """Receiver for ``celery.signals.worker_process_shutdown``."""
     shutdown_all()
+    _mark_dead(os.getpid())
+
+
+def _mark_dead(pid: int) -> None:
+    """Forget ``pid``'s live metric gauges when metrics run in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):
+        from enginehouse.integrations.metrics import mark_process_dead
+
+        mark_process_dead(pid)
 
 
 def install_celery_hooks() -> None:
