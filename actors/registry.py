@@ -25,6 +25,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from enginehouse.actors.counters import count_value
 from enginehouse.actors.supervisor import report_crash
 from enginehouse.errors import DriverNotInstalledError, EngineCreationError, EngineManagerError
+from enginehouse.specs import masked_url, url_secrets
 from enginehouse.messages.registry import (
     BuildUncached,
     CachedEngine,
@@ -377,7 +378,7 @@ def _pool_status(entry: CachedEngine, now: float) -> PoolStatus:
         catalog=plan.catalog,
         schema=plan.schema,
         user=plan.user,
-        url=entry.engine.url.render_as_string(hide_password=True),
+        url=masked_url(entry.engine.url),
         pool_class=type(pool).__name__,
         size=read("size"),
         checked_in=read("checkedin"),
@@ -408,9 +409,8 @@ def pool_max_connections(pool: Any, plan: EnginePlan) -> int | None:
 
 def _mask(exc: BaseException, plan: EnginePlan) -> str:
     text = f"{type(exc).__name__}: {exc}"
-    password = plan.url.password
-    if password:
-        text = text.replace(str(password), "***")
+    for secret in url_secrets(plan.url):  # password, secret query values (longest first)
+        text = text.replace(secret, "***")
     for secret in plan.redact:  # encrypted_extra's keys and values (longest first)
         text = text.replace(secret, "***")
     return text

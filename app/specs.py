@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote_plus
 
 from pydantic import (
     BaseModel,
@@ -154,24 +156,52 @@ class DatabaseSpec(_Spec):
     encrypted_extra: SecretStr | None = None
     """Secret engine parameters: a JSON object (dict or text), or the ciphertext that the
     ``encrypted_extra_decryptor`` setting turns into one. Masked everywhere."""
+    query_secrets: SecretStr | None = None
+    """The URI's secret query parameters (``?password=``, ``sslpassword``, tokens, keys,
+    credentials: see :func:`is_secret_param`) as a JSON object, moved here from ``uri``
+    during validation and put back by :meth:`sqlalchemy_url`."""
 
     @model_validator(mode="before")
     @classmethod
-    def _move_password(cls, data: Any) -> Any:
+    def _move_secrets(cls, data: Any) -> Any:
+        """Password and secret query parameters leave ``uri`` for SecretStr fields."""
         if not isinstance(data, dict) or not isinstance(data.get("uri"), str):
             return data
         try:
             url = make_url(data["uri"])
         except (ArgumentError, ValueError):
             return data  # the field validator names the problem
-        if url.password is None:
+        secrets = {name: value for name, value in url.query.items() if is_secret_param(name)}
+        if url.password is None and not secrets:
             return data
-        if data.get("password") is not None:
-            raise ValueError("password given both inside uri and as password")
         data = dict(data)
-        data["password"] = SecretStr(str(url.password))
+        if url.password is not None:
+            if data.get("password") is not None:
+                raise InvalidSpecError("uri", "password given both inside uri and as password")
+            data["password"] = SecretStr(str(url.password))
+        if secrets:
+            if data.get("query_secrets") is not None:
+                raise InvalidSpecError(
+                    "uri", "secret query parameters given both inside uri and as query_secrets"
+                )
+            data["query_secrets"] = SecretStr(json.dumps(secrets, sort_keys=True))
+            url = url.difference_update_query(secrets)
         data["uri"] = url._replace(password=None).render_as_string(hide_password=False)
         return data
+
+    @field_validator("query_secrets", mode="before")
+    @classmethod
+    def _check_query_secrets(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        parsed = load_json(text, "query_secrets") if isinstance(text, str) else text
+        if not isinstance(parsed, dict) or not all(
+            isinstance(v, str) or (isinstance(v, list | tuple) and all(isinstance(i, str) for i in v))
+            for v in parsed.values()
+        ):
+            raise ValueError("must be a JSON object of texts (or lists of texts)")
+        return SecretStr(json.dumps(parsed, sort_keys=True))
 
     @field_validator("uri")
     @classmethod
@@ -238,6 +268,8 @@ class DatabaseSpec(_Spec):
         url = make_url(self.uri)
         if self.password is not None:
             url = url.set(password=self.password.get_secret_value())
+        if self.query_secrets is not None:
+            url = url.update_query_dict(json.loads(self.query_secrets.get_secret_value()))
         return url
 
     def decrypted_extra(self, decryptor: Callable[[str], Any] | None = None) -> dict[str, Any]:
@@ -298,6 +330,7 @@ class DatabaseSpec(_Spec):
             self.ssh_tunnel.fingerprint if self.ssh_tunnel else None,
             # Only a digest of the secret parameters enters the fingerprint.
             _digest(_reveal(self.encrypted_extra)) if self.encrypted_extra else None,
+            _digest(_reveal(self.query_secrets)) if self.query_secrets else None,
         )
 
 
@@ -399,6 +432,49 @@ def _reject_non_object_json(text: str) -> None:
     if not isinstance(value, dict):
         raise ValueError(f"must be a JSON object, got {type(value).__name__}")
     check_json_tree(value, "encrypted_extra", name_keys=False)
+
+
+_SECRET_PARAM = re.compile(
+    r"pass|pwd|secret|token|key|credential|auth(?!enticator)|signature|^sig$|cookie|jwt"
+)
+"""Query parameter names whose values are secrets: password, sslpassword, passphrase,
+passcode, access_token, api_key, sslkey, private_key, credentials(_base64/_info),
+client_secret, auth_token, sig (SAS)... ``authenticator`` (Snowflake) names a method."""
+
+MASK = "***"
+
+
+def is_secret_param(name: str) -> bool:
+    """Whether a URI query parameter ``name`` holds a secret (its value is never shown)."""
+    return _SECRET_PARAM.search(name.lower()) is not None
+
+
+def masked_url(url: URL | str) -> str:
+    """``url`` as text for logs, stats and errors: password and secret query values ``***``.
+
+    The one way enginehouse renders a database URL anywhere a person may read it.
+    """
+    if isinstance(url, str):
+        try:
+            url = make_url(url)
+        except (ArgumentError, ValueError):
+            return "<not a valid URL>"
+    text = url.set(query={}).render_as_string(hide_password=True)
+    pairs = [
+        f"{quote_plus(name)}={MASK if is_secret_param(name) else quote_plus(item)}"
+        for name, value in url.query.items()
+        for item in (value if isinstance(value, tuple) else (value,))
+    ]
+    return f"{text}?{'&'.join(pairs)}" if pairs else text
+
+
+def url_secrets(url: URL) -> list[str]:
+    """The secret texts in ``url`` (password, secret query values), longest first: to mask."""
+    found = {str(url.password)} if url.password else set()
+    for name, value in url.query.items():
+        if is_secret_param(name):
+            found.update(v for v in (value if isinstance(value, tuple) else (value,)) if v)
+    return sorted(found, key=len, reverse=True)
 
 
 def _reveal(secret: SecretStr | None) -> str | None:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy.engine import URL, Engine
 
+from enginehouse.specs import masked_url
+
 if TYPE_CHECKING:
     from enginehouse.specs import SSHTunnelSpec
 
@@ -39,7 +41,7 @@ class EnginePlan:
 
     ``engine_key`` digests the final URL and arguments, so two requests that
     lead to the same engine (say, two sources a mutator ignores) share it.
-    The URL carries the password: the repr masks it.
+    The URL carries the password and secret query parameters: the repr masks them.
     """
 
     engine_key: str
@@ -58,7 +60,7 @@ class EnginePlan:
 
     def __repr__(self) -> str:
         return (
-            f"EnginePlan(database_id={self.database_id!r}, url={self.url!r}, "
+            f"EnginePlan(database_id={self.database_id!r}, url={masked_url(self.url)!r}, "
             f"catalog={self.catalog!r}, schema={self.schema!r}, user={self.user!r})"
         )
 

@@ -29,7 +29,7 @@ from enginehouse.errors import (
     PoolExhaustedError,
     TunnelError,
 )
-from enginehouse.specs import DatabaseSpec
+from enginehouse.specs import DatabaseSpec, masked_url
 
 T = TypeVar("T")
 
@@ -289,18 +289,13 @@ def _with_connect_timeout(spec: DatabaseSpec, timeout: float) -> DatabaseSpec:
     params = extra.setdefault("engine_params", {})
     connect_args = params.setdefault("connect_args", {})
     connect_args.setdefault(argument, max(1, round(timeout)))
-    return DatabaseSpec(
-        id=spec.id,
-        uri=spec.uri,
-        password=spec.password,
-        extra=extra,
-        impersonate_user=spec.impersonate_user,
-        ssh_tunnel=spec.ssh_tunnel,
-    )
+    # A copy keeps every secret field (password, query secrets, encrypted_extra).
+    copy: DatabaseSpec = spec.model_copy(update={"extra": extra})
+    return copy
 
 
 def _engine_detail(engine: Engine, spec: DatabaseSpec) -> str:
-    url = engine.url.render_as_string(hide_password=True)
+    url = masked_url(engine.url)
     if spec.ssh_tunnel is not None:
         return f"via {spec.ssh_tunnel.bastion}: {url}"
     return url
