@@ -21,6 +21,7 @@ from typing import Any
 
 import pykka
 from pydantic import SecretStr
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from enginehouse import credentials, forking
@@ -46,6 +47,7 @@ from enginehouse.errors import (
     ActorUnavailableError,
     InvalidSpecError,
     ManagerShutDownError,
+    PoolExhaustedError,
 )
 from enginehouse.leaks import LeakDetector, request_source
 from enginehouse.messages.janitor import Tick
@@ -202,6 +204,8 @@ class EngineManager:
             try:
                 try:
                     checkout = engine.connect()
+                except sa_exc.TimeoutError as exc:
+                    raise _pool_timeout(database, exc) from None
                 finally:
                     request_source.reset(token)
                 with checkout as connection:
@@ -517,9 +521,11 @@ class _Checkout:
                 finally:
                     request_source.reset(token)
             entered = connection.__enter__()
-        except BaseException:
+        except BaseException as exc:
             if self._manager._new_mode:
                 engine.dispose()
+            if isinstance(exc, sa_exc.TimeoutError):
+                raise _pool_timeout(self._database, exc) from None
             raise
         self._engine, self._connection = engine, connection
         return entered
@@ -530,6 +536,12 @@ class _Checkout:
         finally:
             if self._manager._new_mode:
                 self._engine.dispose()
+
+
+def _pool_timeout(database: DatabaseSpec, exc: sa_exc.TimeoutError) -> PoolExhaustedError:
+    """SQLAlchemy's pool timeout as ours: which database, and SQLAlchemy's own words."""
+    detail = str(exc).split(" (Background on this error", 1)[0]
+    return PoolExhaustedError(f"database {database.id}: {detail}")
 
 
 def _without(values: dict[str, Any], *names: str) -> dict[str, Any]:

@@ -184,3 +184,14 @@ def test_dispose_covers_every_schema_and_user_and_stats_show_pools(
     assert manager.dispose(db.id) == 3
     assert manager.stats().engine_count == 0
     assert all(manager.get(db, user="postgres") is not e for e in engines[:1])
+
+
+def test_a_full_pool_times_out_with_our_error(manager: EngineManager) -> None:
+    from enginehouse.errors import PoolExhaustedError
+
+    spec = DatabaseSpec(id=1703, uri=PG_URI, extra={"engine_params": {
+        "pool_size": 1, "max_overflow": 0, "pool_timeout": 0.1}})
+    with manager.connect(spec):
+        with pytest.raises(PoolExhaustedError, match="database 1703: QueuePool limit"):
+            with manager.connect(spec):
+                pass
