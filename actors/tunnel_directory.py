@@ -37,10 +37,12 @@ from enginehouse.messages.tunnel import (
     Forwarded,
     GetTunnelStats,
     OpenForward,
+    Owner,
     ReleaseForwards,
     TunnelFor,
     TunnelStats,
 )
+from enginehouse.specs import SSHTunnelSpec
 
 log = logging.getLogger("enginehouse.tunnel")
 
@@ -177,6 +179,7 @@ class TunnelPreparer:
         self._warm: dict[tuple[str, str, int], Link] = {}
         # The supervisor of each bastion seen, so a known bastion costs one ask, not three.
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
+        self._ports: dict[tuple[str, str, int], int] = {}  # forward(): local port per remote
 
     def warm(self, plan: EnginePlan) -> None:
         """Open ``plan``'s forward now, in the caller's thread, unless it is open already.
@@ -193,7 +196,22 @@ class TunnelPreparer:
         link = self._warm.get(key)
         if link is not None and link.active():
             return
-        self._warm[key] = self._open(plan, plan.url.host, port)[2]
+        self._warm[key] = self._open(spec, plan.url.host, port, plan.database_id)[2]
+
+    def forward(self, spec: SSHTunnelSpec, host: str, port: int, owner: Owner) -> int:
+        """The local port that reaches ``host:port`` over ``spec``'s shared SSH session.
+
+        For integrations whose own code rewrites the engine URL (Superset's SSH
+        manager). A known forward whose transport lives costs no ask.
+        """
+        key = (spec.fingerprint, host, port)
+        known = self._ports.get(key)
+        link = self._warm.get(key)
+        if known is not None and link is not None and link.active():
+            return known
+        local_port, _ref, self._warm[key] = self._open(spec, host, port, owner)
+        self._ports[key] = local_port
+        return local_port
 
     def __call__(self, plan: EnginePlan) -> EnginePlan:
         spec = plan.tunnel
@@ -204,7 +222,7 @@ class TunnelPreparer:
             raise TunnelError(f"database {plan.database_id}: a tunneled URI needs a host")
         if port is None:
             port = _default_port(plan)
-        local_port, ref, link = self._open(plan, host, port)
+        local_port, ref, link = self._open(spec, host, port, plan.database_id)
         kwargs = dict(plan.kwargs)
         kwargs["pool_events"] = [
             *kwargs.get("pool_events", ()),
@@ -215,9 +233,9 @@ class TunnelPreparer:
         _PREPARED[id(prepared)] = (prepared, link, ref, self._timeout)
         return prepared
 
-    def _open(self, plan: EnginePlan, host: str, port: int) -> tuple[int, Any, Link]:
-        spec = plan.tunnel
-        assert spec is not None
+    def _open(
+        self, spec: SSHTunnelSpec, host: str, port: int, owner: Owner
+    ) -> tuple[int, Any, Link]:
         deadline = time.monotonic() + self._timeout
         for _attempt in range(3):
             remaining = max(deadline - time.monotonic(), 0.001)
@@ -228,7 +246,7 @@ class TunnelPreparer:
                     self._refs[spec.fingerprint] = ref
                 remaining = max(deadline - time.monotonic(), 0.001)
                 forwarded: Forwarded = _ask(
-                    ref, OpenForward(host, port, plan.database_id), remaining
+                    ref, OpenForward(host, port, owner), remaining
                 )
                 return forwarded.local_port, ref, forwarded.link
             except pykka.ActorDeadError:

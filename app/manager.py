@@ -72,7 +72,7 @@ from enginehouse.plan import build_plan, request_key
 from enginehouse.safety import check_uri
 from enginehouse.settings import ManagerSettings, Mode
 from enginehouse.single_flight import SingleFlight
-from enginehouse.specs import DatabaseSpec
+from enginehouse.specs import DatabaseSpec, SSHTunnelSpec
 from enginehouse.stats import ActorStats, BudgetStats, EngineStats, LongHolderStats, ManagerStats
 
 log = logging.getLogger("enginehouse.manager")
@@ -157,6 +157,42 @@ class EngineManager:
         if access_token is not None:
             _refresh_token(entry, access_token)
         return entry.engine
+
+    def get_planned(self, plan: EnginePlan) -> Engine:
+        """The engine for a plan an integration built itself, its URL and arguments final.
+
+        For hosts that apply their own engine rules before ``create_engine``
+        (Superset's engine specs, see enginehouse.integrations.superset): no
+        adapter, mutator or URI check runs here. SINGLETON: one cached engine
+        per ``plan.engine_key``; NEW: a new engine each call. Caps
+        (``plan.max_connections``) and ``plan.tunnel`` apply as for :meth:`get`.
+        """
+        system = self._live()
+        if plan.tunnel is not None:
+            self._tunnels.warm(plan)
+        if self._new_mode:
+            engine: Engine = self._ask(system, "registry", BuildUncached(plan))
+            return engine
+        key = RequestKey(
+            plan.database_id, plan.engine_key, plan.catalog, plan.schema, plan.user, None
+        )
+        entry = system.snapshot.entries.get(key)
+        if entry is None:
+            entry = self._ask(system, "registry", GetEngine(key, plan))
+        else:
+            next(self._hits)
+            next(entry.hits)
+            entry.last_used = time.monotonic()
+        return entry.engine
+
+    def open_forward(self, tunnel: SSHTunnelSpec, host: str, port: int, *, owner: int | str) -> int:
+        """A port on 127.0.0.1 reaching ``host:port`` through ``tunnel``'s shared SSH session.
+
+        For hosts whose own code points engines at a local forward (Superset's
+        SSH manager). The forward is ``owner``'s until :meth:`dispose` of it.
+        """
+        self._live()
+        return self._tunnels.forward(tunnel, host, port, owner)
 
     def connect(
         self,

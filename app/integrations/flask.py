@@ -124,8 +124,8 @@ def _security_manager() -> Any:
 class _State:
     """What one app holds: its settings, its manager (started now or on first use)."""
 
-    def __init__(self, app: Flask, values: dict[str, Any]) -> None:
-        self.settings = ManagerSettings.build(**values)
+    def __init__(self, app: Flask, settings: ManagerSettings) -> None:
+        self.settings = settings
         self.strict_host_keys = bool(app.config.get(STRICT_HOST_KEY, False))
         self.metrics_server: Any = None
         self.metrics_port = app.config.get(METRICS_PORT_KEY)
@@ -205,11 +205,14 @@ class EngineManagerExtension:
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Flask) -> None:
-        """Read the app's config, register in ``app.extensions``, start unless told not to."""
+    def init_app(self, app: Flask, settings: ManagerSettings | None = None) -> None:
+        """Read the app's config (or take ``settings``), register in ``app.extensions``,
+        start unless told not to."""
         if EXTENSION_KEY in app.extensions:
             raise ConfigurationError("app.extensions", "enginehouse is already initialised")
-        state = _State(app, settings_from_config(app.config))
+        if settings is None:
+            settings = ManagerSettings.build(**settings_from_config(app.config))
+        state = _State(app, settings)
         app.extensions[EXTENSION_KEY] = state
         if app.config.get(AUTO_START_KEY, True):
             state.running()  # the Janitor starts with the app (Superset's cleanup thread)

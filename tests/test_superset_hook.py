@@ -1,0 +1,175 @@
+"""The create_engine hook against real PostgreSQL, called the way Superset 6.1 calls it.
+
+``SupersetCore`` below has the two things of ``superset.models.core`` that the
+hook touches: a module global ``create_engine`` and a ``Database`` whose
+``_get_sqla_engine`` builds the final arguments as Superset's does (extra's
+engine_params, NullPool forced when ``nullpool``, then ``create_engine``).
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import PG_URI
+from sqlalchemy import create_engine, pool, text
+from sqlalchemy.engine import Engine, make_url
+
+from enginehouse import EngineManager
+from enginehouse.errors import InvalidSpecError
+from enginehouse.integrations.superset.engine_hook import REQUEST, EngineHook, patch
+
+PASSWORD = "hook-pw-5173"
+
+
+def make_core() -> types.SimpleNamespace:
+    """A fresh stand-in for ``superset.models.core`` (its call shape, nothing more)."""
+    core = types.SimpleNamespace(create_engine=create_engine)
+
+    class Database:
+        def __init__(self, id: int | None, extra: dict[str, Any] | None = None, uri: str = PG_URI):
+            self.id = id
+            self.sqlalchemy_uri_decrypted = uri
+            self.extra = json.dumps(extra or {})
+            self.encrypted_extra = None
+            self.impersonate_user = False
+            self.ssh_tunnel = None
+
+        def _get_sqla_engine(
+            self,
+            catalog: str | None = None,
+            schema: str | None = None,
+            nullpool: bool = True,
+            source: Any = None,
+            sqlalchemy_uri: str | None = None,
+        ) -> Engine:
+            url = make_url(sqlalchemy_uri or self.sqlalchemy_uri_decrypted)
+            kwargs = json.loads(self.extra).get("engine_params", {})
+            if nullpool:
+                kwargs["poolclass"] = pool.NullPool
+            connect_args = kwargs.setdefault("connect_args", {})
+            if schema:  # as PostgresEngineSpec.adjust_engine_params
+                connect_args["options"] = f"-csearch_path={schema}"
+            return core.create_engine(url, **kwargs)
+
+    core.Database = Database
+    return core
+
+
+@pytest.fixture(params=["singleton", "new"])
+def hooked(request: pytest.FixtureRequest) -> Iterator[tuple[types.SimpleNamespace, EngineManager]]:
+    with EngineManager(mode=request.param, cleanup_interval=60, ask_timeout=10) as manager:
+        core = make_core()
+        patch(core, EngineHook(lambda: manager))
+        yield core, manager
+
+
+def backend_pid(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text("select pg_backend_pid()")).scalar_one())
+
+
+def test_singleton_hands_out_one_pooled_engine_per_database(hooked: Any) -> None:
+    core, manager = hooked
+    database = core.Database(31)
+    engines = [database._get_sqla_engine() for _ in range(20)]
+    if manager.settings.mode == "new":
+        assert len({id(e) for e in engines}) == 20
+        assert all(isinstance(e.pool, pool.NullPool) for e in engines)
+        assert manager.stats().uncached_created == 20
+        return
+    assert len({id(e) for e in engines}) == 1
+    assert isinstance(engines[0].pool, pool.QueuePool)  # not the NullPool Superset forced
+    pids = {backend_pid(engine) for engine in engines}
+    assert len(pids) == 1  # one server session served all twenty
+    assert manager.stats().engine_count == 1
+
+
+def test_schemas_get_pools_of_their_own(hooked: Any) -> None:
+    core, manager = hooked
+    if manager.settings.mode == "new":
+        pytest.skip("NEW mode caches nothing")
+    database = core.Database(32)
+    sales = database._get_sqla_engine(schema="sales")
+    public = database._get_sqla_engine(schema="public")
+    assert sales is not public
+    assert sales is database._get_sqla_engine(schema="sales")
+    with sales.connect() as connection:
+        assert connection.execute(text("show search_path")).scalar_one() == "sales"
+    stats = {engine.schema_name for engine in manager.stats().engines}
+    assert stats == {"sales", "public"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"engine_params": {"poolclass": "static"}}, pool.StaticPool),
+        ({"poolclass": "singleton"}, pool.SingletonThreadPool),  # the seed's top-level key
+        ({"engine_params": {"pool_size": 2, "max_overflow": 1}}, pool.QueuePool),
+    ],
+)
+def test_singleton_uses_the_pool_the_extra_names(extra: dict[str, Any], expected: type) -> None:
+    with EngineManager(mode="singleton", cleanup_interval=60) as manager:
+        core = make_core()
+        patch(core, EngineHook(lambda: manager))
+        engine = core.Database(33, extra)._get_sqla_engine()
+        assert type(engine.pool) is expected
+        assert backend_pid(engine) > 0
+
+
+def test_an_unknown_pool_name_names_the_field() -> None:
+    with EngineManager(mode="singleton", cleanup_interval=60) as manager:
+        core = make_core()
+        patch(core, EngineHook(lambda: manager))
+        with pytest.raises(InvalidSpecError, match=r"extra\.poolclass"):
+            core.Database(34, {"poolclass": "fancy"})._get_sqla_engine()
+
+
+def test_a_changed_password_retires_the_old_engine() -> None:
+    with EngineManager(mode="singleton", cleanup_interval=60) as manager:
+        core = make_core()
+        patch(core, EngineHook(lambda: manager))
+        first = core.Database(35)._get_sqla_engine()
+        changed = core.Database(35, uri=PG_URI.replace("://postgres@", f"://postgres:{PASSWORD}@"))
+        second = changed._get_sqla_engine()
+        assert second is not first
+        assert manager.stats().engine_count == 1  # the old version was disposed
+        assert backend_pid(second) > 0  # trust auth: the password is not checked
+
+
+def test_a_cap_from_the_extra_bounds_the_pool() -> None:
+    with EngineManager(mode="singleton", cleanup_interval=60) as manager:
+        core = make_core()
+        patch(core, EngineHook(lambda: manager))
+        engine = core.Database(36, {"max_connections": 2})._get_sqla_engine()
+        assert backend_pid(engine) > 0
+        budgets = {budget.key: budget.cap for budget in manager.stats().budgets}
+        assert budgets.get("db:36") == 2
+
+
+def test_unsaved_databases_are_served_too(hooked: Any) -> None:
+    core, _manager = hooked
+    engine = core.Database(None)._get_sqla_engine()  # Superset's test connection
+    assert backend_pid(engine) > 0
+
+
+def test_calls_from_outside_get_sqla_engine_are_left_alone(hooked: Any) -> None:
+    core, manager = hooked
+    assert REQUEST.get() is None
+    engine = core.create_engine(make_url(PG_URI), poolclass=pool.NullPool)
+    try:
+        assert manager.stats().engine_count == 0
+        assert manager.stats().uncached_created == 0
+        assert backend_pid(engine) > 0
+    finally:
+        engine.dispose()
+
+
+def test_patching_twice_wraps_once(hooked: Any) -> None:
+    core, manager = hooked
+    wrapped = core.Database._get_sqla_engine
+    patch(core, EngineHook(lambda: manager))
+    assert core.Database._get_sqla_engine is wrapped
