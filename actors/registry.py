@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -122,7 +123,11 @@ class EngineRegistry(pykka.ThreadingActor):
         if handler is None:
             # An unknown message is a bug in the sender: crash, let the supervisor restart us.
             raise TypeError(f"unexpected message {type(message).__name__}")
-        return handler(message)
+        try:
+            return handler(message)
+        except EngineManagerError as exc:
+            _drop_locals(exc)
+            raise
 
     # -- handlers --------------------------------------------------------------
 
@@ -405,6 +410,17 @@ def pool_max_connections(pool: Any, plan: EnginePlan) -> int | None:
     if cap is None:
         return bound
     return cap if bound is None else min(cap, bound)
+
+
+def _drop_locals(exc: BaseException) -> None:
+    """``exc`` minus what would keep a plan alive: its frames' locals, a suppressed context.
+
+    A plan's URL holds the password; an error the caller keeps (or logs with
+    its locals) must not hold the plan, nor the driver's exception about it.
+    """
+    if exc.__suppress_context__:
+        exc.__context__ = None
+    traceback.clear_frames(exc.__traceback__)
 
 
 def _mask(exc: BaseException, plan: EnginePlan) -> str:

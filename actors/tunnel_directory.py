@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -230,7 +231,8 @@ class TunnelPreparer:
         ]
         url = plan.url.set(host="127.0.0.1", port=local_port)
         prepared = dataclasses.replace(plan, url=url, kwargs=kwargs)
-        _PREPARED[id(prepared)] = (prepared, link, ref, self._timeout)
+        _PREPARED[id(prepared)] = (weakref.ref(prepared), link, ref, self._timeout)
+        weakref.finalize(prepared, _forget_prepared, id(prepared))
         return prepared
 
     def _open(
@@ -282,8 +284,18 @@ def _default_port(plan: EnginePlan) -> int:
     raise TunnelError(f"database {plan.database_id}: give the port in the URI to tunnel it")
 
 
-_PREPARED: dict[int, tuple[EnginePlan, Link, pykka.ActorRef[Any], float]] = {}
-"""Plans this module prepared, until :func:`tunnel_engine_hook` sees their engine."""
+_PREPARED: dict[int, tuple[weakref.ref[EnginePlan], Link, pykka.ActorRef[Any], float]] = {}
+"""Plans this module prepared, until :func:`tunnel_engine_hook` sees their engine.
+
+Held weakly (a plan's URL carries the password): a plan whose ``create_engine``
+failed leaves when it is collected, not never.
+"""
+
+
+def _forget_prepared(key: int) -> None:
+    pending = _PREPARED.get(key)
+    if pending is not None and pending[0]() is None:  # not a newer plan at the same id
+        _PREPARED.pop(key, None)
 
 
 def tunnel_engine_hook(engine: Engine, plan: EnginePlan) -> None:
@@ -294,7 +306,7 @@ def tunnel_engine_hook(engine: Engine, plan: EnginePlan) -> None:
     connection".
     """
     pending = _PREPARED.pop(id(plan), None)
-    if pending is None or pending[0] is not plan:
+    if pending is None or pending[0]() is not plan:
         return
     _, link, ref, timeout = pending
 

@@ -264,3 +264,21 @@ def test_evicted_database_releases_its_forward(sshd: ThrowawaySshd) -> None:
         wait_until(released, what="the evicted database's tunnel to close")
         wait_until(lambda: not tunnel_threads(), what="tunnel threads to end")
         sessions_settle(sshd, before)
+
+
+def test_a_failed_create_engine_leaves_no_prepared_plan_behind(sshd: ThrowawaySshd) -> None:
+    """Issue 13 item 11: a tunneled plan (its URL holds the password) is not kept forever."""
+    import gc
+
+    from enginehouse.actors import tunnel_directory
+    from enginehouse.errors import EngineCreationError
+
+    broken = database(31, bastion(sshd), engine_params={"no_such_argument": 1})
+    with make_manager("singleton") as manager:
+        for _ in range(3):
+            with pytest.raises(EngineCreationError):
+                manager.get(broken)
+        gc.collect()
+        assert not [p for p, *_ in tunnel_directory._PREPARED.values() if p() is not None]
+        assert tunnel_directory._PREPARED == {}
+    wait_until(lambda: not tunnel_threads(), what="tunnel threads to end")
