@@ -122,7 +122,7 @@ def test_caches_are_keyed_by_digest_never_by_plaintext() -> None:
     models.database_facts(database)
     models.tunnel_spec(database.ssh_tunnel, TunnelOptions())
     for cache in (models._facts, models._tunnels):
-        keys = " ".join(cache._items)
+        keys = " ".join(cache.keys())
         for secret in ("pw-1357", TUNNEL_PASSWORD, "tok-97531"):
             assert secret not in keys
 
@@ -157,3 +157,14 @@ def test_encrypted_extra_texts_are_masked_in_errors() -> None:
 def test_a_bad_max_connections_names_the_field(cap: Any) -> None:
     with pytest.raises(InvalidSpecError, match=r"extra\.max_connections"):
         models.database_facts(Database(extra=json.dumps({"max_connections": cap})))
+
+
+def test_the_flask_shim_caches_specs_by_digest() -> None:
+    from enginehouse.integrations import flask as shim
+
+    database = Database(ssh_tunnel=SSHTunnel(), encrypted_extra=json.dumps({"token": "tok-86420"}))
+    spec = shim.to_spec(database)
+    assert shim.to_spec(database) is spec  # cached
+    keys = " ".join(shim._specs.keys())
+    for secret in ("pw-1357", TUNNEL_PASSWORD, "tok-86420"):
+        assert secret not in keys

@@ -144,5 +144,3 @@ def test_strict_host_keys_accept_the_known_hosts_file(sshd: ThrowawaySshd, tmp_p
         tunnel = SSHTunnel(sshd.port, password=PASSWORD, database_id=43)
         engine = get_sqla_engine(core, ssh, core.Database(43), tunnel)
         assert scalar(engine, "select 3") == 3
-
-

@@ -22,13 +22,13 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from functools import lru_cache
 from typing import Any
 
 from flask import Flask, current_app, g, has_app_context
 from sqlalchemy.engine import Engine
 
 from enginehouse.errors import ConfigurationError
+from enginehouse.integrations.content_cache import ContentCache, digest
 from enginehouse.manager import EngineManager
 from enginehouse.settings import ManagerSettings
 from enginehouse.single_flight import SingleFlight
@@ -338,7 +338,7 @@ def to_spec(
         return database
     tunnel = ssh_tunnel if ssh_tunnel is not None else getattr(database, "ssh_tunnel", None)
     uri = getattr(database, "sqlalchemy_uri_decrypted", None) or database.sqlalchemy_uri
-    return _cached_spec(
+    values = (
         database.id,
         str(uri),
         _text(getattr(database, "extra", None)),
@@ -346,6 +346,8 @@ def to_spec(
         bool(getattr(database, "impersonate_user", False)),
         _tunnel_fields(tunnel, strict_host_keys),
     )
+    # Keyed by a digest: the cache never holds a plaintext password or key as its key.
+    return _specs.get_or_build(digest(*values), lambda: _build_spec(*values))
 
 
 TunnelFields = tuple[tuple[str, Any], ...]
@@ -375,8 +377,10 @@ def _tunnel_fields(tunnel: Any, strict: bool) -> TunnelFields | None:
     return tuple(sorted(fields.items()))
 
 
-@lru_cache(maxsize=1024)
-def _cached_spec(
+_specs: ContentCache[DatabaseSpec] = ContentCache()
+
+
+def _build_spec(
     database_id: int | str,
     uri: str,
     extra: str | None,

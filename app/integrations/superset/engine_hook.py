@@ -30,7 +30,8 @@ from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import URL, Engine
 
 from enginehouse.errors import InvalidSpecError
-from enginehouse.integrations.superset.models import database_facts, digest
+from enginehouse.integrations.content_cache import digest
+from enginehouse.integrations.superset.models import database_facts
 from enginehouse.manager import EngineManager
 from enginehouse.messages.registry import EnginePlan
 from enginehouse.plan import POOL_CLASS_BY_NAME

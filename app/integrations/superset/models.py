@@ -7,12 +7,12 @@ password, key or ``encrypted_extra`` (the values hold them as ``SecretStr``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from enginehouse.errors import InvalidSpecError
+from enginehouse.integrations.content_cache import ContentCache, digest
 from enginehouse.integrations.superset.config import TunnelOptions
 from enginehouse.specs import SSHTunnelSpec
 
@@ -28,7 +28,6 @@ _TUNNEL_FIELDS = (
     "private_key_password",
     "server_host_key",  # newer Superset models only
 )
-_CACHE_SIZE = 1024
 _STRUCTURE = frozenset({"engine_params", "connect_args"})  # Superset's vocabulary, not secrets
 
 
@@ -47,29 +46,8 @@ class DatabaseFacts:
     impersonate_user: bool
 
 
-class _DigestCache:
-    """A bounded dict keyed by content digests (reads and writes need no lock)."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, Any] = {}
-
-    def get(self, digest: str) -> Any:
-        return self._items.get(digest)
-
-    def put(self, digest: str, value: Any) -> Any:
-        if len(self._items) >= _CACHE_SIZE:
-            self._items = {}  # rare: a new dict, so concurrent readers never see it shrink
-        self._items[digest] = value
-        return value
-
-
-_facts = _DigestCache()
-_tunnels = _DigestCache()
-
-
-def digest(*parts: Any) -> str:
-    """A short sha256 of ``parts`` (their repr); used for keys, never reversible."""
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+_facts: ContentCache[DatabaseFacts] = ContentCache()
+_tunnels: ContentCache[SSHTunnelSpec] = ContentCache()
 
 
 def database_facts(database: Any) -> DatabaseFacts:
@@ -87,22 +65,21 @@ def database_facts(database: Any) -> DatabaseFacts:
         _text(getattr(database, "server_cert", None)),
         _tunnel_values(tunnel) if tunnel is not None else None,
     )
-    found: DatabaseFacts | None = _facts.get(key)
-    if found is not None:
-        return found
+    return _facts.get_or_build(key, lambda: _read_facts(database, key, extra, encrypted))
+
+
+def _read_facts(database: Any, key: str, extra: str | None, encrypted: str | None) -> DatabaseFacts:
+    database_id = getattr(database, "id", None)
     parsed = _json_object(extra, "extra")
     params = parsed.get("engine_params") or {}
     pool = params.get("poolclass") if isinstance(params, dict) else None
-    return _facts.put(
-        key,
-        DatabaseFacts(
-            database_id=database_id if database_id is not None else UNSAVED,
-            fingerprint=key,
-            pool=pool if isinstance(pool, str) else parsed.get("poolclass"),
-            max_connections=_cap(parsed.get("max_connections")),
-            redact=_redactions(encrypted),
-            impersonate_user=bool(getattr(database, "impersonate_user", False)),
-        ),
+    return DatabaseFacts(
+        database_id=database_id if database_id is not None else UNSAVED,
+        fingerprint=key,
+        pool=pool if isinstance(pool, str) else parsed.get("poolclass"),
+        max_connections=_cap(parsed.get("max_connections")),
+        redact=_redactions(encrypted),
+        impersonate_user=bool(getattr(database, "impersonate_user", False)),
     )
 
 
@@ -114,18 +91,17 @@ def tunnel_spec(tunnel: Any, options: TunnelOptions) -> SSHTunnelSpec:
     """
     values = _tunnel_values(tunnel)
     key = digest(values, options)
-    found: SSHTunnelSpec | None = _tunnels.get(key)
-    if found is not None:
-        return found
+    return _tunnels.get_or_build(key, lambda: _build_tunnel(values, options))
+
+
+def _build_tunnel(values: tuple[tuple[str, Any], ...], options: TunnelOptions) -> SSHTunnelSpec:
     fields = {name: value for name, value in values if value not in (None, "")}
     host_key = fields.pop("server_host_key", None) or options.known_hosts_file
-    data: dict[str, Any] = {
-        **fields,
-        "host_key_policy": "strict" if options.strict_host_keys else "pin-first",
-    }
+    policy = "strict" if options.strict_host_keys else "pin-first"
+    data: dict[str, Any] = {**fields, "host_key_policy": policy}
     if host_key:
         data["host_key"] = str(host_key)
-    return _tunnels.put(key, SSHTunnelSpec(**data))
+    return SSHTunnelSpec(**data)
 
 
 def _tunnel_values(tunnel: Any) -> tuple[tuple[str, Any], ...]:
