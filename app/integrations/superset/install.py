@@ -35,7 +35,19 @@ def install(app: Flask) -> None:
 
     patch(core, EngineHook(state.running))
     _install_ssh_manager(app, SSHManager(state.running, tunnel_options(app.config)))
+    _feed_stats_logger(app)
     log.info("enginehouse serves Superset's engines (%s mode)", state.settings.mode.value)
+
+
+def _feed_stats_logger(app: Flask) -> None:
+    """Send pool telemetry to Superset's ``STATS_LOGGER`` (not to its do-nothing default)."""
+    logger = app.config.get("STATS_LOGGER")
+    if logger is None or type(logger).__name__ == "DummyStatsLogger":
+        return
+    from enginehouse.integrations.stats_logger import feed_stats_logger
+
+    feed_stats_logger(logger)
+    log.info("pool telemetry goes to STATS_LOGGER (%s)", type(logger).__name__)
 
 
 def installed_state(app: Flask) -> Any:
