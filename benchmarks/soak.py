@@ -67,6 +67,8 @@ CAP = 6
 """``extra.max_connections`` of the PostgreSQL-direct database, across every worker."""
 BUCKET = 0.1
 """Seconds per bucket of the outcome timeline (the resolution of recovery times)."""
+SLOW = 1.0
+"""Calls (connect + query) longer than this are listed with their start and duration."""
 PG_PASSWORD = "soak-pg-secret-7f3a"
 """Sent in the PostgreSQL URI (the server trusts 127.0.0.1 and ignores it): never to be logged."""
 REDIS_PASSWORD = "soak-redis-secret-91c4"
@@ -361,14 +363,17 @@ class _Recorder:
     """Outcomes from traffic threads (a SimpleQueue: no lock of ours), flushed as JSON lines."""
 
     def __init__(self, path: Path, config: WorkerConfig, t0: float) -> None:
-        self.events: queue.SimpleQueue[tuple[str, int, str | None, str]] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[tuple[str, float, float, str | None, str]] = (
+            queue.SimpleQueue()
+        )
         self.file = open(path, "a", buffering=1)  # noqa: SIM115 - open for the process's life
         self.config = config
         self.t0 = t0
         self.samples: dict[str, str] = {}
 
-    def record(self, kind: str, error: str | None = None, message: str = "") -> None:
-        self.events.put((kind, int((time.monotonic() - self.t0) / BUCKET), error, message))
+    def record(self, kind: str, began: float, error: str | None = None, message: str = "") -> None:
+        """One call's outcome; ``began`` is its ``time.monotonic()`` at the start."""
+        self.events.put((kind, began - self.t0, time.monotonic() - began, error, message))
 
     def write(self, record: dict[str, Any]) -> None:
         record.update(worker=self.config.index, generation=self.config.generation)
@@ -379,11 +384,15 @@ class _Recorder:
         failed: dict[str, Counter[str]] = defaultdict(Counter)
         timeline: dict[str, Counter[int]] = defaultdict(Counter)
         samples: dict[str, str] = {}
+        slow: list[tuple[str, float, float]] = []  # (kind, began, seconds) of calls > SLOW
         while True:
             try:
-                kind, bucket, error, message = self.events.get_nowait()
+                kind, began, seconds, error, message = self.events.get_nowait()
             except queue.Empty:
                 break
+            bucket = int((began + seconds) / BUCKET)
+            if seconds > SLOW:
+                slow.append((kind, round(began, 2), round(seconds, 2)))
             if error is None:
                 ok[kind][bucket] += 1
             else:
@@ -392,7 +401,7 @@ class _Recorder:
                 key = f"{kind} {error}"
                 if key not in self.samples:
                     self.samples[key] = samples[key] = message[:500]
-        if ok or failed:
+        if ok or failed or slow:
             self.write(
                 {
                     "type": "outcomes",
@@ -400,6 +409,7 @@ class _Recorder:
                     "failed": failed,
                     "failed_at": timeline,
                     "samples": samples,
+                    "slow": slow,
                 }
             )
 
@@ -480,14 +490,15 @@ def _traffic(manager: Any, spec: Any, kind: str, recorder: _Recorder, stop: Any)
 
     sql = text(SQL[kind])
     while not stop.is_set():
+        began = time.monotonic()
         try:
             with manager.connect(spec) as connection:
                 connection.execute(sql)
         except Exception as exc:  # every failure is recorded by class
-            recorder.record(kind, classify(exc), f"{type(exc).__name__}: {exc}")
+            recorder.record(kind, began, classify(exc), f"{type(exc).__name__}: {exc}")
             stop.wait(0.05)  # a failing kind does not spin
         else:
-            recorder.record(kind)
+            recorder.record(kind, began)
 
 
 class _Crash:
@@ -1003,28 +1014,37 @@ def report(soak: Soak, after: dict[str, Any], records: list[dict[str, Any]]) -> 
 
 
 def _window_report(window: Window, outcomes: list[dict[str, Any]], soak: Soak) -> dict[str, Any]:
-    """Recovery per kind: first success after the fault ended (for one worker's faults, its own)."""
+    """Per kind: recovery (first success after the fault ended), failures and the longest call
+    from the fault's start to that recovery. A fault aimed at one worker counts its traffic only
+    (after a SIGKILL, its replacement's)."""
     fault = window.fault
-    mine = (
-        outcomes if fault.worker is None else [r for r in outcomes if r["worker"] == fault.worker]
-    )
-    if fault.name == "worker_sigkill":  # the replacement's traffic is what recovers
+    mine = [r for r in outcomes if fault.worker is None or r["worker"] == fault.worker]
+    if fault.name == "worker_sigkill":
         mine = [r for r in mine if r["generation"] >= 1]
-    first_bucket = int(window.end / BUCKET)
     recovery: dict[str, float | None] = {}
-    failed_after: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    longest: dict[str, float] = {}
     for kind in KINDS:
-        buckets = sorted(int(b) for r in mine for b, n in r["ok"].get(kind, {}).items() if n)
-        later = [b for b in buckets if b >= first_bucket]
-        recovery[kind] = round(max(0.0, later[0] * BUCKET - window.end), 2) if later else None
-        errs = [
-            int(b)
+        oks = sorted(int(b) for r in mine for b, n in r["ok"].get(kind, {}).items() if n)
+        later = [b for b in oks if b >= int(window.end / BUCKET)]
+        back = round(max(0.0, later[0] * BUCKET - window.end), 2) if later else None
+        recovery[kind] = back
+        until = window.end + (back if back is not None else float("inf"))
+        failed[kind] = sum(
+            n
             for r in mine
             for b, n in r["failed_at"].get(kind, {}).items()
-            for _ in range(n)
-            if int(b) >= int(window.start / BUCKET)
-        ]
-        failed_after[kind] = len(errs)
+            if window.start <= int(b) * BUCKET <= until + BUCKET
+        )
+        longest[kind] = max(
+            (
+                seconds
+                for r in mine
+                for k, began, seconds in r.get("slow", [])
+                if k == kind and began <= until and began + seconds >= window.start
+            ),
+            default=0.0,
+        )
     t0 = soak.t0.value
     return {
         "fault": fault.name,
@@ -1034,6 +1054,8 @@ def _window_report(window: Window, outcomes: list[dict[str, Any]], soak: Soak) -
         "end": round(window.end, 2),
         "detail": window.detail,
         "recovery_s": recovery,
+        "failed_until_recovery": failed,
+        "longest_call_s": longest,
         "peak_pg": soak.observer.peak("pg", t0 + window.start, t0 + window.end + 5),
     }
 
@@ -1091,15 +1113,21 @@ def summary_table(data: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| fault | at s | lasted s | recovery pg / mysql / ssh s | peak pg conns |",
-        "|---|---|---|---|---|",
+        "| fault | at s | lasted s | recovery pg / mysql / ssh s | failed until then "
+        "| longest call s | peak pg conns |",
+        "|---|---|---|---|---|---|---|",
     ]
     for w in data["faults"]:
         rec = " / ".join(
             "-" if w["recovery_s"][k] is None else f"{w['recovery_s'][k]:.1f}" for k in KINDS
         )
         lasted = w["end"] - w["start"]
-        lines.append(f"| {w['fault']} | {w['start']:.1f} | {lasted:.1f} | {rec} | {w['peak_pg']} |")
+        failed = " / ".join(str(w["failed_until_recovery"][k]) for k in KINDS)
+        longest = " / ".join(f"{w['longest_call_s'][k]:.1f}" for k in KINDS)
+        lines.append(
+            f"| {w['fault']} | {w['start']:.1f} | {lasted:.1f} | {rec} | {failed} | {longest} "
+            f"| {w['peak_pg']} |"
+        )
     permits = data["permits_outstanding"]
     peaks = data["peak_server_connections"]
     scan = data["secrets_found"]
