@@ -12,7 +12,8 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from enum import StrEnum
+
+from enginehouse.compat import StrEnum
 
 
 class RestartType(StrEnum):

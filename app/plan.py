@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import URL
 
-from enginehouse import credentials
+from enginehouse import compat, credentials
 from enginehouse.adapters import DialectAdapter, adapter_for, merge_encrypted_extra
 from enginehouse.errors import EngineCreationError, EngineManagerError, InvalidSpecError
 from enginehouse.messages.registry import EnginePlan, RequestKey
@@ -80,6 +80,7 @@ def build_plan(
     )
     if settings.connection_mutator is not None:
         url, kwargs = _mutate(settings, url, kwargs, key)
+    kwargs = compat.pool_defaults_of_sqlalchemy_2(url, kwargs)
     if access_token is not None and not adapter.supports_impersonation:
         raise InvalidSpecError("access_token", f"the {spec.backend} adapter takes no user token")
     if key.user is not None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-import re
-from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import (
@@ -18,6 +17,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from enginehouse.compat import StrEnum
 from enginehouse.errors import ConfigurationError
 from enginehouse.fleet import check_url as check_fleet_url
 

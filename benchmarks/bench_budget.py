@@ -32,6 +32,8 @@ from typing import Any
 from sqlalchemy import create_engine, event, text
 
 from benchmarks.common import (
+    PG_DSN,
+    PG_URI,
     ConnectionSampler,
     interleave,
     machine_info,
@@ -41,10 +43,6 @@ from benchmarks.common import (
 from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.budget_client import close_and_wait
 
-PG_URI = os.environ.get(
-    "ENGINEHOUSE_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-PG_DSN = PG_URI.replace("postgresql+psycopg://", "postgresql://")
 REDIS = os.environ.get("ENGINEHOUSE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 CAP = 4
 THREADS = 4

@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from benchmarks.common import (
+    PG_URI,
     PLOTS_DIR,
     Ratio,
     Result,
@@ -48,9 +49,6 @@ from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.default import DefaultEngines
 from enginehouse.plan import build_plan, request_key
 
-PG_URI = os.environ.get(
-    "ENGINEHOUSE_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 POOL_SIZE = 8
 """Pool sized for the 8-thread run, so no thread waits on an overflow connection."""
 SELECT_1 = text("select 1")

@@ -30,6 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from benchmarks.common import (
+    PG_URI,
     PLOTS_DIR,
     ROOT,
     machine_info,
@@ -46,7 +47,7 @@ from enginehouse.messages.tunnel import CloseTunnel, EnsureConnected, Forwarded,
 sys.path.insert(0, str(ROOT / "tests"))
 from sshd_fixtures import PASSWORD, USER, ThrowawaySshd, free_port, remove_sshd, start_sshd
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+PG = PG_URI
 DOC = ROOT / "docs" / "benchmarks.md"
 STALL = 0.030  # a new connection slower than this counts as a stall (the ~45 ms kind)
 

@@ -18,15 +18,21 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from enginehouse.compat import postgres_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 """Where raw results go as JSON (gitignored)."""
 PLOTS_DIR = ROOT / "docs" / "img"
+PG_URI = os.environ.get("ENGINEHOUSE_BENCH_PG", postgres_uri("postgres@127.0.0.1:5432/test"))
+"""The benchmarks' PostgreSQL, with this stack's driver (psycopg 3 or psycopg2)."""
+PG_DSN = "postgresql://" + PG_URI.split("://", 1)[1]
+"""The same database as a libpq DSN, for samplers that connect without SQLAlchemy."""
 """Where full runs put their PNG plots (committed, shown in docs/benchmarks.md)."""
 
 
@@ -288,7 +294,7 @@ def machine_info() -> dict[str, Any]:
 def write_results(name: str, payload: Mapping[str, Any], directory: Path = RESULTS_DIR) -> Path:
     """Write ``payload`` to ``<directory>/<name>-<UTC time>.json`` and ``<name>-latest.json``."""
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(payload, indent=1, default=str)
     path = directory / f"{name}-{stamp}.json"
     path.write_text(text)
@@ -297,7 +303,7 @@ def write_results(name: str, payload: Mapping[str, Any], directory: Path = RESUL
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 # -- plots ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import worker_init
+from conftest import PG_URI
 from sqlalchemy import text
 
 from enginehouse import DatabaseSpec, engines, forking
@@ -20,7 +21,7 @@ from enginehouse.integrations import workers
 
 BROKER = os.environ.get("ENGINEHOUSE_TEST_CELERY_BROKER", "redis://127.0.0.1:6379/5")
 QUEUE = os.environ.get("ENGINEHOUSE_TEST_CELERY_QUEUE", "enginehouse-test")
-PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG = PG_URI
 SPEC = DatabaseSpec(id=501, uri=PG, extra={"engine_params": {"pool_size": 2}})
 
 celery = Celery("enginehouse_test", broker=BROKER, backend=BROKER)

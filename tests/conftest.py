@@ -12,10 +12,12 @@ import pykka
 import pytest
 
 from enginehouse import DatabaseSpec, EngineManager
+from enginehouse.compat import postgres_uri
 
 pytest_plugins: list[str] = ["service_rule", "secret_scan", "sshd_fixtures", "fleet_fixtures", "pgbouncer_fixtures"]
 
-PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# The one place tests name PostgreSQL: psycopg 3 on SQLAlchemy 2, psycopg2 on 1.4.
+PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", postgres_uri("postgres@127.0.0.1:5432/test"))
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 

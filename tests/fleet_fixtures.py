@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import PG_URI
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for benchmarks/, whatever directory pytest runs from
@@ -27,7 +28,6 @@ from benchmarks.common import ConnectionSampler  # noqa: E402
 
 SHARED_REDIS = os.environ.get("ENGINEHOUSE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 PG_DSN = os.environ.get("ENGINEHOUSE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 WORKER = ROOT / "tests" / "fleet_worker.py"
 
 

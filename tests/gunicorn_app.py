@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from conftest import PG_URI
 from flask import Flask, jsonify
 from sqlalchemy import text
 
@@ -18,7 +19,7 @@ from enginehouse import DatabaseSpec
 from enginehouse.integrations import workers
 from enginehouse.integrations.flask import EngineManagerExtension
 
-PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG = PG_URI
 SPEC = DatabaseSpec(id=801, uri=PG, extra={"engine_params": {"pool_size": 1}})
 
 app = Flask("enginehouse-gunicorn-test")

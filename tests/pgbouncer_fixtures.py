@@ -22,6 +22,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from enginehouse.compat import postgres_uri
+
 ROOT = Path(__file__).resolve().parent.parent
 CANDIDATES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
 
@@ -61,7 +63,7 @@ class PgBouncer:
         self.port = _free_port()
         self.database = database
         self.directory = Path(tempfile.mkdtemp(prefix="eh-pgbouncer-"))
-        self.uri = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+        self.uri = postgres_uri(f"postgres@127.0.0.1:{self.port}/{database}")
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
         self._server_port = server_port
         self.process: subprocess.Popen[bytes] | None = None

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import pytest
+from conftest import PG_URI
 from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -20,7 +20,7 @@ from enginehouse.integrations.metrics import disable_pool_events
 
 pytestmark = pytest.mark.services("postgres")
 
-PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG = PG_URI
 SPEC = DatabaseSpec(id=21, uri=PG, extra={"engine_params": {"pool_size": 2}})
 
 

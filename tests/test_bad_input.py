@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from enginehouse import DatabaseSpec, EngineManager, Mode
+from enginehouse.compat import postgres_uri
 from enginehouse.errors import (
     ConfigurationError,
     DriverNotInstalledError,
@@ -23,7 +24,7 @@ from enginehouse.errors import (
 pytestmark = [pytest.mark.usefixtures("sqlite_files_allowed"), pytest.mark.services("postgres", "mariadb")]
 
 SECRET = "s3cr3t-pw"
-PG = f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:5432/test"
+PG = postgres_uri(f"postgres:{SECRET}@127.0.0.1:5432/test")
 
 
 @pytest.fixture

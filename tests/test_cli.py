@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import PG_URI
 from prometheus_client import CollectorRegistry, start_http_server
 from secret_scan import assert_no_secret, register_secret
 
@@ -23,7 +24,7 @@ from enginehouse.integrations.metrics import disable_pool_events, start_metrics_
 pytestmark = pytest.mark.services("postgres", "mariadb")
 
 ROOT = Path(__file__).resolve().parent.parent
-PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG = PG_URI
 PASSWORD = "s3cr3t-pw"  # the server trusts loopback, so any password works; none may be printed
 register_secret(PASSWORD)
 

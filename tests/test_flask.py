@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from conftest import PG_URI
 from flask import Flask, g, jsonify
 from secret_scan import assert_no_secret, register_secret
 from sqlalchemy import text
@@ -27,7 +28,7 @@ from enginehouse.settings import Mode
 
 pytestmark = pytest.mark.services("postgres")
 
-PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG = PG_URI
 PASSWORD = "s3cr3t-pw"
 register_secret(PASSWORD)
 

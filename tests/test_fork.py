@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import PG_URI
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -18,7 +19,6 @@ from enginehouse import DatabaseSpec, EngineManager, engines
 
 pytestmark = pytest.mark.services("postgres")
 
-PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CHILD_DEADLINE = 60.0
 
 

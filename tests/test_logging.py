@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
+from conftest import PG_URI
 from secret_scan import assert_no_secret, register_secret
 from sqlalchemy import text
 
@@ -14,7 +14,7 @@ from enginehouse.errors import EngineCreationError
 
 pytestmark = pytest.mark.services("postgres")
 
-PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG = PG_URI
 PASSWORD = "s3cr3t-pw"
 register_secret(PASSWORD)
 

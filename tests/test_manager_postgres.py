@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
+from conftest import PG_URI
 from sqlalchemy import pool as sa_pool
 from sqlalchemy import text
 
@@ -17,7 +17,6 @@ from enginehouse import DatabaseSpec, EngineManager
 
 pytestmark = pytest.mark.services("postgres")
 
-PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CATALOG = "enginehouse_cat"
 SCHEMAS = ("enginehouse_s1", "enginehouse_s2")
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"

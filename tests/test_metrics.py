@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import urllib.error
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy
+from conftest import PG_URI
 from prometheus_client.parser import text_string_to_metric_families
 from secret_scan import assert_no_secret, register_secret
 
@@ -28,9 +28,7 @@ from enginehouse.integrations.metrics import (
 
 pytestmark = pytest.mark.services("postgres", "redis")
 
-PG_HOST_URI = os.environ.get(
-    "ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+PG_HOST_URI = PG_URI
 PASSWORD = "s3cr3t-pw"  # trust auth ignores it; it must still never show up in metrics
 register_secret(PASSWORD)
 

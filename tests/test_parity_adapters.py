@@ -29,6 +29,7 @@ from enginehouse.adapters import (
     refresh_adapters,
     register_adapter,
 )
+from enginehouse.compat import postgres_driver
 from enginehouse.errors import DriverNotInstalledError, InvalidSpecError
 
 pytestmark = pytest.mark.services("postgres", "mariadb")
@@ -116,12 +117,12 @@ def test_register_adapter_by_name_overrides(monkeypatch: pytest.MonkeyPatch) -> 
 
 PACKAGE_MODULE = '''
 """A third-party package: a dialect alias of PostgreSQL and its enginehouse adapter."""
-from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+from sqlalchemy.dialects.postgresql.DRIVER import PGDialect_DRIVER as PostgresDialect
 
 from enginehouse.adapters import PostgresAdapter
 
 
-class EhpgDialect(PGDialect_psycopg):
+class EhpgDialect(PostgresDialect):
     supports_statement_cache = True
 
 
@@ -135,7 +136,7 @@ class DemoAdapter(PostgresAdapter):
 
 
 NOT_AN_ADAPTER = object()
-'''
+'''.replace("DRIVER", postgres_driver())  # psycopg 3 on SQLAlchemy 2, psycopg2 on 1.4
 
 ENTRY_POINTS = f"""[{ENTRY_POINT_GROUP}]
 ehpg = ehdemo_adapter:DemoAdapter

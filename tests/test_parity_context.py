@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from conftest import PG_URI
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 
@@ -15,7 +16,6 @@ from enginehouse import DatabaseSpec, EngineManager
 
 pytestmark = pytest.mark.services("postgres", "mariadb")
 
-PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 CALLS: list[tuple[str, object, dict[str, Any]]] = []
@@ -39,8 +39,11 @@ def recording_context(database: DatabaseSpec, **request: Any) -> Iterator[None]:
         CALLS.append(("exit", database.id, request))
 
 
-def tag_session(connection: Connection) -> None:
-    """What the hook's per-request state does on each checkout (a session variable)."""
+def tag_session(connection: Connection, *_branch: object) -> None:
+    """What the hook's per-request state does on each checkout (a session variable).
+
+    (SQLAlchemy 1.4 passes a second argument, ``branch``, to ``engine_connect``.)
+    """
     if connection.dialect.name == "postgresql":
         statement = "SELECT set_config('eh.tag', :v, false)"
     else:

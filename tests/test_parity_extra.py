@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
+from conftest import PG_URI
 from pydantic import SecretStr
 from secret_scan import assert_no_secret, register_secret
 from sqlalchemy import text
@@ -19,7 +20,6 @@ from enginehouse.errors import EngineManagerError, InvalidSpecError
 
 pytestmark = pytest.mark.services("postgres", "mariadb")
 
-PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 

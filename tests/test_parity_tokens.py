@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import PG_URI
 from prometheus_client import generate_latest
 from pydantic import SecretStr
 from secret_scan import assert_no_secret, register_secret
@@ -22,7 +23,6 @@ from enginehouse.integrations.metrics import disable_pool_events, registry_for
 
 pytestmark = pytest.mark.services("postgres", "mariadb")
 
-PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 TOKENS = ("eh-tok-alice-1", "eh-tok-alice-2", "eh-tok-bob-1", "eh-tok-pw-1", "eh-tok-pw-2")

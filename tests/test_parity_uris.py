@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import PG_URI
 from secret_scan import assert_no_secret
 from sqlalchemy import text
 from sqlalchemy.engine import URL
@@ -17,7 +18,6 @@ from enginehouse.safety import is_sqlite_memory
 
 pytestmark = pytest.mark.services("postgres", "mariadb")
 
-PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_URI = os.environ.get("ENGINEHOUSE_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 

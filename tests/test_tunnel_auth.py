@@ -15,6 +15,7 @@ from test_tunnel_manager import bastion, database, make_manager
 
 from enginehouse import EngineManager
 from enginehouse.actors import ssh
+from enginehouse.compat import postgres_uri
 from enginehouse.errors import InvalidSpecError, TunnelError
 
 pytestmark = pytest.mark.services("postgres")
@@ -131,7 +132,7 @@ def test_remote_unreachable_from_bastion(manager: EngineManager, sshd: Throwaway
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
     spec = database(1, bastion(sshd)).model_copy(
-        update={"uri": f"postgresql+psycopg://postgres@127.0.0.1:{port}/test"}
+        update={"uri": postgres_uri(f"postgres@127.0.0.1:{port}/test")}
     )
     with pytest.raises(TunnelError, match=f"cannot reach 127.0.0.1:{port}"):
         manager.get(spec)

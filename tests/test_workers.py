@@ -8,6 +8,7 @@ import select
 import time
 
 import pytest
+from conftest import PG_URI
 from sqlalchemy import text
 
 from enginehouse import DatabaseSpec, EngineManager
@@ -15,7 +16,7 @@ from enginehouse.integrations.workers import after_fork, last_reset, post_fork, 
 
 pytestmark = pytest.mark.services("postgres")
 
-PG = os.environ.get("ENGINEHOUSE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG = PG_URI
 SPEC = DatabaseSpec(id=701, uri=PG, extra={"engine_params": {"pool_size": 1}})
 DEADLINE = 60.0
 
