@@ -59,9 +59,13 @@ def raise_invalid(exc: ValidationError, prefix: str = "") -> InvalidSpecError:
     """Turn a pydantic error into ours without echoing the input (it may be a secret)."""
     first = exc.errors(include_input=False, include_url=False)[0]
     cause = first.get("ctx", {}).get("error")
+    where = ".".join(str(part) for part in first["loc"])
     if isinstance(cause, InvalidSpecError):
-        return InvalidSpecError(prefix + cause.field, cause.reason)
-    field = ".".join(str(part) for part in first["loc"]) or "spec"
+        field = cause.field
+        if where and field != where and not field.startswith((f"{where}.", f"{where}[")):
+            field = f"{where}.{field}"  # a nested spec's error: ssh_tunnel.server_port
+        return InvalidSpecError(prefix + field, cause.reason)
+    field = where or "spec"
     message = first["msg"]
     if first.get("ctx", {}).get("error") is not None:
         message = str(first["ctx"]["error"])

@@ -363,3 +363,23 @@ def test_bad_numbers_from_the_environment_are_refused(
     with pytest.raises(ConfigurationError) as info:
         EngineManager()
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("tunnel", "field"),
+    [
+        ({"server_address": "", "username": "u", "password": SECRET}, "ssh_tunnel.server_address"),
+        (
+            {"server_address": "h", "username": "u", "password": SECRET, "server_port": float("nan")},
+            "ssh_tunnel.server_port",
+        ),
+        (
+            {"server_address": "h", "username": "u", "password": SECRET, "server_port": 10**30},
+            "ssh_tunnel.server_port",
+        ),
+    ],
+)
+def test_nested_tunnel_error_names_the_path(tunnel: dict[str, Any], field: str) -> None:
+    """Found by tests/test_fuzz_specs.py: a nested spec's error named only its own field."""
+    error = spec_error({"id": 1, "uri": PG, "ssh_tunnel": tunnel})
+    assert error.field == field
