@@ -142,8 +142,13 @@ class SSHTunnelSpec(_Spec):
             return []
         text = self.host_key.strip()
         if "\n" not in text and not text.startswith(("ssh-", "ecdsa-", "|")) and " " not in text:
-            path = Path(text).expanduser()
-            text = path.read_text() if path.is_file() else text
+            try:
+                path = Path(text).expanduser()
+                text = path.read_text() if path.is_file() else text
+            except (OSError, RuntimeError, ValueError):  # ~nosuchuser, unreadable, bad bytes
+                raise InvalidSpecError(
+                    "ssh_tunnel.host_key", "names a known_hosts file that cannot be read"
+                ) from None
         return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 

@@ -163,7 +163,9 @@ TUNNELS = st.fixed_dictionaries(
         "password": st.sampled_from([SSH_SECRET, "", None]),
         "private_key": st.sampled_from([f"-----BEGIN KEY-----\n{SSH_SECRET}\n", SSH_SECRET]),
         "private_key_password": st.sampled_from([SSH_SECRET, None]),
-        "host_key": st.text(max_size=30) | st.sampled_from(["ssh-ed25519 AAAA", "\x00", "~nobody/x"]),
+        "host_key": st.text(max_size=30) | st.sampled_from(
+            ["ssh-ed25519 AAAA", "\x00", "~nobody/x", "~no-such-user-zz/known_hosts", "/root"]
+        ),
         "host_key_policy": st.sampled_from(["strict", "pin-first", "accept"]) | st.text(max_size=6),
     },
 )

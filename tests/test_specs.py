@@ -134,3 +134,12 @@ def test_plan_repr_masks_password() -> None:
     plan = build_plan(spec, key, settings)
     assert plan.url.password == PASSWORD
     assert PASSWORD not in repr(plan)
+
+
+@pytest.mark.parametrize("host_key", ["~no-such-user-zz/known_hosts", "/proc/self/mem"])
+def test_unreadable_host_key_file_names_the_field(host_key: str) -> None:
+    """Found by fuzzing: ``~unknownuser`` raised a bare RuntimeError from pathlib."""
+    spec = SSHTunnelSpec(server_address="h", username="u", password="pw", host_key=host_key)
+    with pytest.raises(InvalidSpecError) as info:
+        spec.host_key_lines()
+    assert info.value.field == "ssh_tunnel.host_key"
