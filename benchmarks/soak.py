@@ -1150,38 +1150,39 @@ def summary_table(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], path: Path) -> Path:
-    """Queries/s of each kind over time, a panel each; fault windows shaded, instant ones dashed."""
+    """Queries/s of each kind over time, a panel each, and the capped database's server
+    connections against the cap; fault windows shaded, instant faults dashed."""
     import matplotlib.pyplot as plt
 
     labels = {
-        "pg": f"PostgreSQL direct (fleet cap {data['cap']})",
-        "mysql": "MariaDB",
-        "ssh": "PostgreSQL through sshd",
+        "pg": f"PostgreSQL direct (fleet cap {data['cap']}): queries/s",
+        "mysql": "MariaDB: queries/s",
+        "ssh": "PostgreSQL through sshd: queries/s",
     }
-    fig, axes = plt.subplots(len(KINDS), 1, figsize=(11, 7), sharex=True)
-    for ax, kind, color in zip(axes, KINDS, ("tab:blue", "tab:orange", "tab:green"), strict=True):
+    fig, axes = plt.subplots(len(KINDS) + 1, 1, figsize=(11, 8.5), sharex=True)
+    for ax, kind, color in zip(axes, KINDS, ("tab:blue", "tab:orange", "tab:green"), strict=False):
         series = data["timeline"][kind]
         ax.plot(range(len(series)), series, color=color, linewidth=1.2)
         ax.set_ylim(0, (max(series, default=1.0) or 1.0) * 1.25)
-        ax.set_ylabel("queries/s", fontsize=9)
-        ax.text(
-            0.005,
-            0.97,
-            labels[kind],
-            transform=ax.transAxes,
-            fontsize=9,
-            va="top",
-            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
-        )
-        ax.grid(alpha=0.3)
-        for w in data["faults"]:
-            if w["end"] - w["start"] >= 0.5:
-                ax.axvspan(w["start"], w["end"], color="tab:red", alpha=0.15)
-            else:
-                ax.axvline(w["start"], color="tab:red", alpha=0.7, linestyle="--", linewidth=1)
-    top = axes[0]
+        _panel(ax, labels[kind], data["faults"])
+    conns = axes[-1]
+    times = [t for t, _ in data["connections"]]
+    conns.step(
+        times,
+        [c.get("pg", 0) for _, c in data["connections"]],
+        where="post",
+        color="tab:blue",
+        linewidth=1,
+    )
+    conns.axhline(data["cap"], color="black", linestyle=":", linewidth=1)
+    conns.set_ylim(0, data["cap"] * 1.6)
+    _panel(
+        conns,
+        "PostgreSQL direct: server connections (pg_stat_activity), cap dotted",
+        data["faults"],
+    )
     for index, w in enumerate(data["faults"]):
-        top.annotate(
+        axes[0].annotate(
             w["fault"].replace("_", " "),
             (w["start"], 1.04 + 0.16 * (index % 3)),
             xycoords=("data", "axes fraction"),
@@ -1195,14 +1196,32 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     )
     fig.suptitle(
         f"Fault-injection soak, {data['when']}: {data['schedule']['processes']} processes, "
-        "successful queries/s of all workers; EngineManager defaults + fleet_url",
+        "all workers summed; EngineManager defaults + fleet_url",
         fontsize=10,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _panel(ax: Any, label: str, faults: list[dict[str, Any]]) -> None:
+    ax.text(
+        0.005,
+        0.97,
+        label,
+        transform=ax.transAxes,
+        fontsize=9,
+        va="top",
+        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+    )
+    ax.grid(alpha=0.3)
+    for w in faults:
+        if w["end"] - w["start"] >= 0.5:
+            ax.axvspan(w["start"], w["end"], color="tab:red", alpha=0.15)
+        else:
+            ax.axvline(w["start"], color="tab:red", alpha=0.7, linestyle="--", linewidth=1)
 
 
 # -- helpers and main -------------------------------------------------------------------------
