@@ -26,7 +26,6 @@ process (or, embedded, a manager) sheds what it holds beyond its fair share
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
 import weakref
@@ -36,16 +35,19 @@ from typing import Any
 import pykka
 
 from enginehouse import fleet, ledger
+from enginehouse.actors.demand_listener import DemandListener
 from enginehouse.actors.lease_waiter import Channel, LeaseWaiter
 from enginehouse.actors.pools import ShareBoard, close_idle, limit_pool
 from enginehouse.actors.supervisor import report_crash
 from enginehouse.errors import FleetUnavailableError, ManagerShutDownError, PoolExhaustedError
-from enginehouse.ledger import LocalLedger
+from enginehouse.ledger import Holdings, LocalLedger
 from enginehouse.messages.budget import (
     Acquire,
     Attach,
     BudgetStatus,
     Cancel,
+    Claim,
+    DemandChanged,
     GetBudgetStats,
     Lease,
     RecomputeShare,
@@ -65,12 +67,19 @@ _PROBE_PAUSE = 1.0
 
 
 class _Waiter:
-    __slots__ = ("deadline", "future", "ticket")
+    """A caller waiting for a permit: it leaves at ``deadline``, taking ``claim`` first."""
 
-    def __init__(self, ticket: int, deadline: float) -> None:
-        self.ticket = ticket
-        self.deadline = deadline
-        self.future: pykka.ThreadingFuture[Lease] = pykka.ThreadingFuture()
+    __slots__ = ("claim", "deadline", "reply", "ticket")
+
+    def __init__(self, message: Acquire) -> None:
+        self.ticket = message.ticket
+        self.deadline = message.deadline
+        self.reply: pykka.ThreadingFuture[Lease] = message.reply
+        self.claim: Claim = message.claim
+
+    def left(self, now: float) -> bool:
+        """The caller gave up (or will, before any grant could reach it)."""
+        return now > self.deadline or not self.claim.open
 
 
 class _Budget:
@@ -96,6 +105,7 @@ class _Budget:
         self.probe_after = 0.0  # embedded: no pool grows past its permits before this
         self.granted = self.timeouts = self.shed = 0
         self.waits = self.handovers = 0  # blocking waits in Redis; permits passed on in-process
+        self.demand_news = 0  # renewals made because another process started/stopped waiting
         self.empty_waits = self.refusals = 0  # waits that brought nothing; asks refused
         self.trips = {"acquire": 0, "release": 0, "renew": 0}  # Redis round trips by kind
         self.fleet_held: int | None = None
@@ -118,6 +128,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         board: ShareBoard,
         *,
         generation: int,
+        holdings: Holdings | None = None,
         fleet_url: str | None = None,
         fleet_fallback: str = "closed",
         lease_ttl: float = 30.0,
@@ -137,11 +148,14 @@ class BudgetKeeper(pykka.ThreadingActor):
         self._supervisor = supervisor
         self._name = name
         self._store: fleet.LeaseStore | None = None
+        self._listener: pykka.ActorRef[Any] | None = None  # fleet: demand news from Redis
         self._ledger: LocalLedger | None = None  # embedded: the process's shared tokens
         self._outage: tuple[type[BaseException], ...] = ()
         self._slow: tuple[type[BaseException], ...] = ()
-        self._process = fleet.process_id()
-        self._ids = itertools.count(1)
+        self._refusal: tuple[type[BaseException], ...] = ()
+        # The permits in use live outside us, under an identity that survives our restart.
+        self._holdings = holdings if holdings is not None else Holdings(fleet.process_id())
+        self._process = self._holdings.process
         self._budgets: dict[str, _Budget] = {}
         self._down_since: float | None = None
         self._last_ok = time.monotonic()
@@ -157,10 +171,30 @@ class BudgetKeeper(pykka.ThreadingActor):
             )
             self._outage = fleet.outage_errors()
             self._slow = fleet.slow_reply_errors()
+            self._refusal = fleet.refusal_errors()
+            self._listener = DemandListener.start(
+                self.actor_ref, self._store.demand_channel(), self._process
+            )
         else:
-            self._ledger = LocalLedger(self._prefix, self._process, self.actor_ref)
+            self._ledger = LocalLedger(self._prefix, self._process, self.actor_ref, self._holdings)
         self._board.shed.clear()
         self._board.limits.clear()
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """After a crash: the permits our connections still hold are ours again (see Holdings)."""
+        for key, (cap, engines) in list(self._holdings.engines.items()):
+            self._budget(key, cap).engines = [(r, n) for r, n in engines if r() is not None]
+        for key, (cap, lease_ids) in self._holdings.by_budget().items():
+            budget = self._budget(key, cap)
+            budget.held.update(lease_ids)
+            log.warning("budget %s: adopted %d permits held before a restart", key, len(lease_ids))
+            if self._ledger is not None:
+                self._ledger.adopt(key, cap, len(lease_ids))
+                self._share_locally(budget)  # others may have started waiting meanwhile
+            else:
+                self._sync(budget)  # Redis: our taken list back to what we hold
+            self._rebalance(budget)
 
     def on_stop(self) -> None:
         gone = ManagerShutDownError("the manager shut down while this caller waited")
@@ -170,17 +204,25 @@ class BudgetKeeper(pykka.ThreadingActor):
             if budget.waiter is not None:
                 # It may sit in a blocking wait for up to WAIT_BLOCK; a permit it catches
                 # meanwhile it puts back itself, on its own connection.
-                budget.waiter.tell(StopWaiting())
-                budget.waiter.stop(block=False)
+                with contextlib.suppress(pykka.ActorDeadError):
+                    budget.waiter.tell(StopWaiting())
+                    budget.waiter.stop(block=False)
             if self._store is not None and self._down_since is None and any(budget.trips.values()):
                 self._call(self._store.leave, budget, "release", budget.cap, self._ttl)
             if self._ledger is not None:
                 self._ledger.leave(budget.key)
                 self._nudge(budget)
+        self._stop_listener()
         if self._store is not None:
             self._store.close()
 
+    def _stop_listener(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                self._listener.stop(block=False)
+
     def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._stop_listener()  # the restarted keeper starts its own
         report_crash(self._supervisor, self._name, self.actor_urn, exc)
 
     def on_receive(self, message: Any) -> Any:
@@ -192,6 +234,8 @@ class BudgetKeeper(pykka.ThreadingActor):
             return self._waited(message)
         if isinstance(message, RecomputeShare):
             return self._squeezed(message)
+        if isinstance(message, DemandChanged):
+            return self._demand(message)
         if isinstance(message, Cancel):
             return self._cancel(message)
         if isinstance(message, Attach):
@@ -204,14 +248,16 @@ class BudgetKeeper(pykka.ThreadingActor):
 
     # -- handlers --------------------------------------------------------------
 
-    def _acquire(self, message: Acquire) -> pykka.ThreadingFuture[Lease]:
+    def _acquire(self, message: Acquire) -> None:
         budget = self._budget(message.key, message.cap)
-        waiter = _Waiter(message.ticket, time.monotonic() + message.timeout)
+        waiter = _Waiter(message)
+        if waiter.left(time.monotonic()):
+            budget.timeouts += 1  # it gave up before we read its ask: nothing to grant
+            return
         budget.waiters.append(waiter)
         self._serve(budget)
         if waiter in budget.waiters:
             self._rebalance(budget)
-        return waiter.future
 
     def _release(self, message: Release) -> None:
         budget = self._budgets.get(message.key)
@@ -224,11 +270,10 @@ class BudgetKeeper(pykka.ThreadingActor):
         self._limit_pools(budget)
         if message.lease_id in budget.lost:
             budget.lost.discard(message.lease_id)  # Redis never had it (or dropped it)
-        elif not owing and budget.waiters and self._down_since is None:
-            # Hand the permit to our own next waiter: no Redis round trip, no token moves.
+        elif not owing and self._down_since is None and self._grant(budget, message.lease_id):
+            # Handed to our own next waiter: no Redis round trip, no token moves.
             budget.lend = max(0, budget.lend - 1)
             budget.handovers += 1
-            self._grant(budget, budget.waiters.popleft(), message.lease_id)
             self._settle(budget)
             self._rebalance(budget)
             return
@@ -237,17 +282,12 @@ class BudgetKeeper(pykka.ThreadingActor):
         self._serve(budget)
         self._rebalance(budget)
 
-    def _cancel(self, message: Cancel) -> Lease | None:
+    def _cancel(self, message: Cancel) -> None:
+        """The caller left (it holds the claim, so nothing can be granted to it): drop it now."""
         budget = self._budgets.get(message.key)
-        if budget is None:
-            return None
-        for waiter in budget.waiters:
-            if waiter.ticket == message.ticket:
-                budget.waiters.remove(waiter)
-                budget.timeouts += 1
-                self._settle(budget)
-                return None
-        return None  # already granted (the caller got it) or failed
+        if budget is not None:
+            self._prune(budget)
+            self._settle(budget)
 
     def _waited(self, message: WaitEnded) -> None:
         """Our LeaseWaiter's blocking wait in Redis ended: with a permit, empty, or failed."""
@@ -256,22 +296,22 @@ class BudgetKeeper(pykka.ThreadingActor):
             return
         budget.trips["acquire"] += 1 if self._store is not None else 0
         budget.waits += 1
-        if message.failed:
+        if message.refused is not None:
             budget.wanting = False  # the LeaseWaiter stopped waiting
+            self._fail_all(budget, self._refused(budget, "wait", message.refused))
+            return
+        if message.failed:
+            budget.wanting = False  # the LeaseWaiter stopped waiting (or crashed)
             lost = ConnectionError("the blocking wait for a permit lost Redis")
-            if self._down_since is None and not self._still_answers(lost):
+            if self._store is not None and self._down_since is None and not self._still_answers(lost):
                 self._went_down(lost)
             self._serve(budget)  # waits again (Redis answers), or serves as the fallback says
             return
         if not message.got:
             budget.empty_waits += 1
             budget.refused = True  # nothing was free for a whole wait: the fleet is full
-        else:
-            lease_id = f"{self._process}|{next(self._ids)}"
-            if budget.waiters:
-                self._grant(budget, budget.waiters.popleft(), lease_id)
-            else:  # the caller gave up or got a permit of ours meanwhile
-                self._give_back(budget, 1)
+        elif not self._grant(budget, self._holdings.new_id()):
+            self._give_back(budget, 1)  # the caller gave up or got a permit of ours meanwhile
         self._settle(budget)
         self._rebalance(budget)
 
@@ -281,10 +321,22 @@ class BudgetKeeper(pykka.ThreadingActor):
             self._share_locally(budget)
             self._rebalance(budget)
 
+    def _demand(self, message: DemandChanged) -> None:
+        """Another process started or stopped waiting: renew now, give back beyond our share."""
+        budget = self._budgets.get(message.key)
+        if budget is None or self._store is None or self._down_since is not None:
+            return
+        if budget.held or budget.waiters or budget.announced:
+            budget.demand_news += 1
+            self._sync(budget)
+            self._serve(budget)
+            self._rebalance(budget)
+
     def _attach(self, message: Attach) -> None:
         budget = self._budget(message.key, message.cap)
         budget.engines = [(r, n) for r, n in budget.engines if r() is not None]
         budget.engines.append((message.engine, message.limit))
+        self._holdings.attach(message.key, message.cap, message.engine, message.limit)
         self._limit_pools(budget)
 
     def _renew(self) -> None:
@@ -300,7 +352,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         for budget in self._budgets.values():
             if self._ledger is not None:
                 self._share_locally(budget)
-            self._expire_waiters(budget, now)
+            self._prune(budget)
             self._serve(budget)
             self._rebalance(budget)
 
@@ -308,6 +360,7 @@ class BudgetKeeper(pykka.ThreadingActor):
 
     def _serve(self, budget: _Budget) -> None:
         """Grant permits to waiters in arrival order while there is room."""
+        self._prune(budget)
         while budget.waiters:
             try:
                 lease_id = self._try_take(budget)
@@ -316,20 +369,55 @@ class BudgetKeeper(pykka.ThreadingActor):
                 continue
             if lease_id is None:
                 break
-            self._grant(budget, budget.waiters.popleft(), lease_id)
+            if not self._grant(budget, lease_id) and (self._store is None or not self._down_since):
+                self._give_back(budget, 1)  # its caller left this very moment
         self._settle(budget)
 
-    def _grant(self, budget: _Budget, waiter: _Waiter, lease_id: str) -> None:
-        budget.held.add(lease_id)
-        budget.granted += 1
-        waiter.future.set(Lease(budget.key, lease_id, self._generation))
-        self._limit_pools(budget)
+    def _grant(self, budget: _Budget, lease_id: str) -> bool:
+        """Give ``lease_id`` to the oldest waiter still waiting; False if none is left.
+
+        The claim is taken first: a caller that left took it, and is skipped.
+        """
+        now = time.monotonic()
+        while budget.waiters:
+            waiter = budget.waiters.popleft()
+            if waiter.left(now) or not waiter.claim.take():
+                budget.timeouts += 1
+                continue
+            budget.held.add(lease_id)
+            budget.granted += 1
+            self._holdings.add(lease_id, budget.key, budget.cap)
+            waiter.reply.set(Lease(budget.key, lease_id, self._generation))
+            self._limit_pools(budget)
+            return True
+        return False
+
+    def _prune(self, budget: _Budget) -> None:
+        """Drop waiters whose caller left (its deadline passed, or it cancelled)."""
+        now = time.monotonic()
+        if any(w.left(now) for w in budget.waiters):
+            live = [w for w in budget.waiters if not w.left(now)]
+            budget.timeouts += len(budget.waiters) - len(live)
+            budget.waiters = deque(live)
+
+    def _fail_all(self, budget: _Budget, exc: BaseException) -> None:
+        while budget.waiters:
+            _fail(budget.waiters.popleft(), exc)
+        self._settle(budget)
+
+    def _refused(self, budget: _Budget, step: str, code: str) -> FleetUnavailableError:
+        """Redis answered ``step`` with an error that is no outage (OOM, READONLY, ...)."""
+        log.error("budget %s: Redis at %s refused the %s step (%s)", budget.key, self._where(),
+                  step, code)
+        return FleetUnavailableError(
+            f"budget {budget.key}: Redis at {self._where()} refused the {step} step ({code})"
+        )
 
     def _try_take(self, budget: _Budget) -> str | None:
         """A new lease id if the budget has room for one more, else None."""
         if len(budget.held) >= budget.cap:
             return None
-        lease_id = f"{self._process}|{next(self._ids)}"
+        lease_id = self._holdings.new_id()
         if self._store is None:
             return self._take_local(budget, lease_id)
         if self._down_since is not None:
@@ -358,7 +446,7 @@ class BudgetKeeper(pykka.ThreadingActor):
     def _take_local(self, budget: _Budget, lease_id: str) -> str | None:
         """Embedded: a token from the process's ledger, or wait for one."""
         assert self._ledger is not None
-        if budget.wanting:
+        if budget.wanting and _alive(budget.waiter):
             return None  # our LeaseWaiter brings the next token any manager gives back
         if self._ledger.take(budget.key, budget.cap, len(budget.waiters)):
             budget.refused = False
@@ -373,7 +461,7 @@ class BudgetKeeper(pykka.ThreadingActor):
 
     def _want(self, budget: _Budget) -> None:
         """Have our LeaseWaiter block for the budget's next free permit."""
-        if budget.waiter is None:
+        if not _alive(budget.waiter):  # none yet, or it crashed: a new one
             channel: Channel
             if self._store is not None:
                 channel, block = self._store.channel(), fleet.WAIT_BLOCK
@@ -381,17 +469,26 @@ class BudgetKeeper(pykka.ThreadingActor):
                 assert self._ledger is not None
                 channel, block = self._ledger.channel(), ledger.WAIT_BLOCK
             budget.waiter = LeaseWaiter.start(self.actor_ref, channel, budget.key, block=block)
-        budget.waiter.tell(StartWaiting())
+        assert budget.waiter is not None
         budget.wanting = True
+        try:
+            budget.waiter.tell(StartWaiting())
+        except pykka.ActorDeadError:  # it died just now: the next need starts another
+            budget.wanting = False
 
     def _settle(self, budget: _Budget) -> None:
         """Nobody waits any more: stop waiting (and, embedded, tell the other managers)."""
         if budget.wanting and self._ledger is not None:
             self._ledger.set_waiting(budget.key, len(budget.waiters))
         if budget.wanting and not budget.waiters and budget.waiter is not None:
-            budget.waiter.tell(StopWaiting())
+            with contextlib.suppress(pykka.ActorDeadError):
+                budget.waiter.tell(StopWaiting())
             budget.wanting = False
             budget.refused = False
+            if self._store is not None and budget.announced and self._down_since is None:
+                # Say so at once: the others' shares grow back now, not at our next renewal.
+                budget.announced = False
+                self._call(self._store.quit_waiting, budget, "renew", budget.cap, self._ttl)
             if self._ledger is not None:
                 self._share_locally(budget)
                 self._nudge(budget)
@@ -549,6 +646,13 @@ class BudgetKeeper(pykka.ThreadingActor):
                     continue
                 self._went_down(exc)
                 return None
+            except self._refusal as exc:
+                # Redis answers, with an error (OOM, READONLY, ...): no outage, and no use asking
+                # again. A caller waiting for this step gets our error; others retry next round.
+                refused = self._refused(budget, kind, fleet.error_code(exc))
+                if kind == "acquire":
+                    raise refused from None
+                return None
             self._last_ok = time.monotonic()
             return result
         return None  # not reached: the last attempt returns either way
@@ -571,7 +675,8 @@ class BudgetKeeper(pykka.ThreadingActor):
         for budget in self._budgets.values():
             budget.announced = False
             if budget.wanting and budget.waiter is not None:
-                budget.waiter.tell(StopWaiting())  # its connection fails too; we serve locally now
+                with contextlib.suppress(pykka.ActorDeadError):
+                    budget.waiter.tell(StopWaiting())  # its connection fails too; we serve locally
             budget.wanting = False
         self._down_since = time.monotonic()
         self._next_reconnect = self._down_since + _RETRY_DOWN
@@ -651,14 +756,6 @@ class BudgetKeeper(pykka.ThreadingActor):
         budget.cap = cap  # the latest spec wins
         return budget
 
-    def _expire_waiters(self, budget: _Budget, now: float) -> None:
-        # Callers cancel at their deadline; this only catches callers that never did.
-        for waiter in [w for w in budget.waiters if now > w.deadline + 5.0]:
-            budget.waiters.remove(waiter)
-            budget.timeouts += 1
-            _fail(waiter, PoolExhaustedError(f"budget {budget.key}: waited past pool_timeout"))
-        self._settle(budget)
-
     def _where(self) -> str:
         return self._store.where if self._store is not None else "-"
 
@@ -689,8 +786,14 @@ class BudgetKeeper(pykka.ThreadingActor):
             empty_waits=budget.empty_waits,
             refusals=budget.refusals,
             handovers=budget.handovers,
+            demand_news=budget.demand_news,
         )
 
 
 def _fail(waiter: _Waiter, exc: BaseException) -> None:
-    waiter.future.set_exception((type(exc), exc, None))
+    if waiter.claim.take():  # else the caller left already
+        waiter.reply.set_exception((type(exc), exc, None))
+
+
+def _alive(ref: pykka.ActorRef[Any] | None) -> bool:
+    return ref is not None and ref.is_alive()

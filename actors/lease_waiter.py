@@ -8,6 +8,11 @@ embedded; at most ``block`` seconds at a time) until a permit given back
 anywhere becomes this keeper's, and tells the keeper :class:`WaitEnded`. It keeps
 waiting until the keeper tells it :class:`StopWaiting`. There is no polling: a
 freed permit reaches the longest waiter at once (in Redis, in one round trip).
+
+Redis answering the wait with an error (``OOM``, ``READONLY``, ``WRONGTYPE``)
+is reported, not raised: the keeper fails its callers with our error. If the
+waiter crashes all the same, it tells the keeper, which starts another one
+when it next needs to wait: no dead reference is kept.
 """
 
 from __future__ import annotations
@@ -67,6 +72,11 @@ class LeaseWaiter(pykka.ThreadingActor):
     def on_stop(self) -> None:
         self._channel.close()
 
+    def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._channel.close()
+        with contextlib.suppress(pykka.ActorDeadError):
+            self._keeper.tell(WaitEnded(self._key, got=False, failed=True))
+
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, StartWaiting):
             self._wanted = True
@@ -93,6 +103,10 @@ class LeaseWaiter(pykka.ThreadingActor):
         except self._outage:
             self._wanted = False
             self._tell(WaitEnded(self._key, got=False, failed=True))
+            return
+        except Exception as exc:  # Redis answered with an error: our keeper's callers learn it
+            self._wanted = False
+            self._tell(WaitEnded(self._key, got=False, failed=True, refused=fleet.error_code(exc)))
             return
         if not self._tell(WaitEnded(self._key, got=got)) and got:
             # The keeper stopped while we waited: nobody will give this permit back.

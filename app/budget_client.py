@@ -42,11 +42,13 @@ from enginehouse.errors import (
     ConfigurationError,
     PoolExhaustedError,
 )
+from enginehouse.ledger import Holdings
 from enginehouse.messages.budget import (
     Acquire,
     Attach,
     BudgetStatus,
     Cancel,
+    Claim,
     GetBudgetStats,
     Lease,
     Renew,
@@ -76,6 +78,7 @@ class Budgets:
         self._tickets = itertools.count(1)
         self._by_connection: dict[int, Lease] = {}
         self._closer: pykka.ActorRef[Any] | None = None
+        self._holdings: Holdings | None = None  # permits in use, per process: survives the keeper
         self._closer_generation = -1
         if self._url is not None:
             self._check_fleet(self._url)
@@ -85,9 +88,12 @@ class Budgets:
     def start_keeper(self, supervisor: pykka.ActorRef[Any]) -> pykka.ActorRef[Any]:
         """The supervisor's factory for the ``budget`` child (also after a restart)."""
         settings = self._settings
+        if self._holdings is None or self._generation != forking.state.generation:
+            self._holdings = Holdings(fleet.process_id())  # a forked child holds nothing yet
         ref = BudgetKeeper.start(
             self._board,
             generation=forking.state.generation,
+            holdings=self._holdings,
             fleet_url=self._url,
             fleet_fallback=settings.fleet_fallback,
             lease_ttl=settings.fleet_lease_ttl,
@@ -134,33 +140,36 @@ class Budgets:
     # -- permits ---------------------------------------------------------------
 
     def acquire(self, key: str, cap: int, timeout: float) -> Lease:
-        """Wait (first come, first served) up to ``timeout`` s for a permit of ``key``."""
+        """Wait (first come, first served) up to ``timeout`` s for a permit of ``key``.
+
+        The keeper grants only before our deadline and only after taking the
+        claim; leaving, we take the claim first. So a permit reaches us, or
+        nobody: none is granted to a caller who left, whatever the keeper's pace.
+        """
         ref = self._keeper()
         ticket = next(self._tickets)
-        ask_timeout = self._settings.ask_timeout
+        reply: pykka.ThreadingFuture[Lease] = pykka.ThreadingFuture()
+        claim = Claim()
+        deadline = time.monotonic() + timeout
         try:
-            future = ref.ask(Acquire(key, cap, ticket, timeout), timeout=ask_timeout)
+            ref.tell(Acquire(key, cap, ticket, deadline, reply, claim))
         except pykka.ActorDeadError:
             raise ActorUnavailableError("the budget keeper is down") from None
-        except pykka.Timeout:
-            raise ActorTimeoutError(
-                f"budget keeper did not answer within {ask_timeout:g}s"
-            ) from None
         try:
-            lease: Lease = future.get(timeout=timeout)
-            return lease
+            return reply.get(timeout=max(0.0, deadline - time.monotonic()))
         except pykka.Timeout:
             pass
-        try:
-            late: Lease | None = ref.ask(Cancel(key, ticket), timeout=ask_timeout)  # type: ignore[assignment]
-        except (pykka.ActorDeadError, pykka.Timeout):
-            late = None
-        if late is not None:
-            return late
-        try:
-            return future.get(timeout=0)  # granted between our timeout and the cancel
-        except pykka.Timeout:
-            pass
+        if not claim.take():  # the keeper took it: the permit (or its error) is on its way
+            ask_timeout = self._settings.ask_timeout
+            try:
+                return reply.get(timeout=ask_timeout)
+            except pykka.Timeout:
+                raise ActorTimeoutError(
+                    f"budget keeper granted a permit of {key} but it did not arrive "
+                    f"within {ask_timeout:g}s"
+                ) from None
+        with contextlib.suppress(pykka.ActorDeadError):
+            ref.tell(Cancel(key, ticket))  # drop our place in its queue now
         where = "across the fleet" if self._url is not None else "in this process"
         raise PoolExhaustedError(
             f"budget {key}: no connection within pool_timeout={timeout:g}s "
@@ -172,6 +181,8 @@ class Budgets:
         ref = self._ref
         if ref is None or lease.generation != forking.state.generation:
             return
+        if self._holdings is not None:
+            self._holdings.drop(lease.lease_id)  # first: a restarted keeper must not adopt it
         with contextlib.suppress(pykka.ActorDeadError):
             ref.tell(ReleaseMessage(lease.key, lease.lease_id))
 
@@ -211,7 +222,7 @@ class Budgets:
         if self._generation != forking.state.generation:
             self._live()  # a forked child: start this process's actors first
         ref = self._ref
-        if ref is None:  # the supervisor is still starting its children: ask it
+        if ref is None or not ref.is_alive():  # starting, or crashed: the supervisor knows
             supervisor = getattr(self._live(), "supervisor", None)
             try:
                 found = supervisor.ask(WhereIs("budget"), timeout=self._settings.ask_timeout)  # type: ignore[union-attr]

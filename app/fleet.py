@@ -17,6 +17,14 @@ Per budget, keys that share one hash tag (Redis Cluster keeps them together):
 - ``want``: processes that wait, by expiry: the others learn from it that
   they should give back what they hold beyond their fair share.
 
+Demand is signalled through Redis itself, never polled: a process that
+starts or stops waiting is added to or removed from ``want`` by a script,
+which also publishes the process id on the channel named like the ``want``
+key. Every process's :class:`~enginehouse.actors.demand_listener.DemandListener`
+subscribes to those channels, so the holders recompute their fair share and
+give back their excess at their connections' next check-in, within
+milliseconds, not at the Janitor's next round.
+
 Every script first reaps dead processes and then *fits* the free list to
 ``cap - permits taken``, so the token count heals itself after a Redis
 restart (empty), a change of cap, or a process reaped while it still ran.
@@ -25,6 +33,7 @@ Only the BudgetKeeper actor and its LeaseWaiter actors call this module.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +74,16 @@ local function others_waiting()
   if redis.call('ZSCORE', KEYS[3], me) then n = n - 1 end
   return n
 end
+local function want(yes)
+  -- Join or leave the waiting set; a change is news for the other processes.
+  local changed
+  if yes then
+    changed = redis.call('ZADD', KEYS[3], now + ttl, me)
+  else
+    changed = redis.call('ZREM', KEYS[3], me)
+  end
+  if changed == 1 then redis.call('PUBLISH', KEYS[3], me) end
+end
 local function keep()
   local ms = math.ceil(ttl * 4000)
   for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ms) end
@@ -81,7 +100,7 @@ local granted = 0
 if redis.call('LMOVE', KEYS[1], KEYS[4], 'LEFT', 'RIGHT') then
   granted = 1
 else
-  redis.call('ZADD', KEYS[3], now + ttl, me)
+  want(true)
 end
 keep()
 return {granted, taken(), others_waiting()}
@@ -110,11 +129,7 @@ RENEW = (
     + """
 local held, slack = tonumber(ARGV[5]), tonumber(ARGV[7])
 redis.call('ZADD', KEYS[2], now + ttl, me)
-if tonumber(ARGV[6]) > 0 then
-  redis.call('ZADD', KEYS[3], now + ttl, me)
-else
-  redis.call('ZREM', KEYS[3], me)
-end
+want(tonumber(ARGV[6]) > 0)
 local extra = redis.call('LLEN', KEYS[4]) - held - slack
 if extra > 0 then redis.call('LPOP', KEYS[4], extra) end
 fit()
@@ -136,13 +151,22 @@ return {taken(), others, #names, rank, lost}
 """
 )
 
+# We stopped waiting: leave the waiting set (and say so). -> permits taken fleet-wide
+QUIT = (
+    _PRELUDE
+    + """
+want(false)
+return taken()
+"""
+)
+
 # Drop everything of ours (shutdown): our permits go back to the free list.
 LEAVE = (
     _PRELUDE
     + """
 redis.call('DEL', KEYS[4])
 redis.call('ZREM', KEYS[2], me)
-redis.call('ZREM', KEYS[3], me)
+want(false)
 fit()
 return taken()
 """
@@ -213,6 +237,7 @@ class LeaseStore:
         self._give = self._client.register_script(GIVE)
         self._renew = self._client.register_script(RENEW)
         self._leave = self._client.register_script(LEAVE)
+        self._quit = self._client.register_script(QUIT)
 
     def keys(self, budget: str) -> list[str]:
         """free, procs, want and our taken list (what the scripts get as KEYS)."""
@@ -251,6 +276,14 @@ class LeaseStore:
         args = self._args(budget, cap, ttl, held, int(waiting), in_flight)
         out: list[Any] = self._renew(keys=self.keys(budget), args=args)
         return Renewal(int(out[0]), int(out[1]), int(out[2]), int(out[3]), int(out[4]))
+
+    def quit_waiting(self, budget: str, cap: int, ttl: float) -> int:
+        """We no longer wait: leave the waiting set, tell the others. -> permits taken fleet-wide."""
+        return int(self._quit(keys=self.keys(budget), args=self._args(budget, cap, ttl)))
+
+    def demand_channel(self) -> DemandChannel:
+        """A connection of its own, subscribed to every budget's demand news (one per process)."""
+        return DemandChannel(self._prefix, _client(self._url, DEMAND_BLOCK + 2 * self._timeout))
 
     def leave(self, budget: str, cap: int, ttl: float) -> None:
         """Give back every permit of ours and forget us (shutdown)."""
@@ -292,6 +325,56 @@ class WaitChannel:
         self._client.close()
 
 
+class DemandChannel:
+    """A subscription to the demand news of every budget of ``prefix`` (one DemandListener's).
+
+    News: ``(budget key, process id)`` of a process that started or stopped waiting.
+    """
+
+    def __init__(self, prefix: str, client: Any) -> None:
+        self.outage_errors = outage_errors()
+        self._client = client
+        self._pattern = f"{_glob_escape(prefix)}:{{*}}:want"
+        self._head = len(prefix) + 2  # "<prefix>:{"
+        self._pubsub: Any = None
+
+    def news(self, block: float) -> list[tuple[str, str]]:
+        """Block up to ``block`` s for news; then take whatever else is already there."""
+        if self._pubsub is None:
+            self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.psubscribe(self._pattern)
+        out: list[tuple[str, str]] = []
+        message = self._pubsub.get_message(timeout=block)
+        while message is not None:
+            if message.get("type") == "pmessage":
+                channel, sender = _text(message["channel"]), _text(message["data"])
+                out.append((channel[self._head : -len("}:want")], sender))
+            message = self._pubsub.get_message(timeout=0)
+        return out
+
+    def reset(self) -> None:
+        """Drop the subscription (after an error); the next :meth:`news` subscribes again."""
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+    def close(self) -> None:
+        self.reset()
+        self._client.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+DEMAND_BLOCK = 5.0
+"""Seconds a DemandListener blocks for news before it checks whether it should stop."""
+
 WAIT_BLOCK = 5.0
 """Seconds a LeaseWaiter blocks in one ``BLMOVE`` before it checks whether it still should."""
 
@@ -317,6 +400,22 @@ def slow_reply_errors() -> tuple[type[BaseException], ...]:
     import redis
 
     return (redis.exceptions.TimeoutError,)
+
+
+def error_code(exc: BaseException) -> str:
+    """A Redis error's code (``OOM``, ``READONLY``, ``WRONGTYPE``...), never its whole text."""
+    words = str(exc).split()
+    return words[0] if words and words[0].isupper() else type(exc).__name__
+
+
+def refusal_errors() -> tuple[type[BaseException], ...]:
+    """Redis answered, with an error (``OOM``, ``READONLY``, ``WRONGTYPE``...): no outage.
+
+    Checked after :func:`outage_errors` (whose classes are RedisErrors too).
+    """
+    import redis
+
+    return (redis.exceptions.RedisError,)
 
 
 def outage_errors() -> tuple[type[BaseException], ...]:

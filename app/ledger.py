@@ -22,8 +22,10 @@ forked child starts with full queues of its own.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
+import weakref
 from collections import deque
 from typing import Any, NamedTuple
 
@@ -32,6 +34,54 @@ import pykka
 from enginehouse.fleet import Renewal
 
 _TOKEN = object()
+
+
+class Holdings:
+    """The permits one manager's live connections hold, kept outside its keeper.
+
+    A keeper that crashes loses its memory, not the permits: the restarted
+    keeper reads this record (same ``process`` identity, so the same Redis
+    ``taken`` list and the same embedded ledger member) and adopts every
+    permit still held, so the cap holds across the restart. The keeper adds
+    a lease when it grants it; the caller drops it when its connection has
+    gone (before telling the keeper), so the record lists exactly the
+    permits in use even when a Release dies in a crashed keeper's mailbox.
+    One per manager and process (a forked child makes a new one).
+    """
+
+    def __init__(self, process: str) -> None:
+        self.process = process
+        self._ids = itertools.count(1)
+        self._leases: dict[str, tuple[str, int]] = {}  # lease id -> (budget key, cap)
+        # Engines drawing on each budget (weak refs, their limits): re-attached after a restart.
+        self.engines: dict[str, tuple[int, list[tuple[weakref.ref[Any], int]]]] = {}
+
+    def new_id(self) -> str:
+        """A lease id no keeper of this record has used (``next`` on a count is atomic)."""
+        return f"{self.process}|{next(self._ids)}"
+
+    def add(self, lease_id: str, key: str, cap: int) -> None:
+        self._leases[lease_id] = (key, cap)
+
+    def drop(self, lease_id: str) -> None:
+        self._leases.pop(lease_id, None)
+
+    def attach(self, key: str, cap: int, engine: weakref.ref[Any], limit: int) -> None:
+        """Remember that ``engine`` draws on ``key`` (keeper thread)."""
+        _, engines = self.engines.get(key, (cap, []))
+        live = [(r, n) for r, n in engines if r() is not None]
+        self.engines[key] = (cap, [*live, (engine, limit)])
+
+    def count(self, key: str) -> int:
+        """Permits of budget ``key`` held now."""
+        return sum(1 for k, _ in list(self._leases.values()) if k == key)
+
+    def by_budget(self) -> dict[str, tuple[int, list[str]]]:
+        """``{key: (cap, lease ids)}``: what a restarted keeper adopts."""
+        out: dict[str, tuple[int, list[str]]] = {}
+        for lease_id, (key, cap) in list(self._leases.items()):
+            out.setdefault(key, (cap, []))[1].append(lease_id)
+        return out
 
 WAIT_BLOCK = 0.5
 """Seconds a LeaseWaiter blocks on the queue at a time: no network here, so short,
@@ -45,10 +95,12 @@ class _Member:
     keeper's thread and its waiter's thread.
     """
 
-    __slots__ = ("given", "got", "keeper", "returned", "taken", "waiting")
+    __slots__ = ("given", "got", "holdings", "keeper", "returned", "taken", "waiting")
 
-    def __init__(self, keeper: pykka.ActorRef[Any]) -> None:
-        self.keeper = keeper
+    def __init__(self, keeper: pykka.ActorRef[Any], holdings: Holdings | None) -> None:
+        self.keeper = keeper  # replaced when a restarted keeper adopts the member
+        # The manager's record of permits in use (weak: a collected manager is reapable).
+        self.holdings = weakref.ref(holdings) if holdings is not None else lambda: None
         self.taken = 0  # keeper: tokens taken without waiting
         self.given = 0  # keeper: tokens given back
         self.got = 0  # waiter: tokens that reached it
@@ -127,10 +179,17 @@ class LocalLedger:
     outage_errors: tuple[type[BaseException], ...] = ()
     """Nothing here can be unreachable (LeaseWaiter's contract)."""
 
-    def __init__(self, prefix: str, member: str, keeper: pykka.ActorRef[Any]) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        member: str,
+        keeper: pykka.ActorRef[Any],
+        holdings: Holdings | None = None,
+    ) -> None:
         self._prefix = prefix
         self._member = member
         self._keeper = keeper
+        self._holdings = holdings
 
     def _budget(self, key: str, cap: int | None = None) -> _Budget:
         budget = _budgets.get((self._prefix, key))
@@ -143,8 +202,27 @@ class LocalLedger:
     def _me(self, budget: _Budget) -> _Member:
         member = budget.members.get(self._member)
         if member is None:
-            member = budget.members[self._member] = _Member(self._keeper)
+            member = budget.members[self._member] = _Member(self._keeper, self._holdings)
         return member
+
+    def adopt(self, key: str, cap: int, held: int) -> None:
+        """A restarted keeper takes over our member: it holds ``held`` tokens (keeper thread).
+
+        Tokens the member counted beyond that (their Release died with the
+        crashed keeper) go back; tokens it lacks are taken while free.
+        """
+        budget = self._budget(key, cap)
+        member = self._me(budget)
+        member.keeper = self._keeper
+        surplus = member.held - held
+        if surplus > 0:
+            self.give(key, surplus)
+        for _ in range(-surplus):
+            try:
+                budget.free.get_nowait()
+            except queue.Empty:
+                break
+            member.taken += 1
 
     def take(self, key: str, cap: int, waiting: int = 1) -> bool:
         """A token if one is free (never blocks); refused, ``waiting`` callers of ours wait."""
@@ -158,7 +236,7 @@ class LocalLedger:
                 raise queue.Empty
             budget.free.get_nowait()
         except queue.Empty:
-            if self._reap(budget):
+            if self._reap(key, budget):
                 return self.take(key, cap, waiting)
             member.waiting = waiting
             return False
@@ -222,7 +300,7 @@ class LocalLedger:
     def view(self, key: str) -> LedgerView:
         """Who holds and who waits: the basis of each member's fair share."""
         budget = self._budget(key)
-        self._reap(budget)
+        self._reap(key, budget)
         members = dict(budget.members)  # a copy: other keepers add entries meanwhile
         active = sorted(m for m, s in members.items() if s.held > 0 or s.waiting)
         rank = active.index(self._member) if self._member in active else len(active)
@@ -244,13 +322,28 @@ class LocalLedger:
             if m != self._member and s.keeper.is_alive()
         ]
 
-    def _reap(self, budget: _Budget) -> bool:
-        """Put back the tokens of members whose keeper died (a crash); True if any."""
+    def _reap(self, key: str, budget: _Budget) -> bool:
+        """Put back the tokens of members that are gone; True if any.
+
+        Gone: the keeper died and its manager is gone too (collected), or
+        holds no connection of this budget. A keeper that crashed while its
+        connections live is not reaped: its restart adopts their tokens
+        (:class:`Holdings`), and reaping them would let the cap be exceeded.
+        """
         reaped = False
         for name, member in list(budget.members.items()):
-            if name != self._member and not member.keeper.is_alive():
+            if name != self._member and self._gone(member, key):
                 gone = budget.members.pop(name, None)  # one thread wins the pop
                 if gone is not None and gone.held > 0:
                     budget.put(gone.held)
                     reaped = True
         return reaped
+
+    def _gone(self, member: _Member, key: str) -> bool:
+        if member.keeper.is_alive():
+            return False
+        holdings = member.holdings()
+        if holdings is None:
+            return True
+        return holdings.count(key) == 0
+

@@ -79,6 +79,7 @@ class BudgetStats(BaseModel):
     empty_waits: int = 0
     refusals: int = 0
     handovers: int = 0
+    demand_news: int = 0
 
 
 class ManagerStats(BaseModel):

@@ -1,9 +1,9 @@
 """Conversation with the BudgetKeeper actor (connection and tunnel budgets).
 
-A physical connect costs one :class:`Acquire` ask; everything else is a
-``tell`` (releases, renewals, the LeaseWaiter's news) or a rare ask (cancel,
-stats). Queries
-on an already pooled connection send nothing.
+A physical connect costs one :class:`Acquire` tell, answered on a future the
+caller made; everything else is a ``tell`` (releases, cancels, renewals, the
+LeaseWaiter's news) or a rare ask (stats). Queries on an already pooled
+connection send nothing.
 """
 
 from __future__ import annotations
@@ -27,23 +27,56 @@ class Lease:
     generation: int
 
 
+class Claim:
+    """Who decides a permit's fate, the keeper or the waiting caller: whoever takes it first.
+
+    The keeper takes the claim before it grants a permit; a caller that gives
+    up (its deadline passed) takes it before it leaves. Exactly one of them
+    succeeds (``list.pop`` is atomic), so a permit is never granted to a
+    caller who already left, and a caller never leaves while a permit is on
+    its way to it. No lock: one token in a list.
+    """
+
+    __slots__ = ("_token",)
+
+    def __init__(self) -> None:
+        self._token = [True]
+
+    def take(self) -> bool:
+        """True for the first taker only."""
+        try:
+            self._token.pop()
+        except IndexError:
+            return False
+        return True
+
+    @property
+    def open(self) -> bool:
+        """Nobody has taken it yet (the caller still waits, no permit is on its way)."""
+        return bool(self._token)
+
+
 @dataclass(frozen=True)
 class Acquire:
-    """Ask: a ``ThreadingFuture[Lease]``, already set when a permit is free.
+    """Tell: a permit of ``key`` for the caller waiting on ``reply`` until ``deadline``.
 
-    The caller waits on that future for at most ``timeout`` seconds; waiters
-    are served first come, first served.
+    ``deadline`` is ``time.monotonic()`` at which the caller gives up: the
+    keeper never grants after it, and grants only after taking ``claim``
+    (a caller who left has taken it). Waiters are served first come, first
+    served. ``reply`` gets the :class:`Lease`, or one of our errors.
     """
 
     key: str
     cap: int
     ticket: int
-    timeout: float
+    deadline: float
+    reply: Any  # pykka.ThreadingFuture[Lease], set by the keeper only
+    claim: Claim
 
 
 @dataclass(frozen=True)
 class Cancel:
-    """Ask: stop waiting; answers the :class:`Lease` if one was granted meanwhile, else None."""
+    """Tell: the caller of ``ticket`` gave up (it holds the claim); drop its waiter now."""
 
     key: str
     ticket: int
@@ -72,12 +105,16 @@ class WaitEnded:
     """Tell (LeaseWaiter to keeper): one blocking wait in Redis ended.
 
     ``got``: a permit of ``key`` is now ours in Redis (the keeper hands it to
-    its oldest waiter, or gives it back). ``failed``: Redis did not answer.
+    its oldest waiter, or gives it back). ``failed``: Redis did not answer,
+    or the waiter crashed (the keeper starts another one when it needs to).
+    ``refused``: Redis answered the wait with an error (its code, e.g.
+    ``WRONGTYPE``): the keeper fails its waiters with our error.
     """
 
     key: str
     got: bool
     failed: bool = False
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,3 +188,17 @@ class BudgetStatus:
     """First asks the fleet (or the process's ledger) refused: each starts a wait."""
     handovers: int = 0
     """Permits a closing connection passed to a waiter of this process, with no round trip."""
+    demand_news: int = 0
+    """Renewals made at once because another process started or stopped waiting (fleet)."""
+
+
+@dataclass(frozen=True)
+class DemandChanged:
+    """Tell (DemandListener to keeper): ``process`` started or stopped waiting for ``key``.
+
+    The keeper renews that budget at once: it learns who waits, recomputes
+    its fair share and gives back what exceeds it at the next check-ins.
+    """
+
+    key: str
+    process: str
