@@ -106,6 +106,7 @@ class _Budget:
         self.granted = self.timeouts = self.shed = 0
         self.waits = self.handovers = 0  # blocking waits in Redis; permits passed on in-process
         self.demand_news = 0  # renewals made because another process started/stopped waiting
+        self.stale = False  # fleet: refused just now; renew to learn our share
         self.empty_waits = self.refusals = 0  # waits that brought nothing; asks refused
         self.trips = {"acquire": 0, "release": 0, "renew": 0}  # Redis round trips by kind
         self.fleet_held: int | None = None
@@ -372,6 +373,9 @@ class BudgetKeeper(pykka.ThreadingActor):
             if not self._grant(budget, lease_id) and (self._store is None or not self._down_since):
                 self._give_back(budget, 1)  # its caller left this very moment
         self._settle(budget)
+        if budget.stale:
+            budget.stale = False
+            self._sync(budget)
 
     def _grant(self, budget: _Budget, lease_id: str) -> bool:
         """Give ``lease_id`` to the oldest waiter still waiting; False if none is left.
@@ -423,14 +427,14 @@ class BudgetKeeper(pykka.ThreadingActor):
         if self._down_since is not None:
             self._reconnect()
         if self._down_since is None:
-            if budget.wanting:
+            if budget.wanting and _alive(budget.waiter):
                 return None  # our LeaseWaiter brings the next permit the fleet frees
-            if budget.announced or budget.held:
-                # Redis knows us (we hold permits, or it lists us as waiting): a blocking
-                # wait takes a free permit at once, or the next one freed; asking first
-                # would cost a round trip more. (Our renewal tells the others we wait.)
+            if budget.announced:
+                # Redis lists us as waiting (the others know): a blocking wait takes a free
+                # permit at once, or the next one freed; asking first would cost a round trip.
                 self._want(budget)
                 return None
+            # Ask first: refused, the script lists us as waiting and tells the others at once.
             answer = self._call(self._store.take, budget, "acquire", budget.cap, self._ttl)
             if answer is not None:
                 granted, budget.fleet_held, budget.fleet_waiting = answer
@@ -439,6 +443,7 @@ class BudgetKeeper(pykka.ThreadingActor):
                     return lease_id
                 budget.refusals += 1
                 budget.announced = True  # the script marked us as waiting
+                budget.stale = True  # learn our share now: at it, our own connections serve us
                 self._want(budget)
                 return None
         return self._take_while_down(budget, lease_id)
@@ -485,10 +490,9 @@ class BudgetKeeper(pykka.ThreadingActor):
                 budget.waiter.tell(StopWaiting())
             budget.wanting = False
             budget.refused = False
-            if self._store is not None and budget.announced and self._down_since is None:
-                # Say so at once: the others' shares grow back now, not at our next renewal.
-                budget.announced = False
-                self._call(self._store.quit_waiting, budget, "renew", budget.cap, self._ttl)
+            # Fleet: Redis keeps listing us as waiting until our next renewal, so the others
+            # stay at their shares meanwhile; saying "stopped" at once measured as churn (each
+            # served waiter let the others grow, ask, be refused, and shrink again).
             if self._ledger is not None:
                 self._share_locally(budget)
                 self._nudge(budget)
@@ -605,7 +609,9 @@ class BudgetKeeper(pykka.ThreadingActor):
                 renewal.lost,
             )
         budget.lost.update(vouched[: renewal.lost])
-        budget.target = renewal.share(budget.cap) if renewal.others_waiting else budget.cap
+        # Contended (others wait, or we do while the fleet is full): each process its share.
+        contended = renewal.others_waiting > 0 or bool(budget.waiters)
+        budget.target = renewal.share(budget.cap) if contended else budget.cap
         # Give back what we hold beyond our share once per round: between rounds
         # Redis still serves waiters in turn, so a process briefly over its share
         # costs a reconnect per round, never one per query.

@@ -18,9 +18,9 @@ Per budget, keys that share one hash tag (Redis Cluster keeps them together):
   they should give back what they hold beyond their fair share.
 
 Demand is signalled through Redis itself, never polled: a process that
-starts or stops waiting is added to or removed from ``want`` by a script,
-which also publishes the process id on the channel named like the ``want``
-key. Every process's :class:`~enginehouse.actors.demand_listener.DemandListener`
+starts waiting (a refused take) or stops (a renewal) is added to or removed
+from ``want`` by a script, which also publishes the process id on the
+channel named like the ``want`` key. Every process's :class:`~enginehouse.actors.demand_listener.DemandListener`
 subscribes to those channels, so the holders recompute their fair share and
 give back their excess at their connections' next check-in, within
 milliseconds, not at the Janitor's next round.
@@ -151,15 +151,6 @@ return {taken(), others, #names, rank, lost}
 """
 )
 
-# We stopped waiting: leave the waiting set (and say so). -> permits taken fleet-wide
-QUIT = (
-    _PRELUDE
-    + """
-want(false)
-return taken()
-"""
-)
-
 # Drop everything of ours (shutdown): our permits go back to the free list.
 LEAVE = (
     _PRELUDE
@@ -237,7 +228,6 @@ class LeaseStore:
         self._give = self._client.register_script(GIVE)
         self._renew = self._client.register_script(RENEW)
         self._leave = self._client.register_script(LEAVE)
-        self._quit = self._client.register_script(QUIT)
 
     def keys(self, budget: str) -> list[str]:
         """free, procs, want and our taken list (what the scripts get as KEYS)."""
@@ -276,10 +266,6 @@ class LeaseStore:
         args = self._args(budget, cap, ttl, held, int(waiting), in_flight)
         out: list[Any] = self._renew(keys=self.keys(budget), args=args)
         return Renewal(int(out[0]), int(out[1]), int(out[2]), int(out[3]), int(out[4]))
-
-    def quit_waiting(self, budget: str, cap: int, ttl: float) -> int:
-        """We no longer wait: leave the waiting set, tell the others. -> permits taken fleet-wide."""
-        return int(self._quit(keys=self.keys(budget), args=self._args(budget, cap, ttl)))
 
     def demand_channel(self) -> DemandChannel:
         """A connection of its own, subscribed to every budget's demand news (one per process)."""

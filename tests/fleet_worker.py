@@ -96,7 +96,11 @@ def phases(manager: EngineManager, spec: DatabaseSpec, config: dict[str, Any]) -
     The start is a CLOCK_MONOTONIC time, the same in every process of the
     machine (``start_at``, or read from stdin after this worker printed
     READY), so the workers of one run load the database together although
-    they finished importing at different times.
+    they finished importing at different times. A phase may start this
+    worker late (``delay`` s: staggered process starts) and start its threads
+    one by one (``ramp`` s apart: rising demand); each phase reports the
+    longest a thread waited for a connection (``max_wait``) and how long
+    after its start this worker's first query completed (``first``).
     """
     engine = manager.get(spec)
     with engine.connect() as connection:  # warm: the engine exists before the clock starts
@@ -106,41 +110,51 @@ def phases(manager: EngineManager, spec: DatabaseSpec, config: dict[str, Any]) -
     start = float(sys.stdin.readline()) if config.get("start_at") is None else config["start_at"]
     results = []
     for phase in config["phases"]:
-        sql = text(phase["sql"])
-        end = start + phase["seconds"]
-        counts: list[int] = []
-        errors: list[str] = []
-
-        def run(
-            sql: Any = sql,
-            end: float = end,
-            start: float = start,
-            counts: list[int] = counts,
-            errors: list[str] = errors,
-        ) -> None:
-            count = 0
-            time.sleep(max(0.0, start - time.monotonic()))
-            while time.monotonic() < end:
-                try:
-                    with manager.connect(spec) as connection:
-                        connection.execute(sql)
-                    count += 1
-                except Exception as exc:
-                    errors.append(f"{type(exc).__name__}: {exc}")
-            counts.append(count)
-
-        threads = [threading.Thread(target=run) for _ in range(config["threads"])]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        results.append(
-            {"queries": sum(counts), "seconds": phase["seconds"], "errors": len(errors),
-             "first_errors": errors[:3], "late": time.monotonic() > end + 5}
-        )
-        start = end + config.get("gap", 0.5)
+        results.append(_phase(manager, spec, phase, start, config["threads"]))
+        start += phase["seconds"] + config.get("gap", 0.5)
     budgets = [b.model_dump() for b in manager.stats().budgets]
     print(json.dumps({"phases": results, "budgets": budgets}), flush=True)
+
+
+def _phase(
+    manager: EngineManager, spec: DatabaseSpec, phase: dict[str, Any], start: float, threads: int
+) -> dict[str, Any]:
+    sql = text(phase["sql"])
+    end = start + phase["seconds"]
+    begin = start + phase.get("delay", 0.0)
+    counts: list[int] = []
+    errors: list[str] = []
+    waits: list[float] = [0.0]
+    firsts: list[float] = []
+
+    def run(index: int) -> None:
+        count, longest = 0, 0.0
+        time.sleep(max(0.0, begin + index * phase.get("ramp", 0.0) - time.monotonic()))
+        while time.monotonic() < end:
+            asked = time.monotonic()
+            try:
+                with manager.connect(spec) as connection:
+                    longest = max(longest, time.monotonic() - asked)
+                    connection.execute(sql)
+                count += 1
+                if count == 1:
+                    firsts.append(time.monotonic() - begin)
+            except Exception as exc:
+                longest = max(longest, time.monotonic() - asked)
+                errors.append(f"{type(exc).__name__}: {exc}")
+        counts.append(count)
+        waits.append(longest)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return {
+        "queries": sum(counts), "seconds": phase["seconds"], "errors": len(errors),
+        "first_errors": errors[:3], "late": time.monotonic() > end + 5,
+        "max_wait": max(waits), "first": min(firsts, default=None),
+    }
 
 
 if __name__ == "__main__":
