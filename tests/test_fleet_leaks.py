@@ -75,7 +75,7 @@ def stall_keeper(manager: EngineManager, database: DatabaseSpec) -> _Stall:
 
 @pytest.fixture
 def slow_ask_manager() -> Iterator[EngineManager]:
-    with EngineManager(cleanup_interval=60, ask_timeout=0.2) as manager:
+    with EngineManager(cleanup_interval=60, ask_timeout=5) as manager:
         yield manager
 
 
@@ -83,7 +83,7 @@ def test_a_caller_that_gives_up_on_a_slow_keeper_leaks_no_permit(
     slow_ask_manager: EngineManager, poll: Any
 ) -> None:
     manager = slow_ask_manager
-    database = spec(unique("eh-leak"), 1, pool_timeout=0.5)
+    database = spec(unique("eh-leak"), 1, pool_timeout=1)
     assert select_one(manager, database) == 1
     manager.get(database).dispose()  # its connection closes: the next connect needs a permit
     poll(lambda: budget_of(manager, database).held == 0, what="the permit to come back")

@@ -171,3 +171,33 @@ def test_a_permit_caught_while_the_keeper_shuts_down_goes_back(
             client.close()
     finally:
         other.close()
+
+
+def test_a_wait_redis_refuses_is_reported_not_raised(
+    stores: tuple[fleet.LeaseStore, fleet.LeaseStore], recorder: pykka.ActorRef[Any], poll: Any
+) -> None:
+    """Redis answering BLMOVE with an error (here WRONGTYPE) must not kill the waiter silently."""
+    one, _ = stores
+    free = one.keys(BUDGET)[0]
+    client = redis.Redis.from_url(SHARED_REDIS)
+    client.set(free, "not a list")
+    waiter = LeaseWaiter.start(recorder, one.channel(), BUDGET, block=0.2)
+    try:
+        waiter.tell(StartWaiting())
+        poll(lambda: waited(recorder), what="the refusal")
+        assert waited(recorder) == [WaitEnded(BUDGET, got=False, failed=True, refused="WRONGTYPE")]
+        assert waiter.is_alive()  # it stopped waiting; its keeper decides what comes next
+    finally:
+        waiter.stop()
+        client.delete(free)
+        client.close()
+
+
+def test_a_crashed_waiter_tells_its_keeper(
+    stores: tuple[fleet.LeaseStore, fleet.LeaseStore], recorder: pykka.ActorRef[Any], poll: Any
+) -> None:
+    waiter = LeaseWaiter.start(recorder, stores[0].channel(), BUDGET, block=0.2)
+    waiter.tell("crash")  # an unexpected message told, not asked: the actor dies
+    poll(lambda: not waiter.is_alive(), what="the waiter to die")
+    poll(lambda: waited(recorder), what="its last word")
+    assert waited(recorder) == [WaitEnded(BUDGET, got=False, failed=True)]
