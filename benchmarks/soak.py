@@ -756,6 +756,7 @@ class Soak:
         self.relay = BlackholeRelay(self.sshd.port)
         self.ssh_user = USER
         self.ssh_key = self.sshd.keys["ed25519_passphrase"]
+        self.ssh_key_passphrase = KEY_PASSPHRASE
         self.secrets = [PG_PASSWORD, REDIS_PASSWORD, KEY_PASSPHRASE, *_key_lines(self.ssh_key)]
         self.observer = Observer(self.pg_uri, self.run)
         self.context = multiprocessing.get_context("spawn")
@@ -786,7 +787,7 @@ class Soak:
             relay_port=self.relay.port,
             ssh_user=self.ssh_user,
             ssh_key=self.ssh_key,
-            ssh_key_passphrase=self.secrets[2],
+            ssh_key_passphrase=self.ssh_key_passphrase,
             fd_seconds=fd_seconds,
         )
 
@@ -1002,6 +1003,12 @@ def report(soak: Soak, after: dict[str, Any], records: list[dict[str, Any]]) -> 
             if r["stuck_traffic_threads"]
         },
         "shutdown_s": {f"w{r['worker']}.{r['generation']}": r["shutdown_s"] for r in finished},
+        "longest_call_s": {
+            kind: max(
+                (sec for r in outcomes for k, _, sec in r.get("slow", []) if k == kind), default=0.0
+            )
+            for kind in KINDS
+        },
         "workers_finished": len(finished),
         "workers_expected": schedule.processes,
         "secrets_found": secrets,
@@ -1136,6 +1143,8 @@ def summary_table(data: dict[str, Any]) -> str:
     lines += [
         "",
         f"peak server connections: pg {peaks['pg']} (cap {data['cap']}), ssh {peaks['ssh']}",
+        "longest call (connect + query), s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in data["longest_call_s"].items()),
         f"permits outstanding in Redis after the run: {permits['live_processes']} "
         f"(+{permits['sigkilled_processes']} of SIGKILLed processes, until their lease expires)",
         f"permits held without a connection: {data['permits_without_connection']}",
