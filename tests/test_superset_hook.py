@@ -150,9 +150,10 @@ def test_a_cap_from_the_extra_bounds_the_pool() -> None:
         assert budgets.get("db:36") == 2
 
 
-def test_unsaved_databases_are_served_too(hooked: Any) -> None:
+def test_unsaved_databases_keep_superset_nullpool(hooked: Any) -> None:
     core, _manager = hooked
-    engine = core.Database(None)._get_sqla_engine()  # Superset's test connection
+    engine = core.Database(None, {"max_connections": 3})._get_sqla_engine()  # a connection test
+    assert isinstance(engine.pool, pool.NullPool)  # nothing stays open after the test
     assert backend_pid(engine) > 0
 
 

@@ -31,7 +31,7 @@ from sqlalchemy.engine import URL, Engine
 
 from enginehouse.errors import InvalidSpecError
 from enginehouse.integrations.content_cache import digest
-from enginehouse.integrations.superset.models import database_facts
+from enginehouse.integrations.superset.models import UNSAVED, database_facts
 from enginehouse.manager import EngineManager
 from enginehouse.messages.registry import EnginePlan
 from enginehouse.plan import POOL_CLASS_BY_NAME
@@ -97,7 +97,9 @@ def plan_for(request: EngineRequest, url: Any, kwargs: dict[str, Any], mode: Mod
         # The registry opens (and watches) the same shared forward: key on the real end.
         url = url.set(host=forward.remote_host, port=forward.remote_port)
         tunnel = forward.spec
-    _choose_pool(kwargs, facts.pool, request.nullpool, mode)
+    # An unsaved model is a connection test: Superset's NullPool, nothing left open after.
+    pooled = mode is Mode.SINGLETON and facts.database_id != UNSAVED
+    _choose_pool(kwargs, facts.pool, request.nullpool, pooled)
     user = _effective_user(request.database, url) if facts.impersonate_user else None
     return EnginePlan(
         engine_key=digest(
@@ -121,13 +123,13 @@ def plan_for(request: EngineRequest, url: Any, kwargs: dict[str, Any], mode: Mod
     )
 
 
-def _choose_pool(kwargs: dict[str, Any], wanted: str | None, nullpool: bool, mode: Mode) -> None:
-    """SINGLETON replaces the NullPool Superset forced with the pool the extra names."""
+def _choose_pool(kwargs: dict[str, Any], wanted: str | None, nullpool: bool, pooled: bool) -> None:
+    """When ``pooled``, the NullPool Superset forced becomes the pool the extra names."""
     current = kwargs.get("poolclass")
     if isinstance(current, str):  # a name from engine_params that Superset did not replace
         kwargs["poolclass"] = _pool_class(current, "extra.engine_params.poolclass")
         return
-    if mode is Mode.NEW or not (nullpool and current is sa_pool.NullPool):
+    if not (pooled and nullpool and current is sa_pool.NullPool):
         return
     if wanted is None:
         del kwargs["poolclass"]  # the dialect's default: QueuePool for every server
