@@ -179,7 +179,8 @@ def refused(exc: BaseException, fields: Any) -> None:
     assert isinstance(exc, ValueError)
     field = getattr(exc, "field", "")
     root = field.split(".")[0].split("[")[0]
-    assert root in fields or root in ("spec", "settings", "environment"), field
+    named = field in fields or root in fields or root in ("spec", "settings", "environment")
+    assert named, field
     assert_no_secret(exc, what="error")
 
 
