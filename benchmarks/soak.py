@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -400,7 +401,7 @@ class _Recorder:
                 timeline[kind][bucket] += 1
                 key = f"{kind} {error}"
                 if key not in self.samples:
-                    self.samples[key] = samples[key] = message[:500]
+                    self.samples[key] = samples[key] = message[:3000]
         if ok or failed or slow:
             self.write(
                 {
@@ -495,7 +496,11 @@ def _traffic(manager: Any, spec: Any, kind: str, recorder: _Recorder, stop: Any)
             with manager.connect(spec) as connection:
                 connection.execute(sql)
         except Exception as exc:  # every failure is recorded by class
-            recorder.record(kind, began, classify(exc), f"{type(exc).__name__}: {exc}")
+            error = classify(exc)
+            message = f"{type(exc).__name__}: {exc}"
+            if error.startswith("defect:"):  # where it came from, for whoever fixes it
+                message += "\n" + "".join(traceback.format_exception(exc)[-6:])
+            recorder.record(kind, began, error, message)
             stop.wait(0.05)  # a failing kind does not spin
         else:
             recorder.record(kind, began)
@@ -561,7 +566,7 @@ def _finish(
         thread.join(timeout=max(0.1, join_deadline - time.monotonic()))
     recorder.flush()
     stuck = [t.name for t in traffic if t.is_alive()]
-    permits = _permits_without_connection(manager, specs["pg"])
+    permits = _permits_against_connections(manager, specs["pg"], config)
     began = time.monotonic()
     manager.shutdown()
     shutdown_s = time.monotonic() - began
@@ -588,22 +593,29 @@ def _finish(
     recorder.file.close()
 
 
-def _permits_without_connection(manager: Any, spec: Any) -> dict[str, Any]:
-    """From ``stats()``: permits this process holds for ``spec`` minus its open connections."""
-    try:
-        stats = manager.stats()
-    except Exception as exc:
-        return {"stats_error": classify(exc)}
-    held = sum(b.held for b in stats.budgets if b.key == f"db:{spec.id}")
-    open_ = sum(
-        (e.checked_in or 0) + (e.checked_out or 0)
-        for e in stats.engines
-        if e.database_id == spec.id
-    )
+def _permits_against_connections(manager: Any, spec: Any, config: WorkerConfig) -> dict[str, Any]:
+    """Permits this process holds for ``spec`` (``stats()``) against its server connections.
+
+    Traffic has stopped; connections still closing leave pg_stat_activity within moments, so
+    both are read again until they agree (at most 10 s). The last difference is reported:
+    > 0 a permit without a connection (a leak), < 0 a connection without a permit.
+    """
+    pattern = f"{config.run}:pg:{config.tag}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            stats = manager.stats()
+        except Exception as exc:
+            return {"stats_error": classify(exc)}
+        held = sum(b.held for b in stats.budgets if b.key == f"db:{spec.id}")
+        server = sum(_pg_counts(config.pg_uri, pattern).values())
+        if held == server or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     budget = next((b.model_dump() for b in stats.budgets if b.key == f"db:{spec.id}"), None)
     return {
         "permits_held": held,
-        "pooled_connections": open_,
+        "server_connections": server,
         "restarts": stats.restarts,
         "budget": budget,
     }
@@ -989,7 +1001,7 @@ def report(soak: Soak, after: dict[str, Any], records: list[dict[str, Any]]) -> 
         },
         "permits_without_connection": {
             f"w{r['worker']}.{r['generation']}": r.get("permits_held", 0)
-            - r.get("pooled_connections", 0)
+            - r.get("server_connections", 0)
             for r in finished
             if "permits_held" in r
         },
@@ -1147,14 +1159,15 @@ def summary_table(data: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.1f}" for k, v in data["longest_call_s"].items()),
         f"permits outstanding in Redis after the run: {permits['live_processes']} "
         f"(+{permits['sigkilled_processes']} of SIGKILLed processes, until their lease expires)",
-        f"permits held without a connection: {data['permits_without_connection']}",
+        f"permits minus server connections (stats() vs pg_stat_activity): "
+        f"{data['permits_without_connection']}",
         f"threads left after shutdown: {threads}; server connections left: {conns}; "
         f"workers finished {data['workers_finished']}/{data['workers_expected']}",
         f"secrets found in logs: {scan['count']} "
         f"({scan['files']} files, {scan['bytes']:,} bytes scanned)",
     ]
     for error, d in data["defects"].items():
-        lines.append(f"DEFECT {error} x{d['count']}: {d['sample'][:200]}")
+        lines.append(f"DEFECT {error} x{d['count']}: {d['sample']}")
     return "\n".join(lines)
 
 

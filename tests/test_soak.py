@@ -5,8 +5,8 @@ No timing is asserted (recovery times are figures for docs/reliability.md);
 what must hold whatever the load: only our errors (or the database's own
 DBAPIError) reach callers, no secret in any captured log, every kind of
 traffic is served, every worker finishes and leaves no thread or server
-connection. Invariants that an open finding of issue 13 still breaks are
-``xfail(strict=False)`` with the finding named: they pass once it is fixed.
+connection, every permit comes back, the fleet cap holds. An open finding
+that breaks an invariant in some runs is named and ``xfail(strict=False)``.
 """
 
 from __future__ import annotations
@@ -35,11 +35,24 @@ def report() -> Iterator[dict[str, Any]]:
     yield json.loads(json.dumps(data, default=str))  # what the results file holds
 
 
+KNOWN_DEFECTS = {"pg defect:builtins.OSError"}
+"""Open finding (docs/reliability.md, Soak): with file descriptors exhausted, psycopg 3's
+``connect()`` raises a bare ``OSError`` (EMFILE from ``selectors``), not an OperationalError;
+it reaches the caller through the capped pool's creator. Seen in some runs, not all."""
+
+
 def test_only_our_errors_or_the_databases_reach_callers(report: dict[str, Any]) -> None:
-    assert report["defects"] == {}
+    unknown = {name: d for name, d in report["defects"].items() if name not in KNOWN_DEFECTS}
+    assert unknown == {}
     for kind, failed in report["queries_failed"].items():
         for error in failed:
-            assert error.startswith(("ours:", "database:")), (kind, error)
+            known = f"{kind} {error}" in KNOWN_DEFECTS
+            assert known or error.startswith(("ours:", "database:")), (kind, error)
+
+
+@pytest.mark.xfail(strict=False, reason="open finding: psycopg 3 raises a bare OSError on EMFILE")
+def test_no_bare_os_error_when_descriptors_run_out(report: dict[str, Any]) -> None:
+    assert report["defects"] == {}
 
 
 def test_every_kind_of_traffic_is_served(report: dict[str, Any]) -> None:
@@ -70,15 +83,11 @@ def test_the_server_side_sampler_saw_the_traffic(report: dict[str, Any]) -> None
     assert peaks["pg"] >= 1 and peaks["ssh"] >= 1, peaks
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 13 items 1 and 9 (helper F): a crashed BudgetKeeper's permits stay "
-    "leased in Redis, and later connects fail 'the budget keeper is down'",
-)
 def test_permits_come_back(report: dict[str, Any]) -> None:
+    """Issue 13 items 1 and 9: no permit outlives its connection or its process's shutdown."""
     assert report["permits_outstanding"]["live_processes"] == 0, report["permits_outstanding"]
-    assert all(n == 0 for n in report["permits_without_connection"].values())
-    assert report["faults"][-1]["recovery_s"]["pg"] is not None  # capped traffic is back
+    differences = report["permits_without_connection"]
+    assert differences and all(n == 0 for n in differences.values()), differences
 
 
 def test_the_fleet_cap_holds(report: dict[str, Any]) -> None:
