@@ -926,14 +926,18 @@ class Soak:
         return after
 
     def close(self) -> None:
-        from sshd_fixtures import remove_sshd
+        import sshd_fixtures
 
         self.stop.set()
         for process in self.workers.values():
             if process.is_alive():
                 process.kill()
         self.relay.close()
-        remove_sshd(self.sshd)
+        sshd_fixtures.remove_sshd(self.sshd)
+        # Workers pinned the relay's port (pin-first): a later server on it has another key.
+        forget = getattr(sshd_fixtures, "forget_pins", None)  # once pins live in a file
+        if forget is not None:
+            forget(self.relay.port)
         self.redis.kill()
 
 
