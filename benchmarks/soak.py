@@ -20,9 +20,11 @@ queries ok and failed by error class (only ``EngineManagerError`` subclasses
 may reach callers; SQLAlchemy's ``DBAPIError`` from the server is listed
 apart; anything else is a defect, with a sample message), peak server
 connections against the cap (sampled from pg_stat_activity), permits
-outstanding in Redis after the run and permits held without a connection
-(from ``stats()``), threads and server connections left after shutdown,
-secrets found in the captured logs, and time to recover after each fault.
+outstanding in Redis after the run, each worker's permits (``stats()``)
+against its server connections once traffic stopped, threads and server
+connections left after shutdown, secrets found in the captured logs, and per
+fault the time to recover (first success of each kind after it ended), the
+failures until then and the longest call.
 """
 
 from __future__ import annotations
