@@ -26,7 +26,6 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from enginehouse.actors.counters import count_value
 from enginehouse.actors.supervisor import report_crash
 from enginehouse.errors import DriverNotInstalledError, EngineCreationError, EngineManagerError
-from enginehouse.specs import masked_url, url_secrets
 from enginehouse.messages.registry import (
     BuildUncached,
     CachedEngine,
@@ -41,6 +40,7 @@ from enginehouse.messages.registry import (
     RequestKey,
     Sweep,
 )
+from enginehouse.specs import masked_url, url_secrets
 
 log = logging.getLogger("enginehouse.registry")
 

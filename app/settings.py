@@ -49,8 +49,17 @@ Decryptor = Callable[[str], Any]
 HOUR = 3600
 DAY = 24 * HOUR
 WEEK = 7 * DAY
-# Every duration is finite and bounded: NaN or Infinity would spin or overflow a wait
-# (threading refuses timeouts past threading.TIMEOUT_MAX), and no sane setting is near.
+
+
+def duration(default: float, most: float, description: str, *, zero_ok: bool = False) -> Any:
+    """A setting in seconds: finite, > 0 (>= 0 with ``zero_ok``), at most ``most``.
+
+    NaN or Infinity would spin or overflow a wait (threading refuses timeouts
+    past ``threading.TIMEOUT_MAX``); no sane setting comes near the bounds.
+    """
+    if zero_ok:
+        return Field(default=default, ge=0, le=most, allow_inf_nan=False, description=description)
+    return Field(default=default, gt=0, le=most, allow_inf_nan=False, description=description)
 
 
 class ManagerSettings(BaseSettings):
@@ -68,10 +77,12 @@ class ManagerSettings(BaseSettings):
         default=Mode.SINGLETON,
         description="singleton: cache engines per key; new: a NullPool engine per get()",
     )
-    idle_timeout: float = Field(default=300.0, gt=0, le=WEEK, allow_inf_nan=False, description="s an engine may stay unused")
-    max_engines: int = Field(default=256, ge=1, le=1_000_000, description="LRU bound on cached engines")
-    cleanup_interval: float = Field(default=30.0, gt=0, le=DAY, allow_inf_nan=False, description="s between Janitor sweeps")
-    ask_timeout: float = Field(default=10.0, gt=0, le=HOUR, allow_inf_nan=False, description="s any actor call may take")
+    idle_timeout: float = duration(300.0, WEEK, "s an engine may stay unused")
+    max_engines: int = Field(
+        default=256, ge=1, le=1_000_000, description="LRU bound on cached engines"
+    )
+    cleanup_interval: float = duration(30.0, DAY, "s between Janitor sweeps")
+    ask_timeout: float = duration(10.0, HOUR, "s any actor call may take")
     leak_detection_threshold: float | None = Field(
         default=None, gt=0, le=DAY, allow_inf_nan=False,
         description="s a connection may stay checked out before a leak warning (off by default)",
@@ -79,19 +90,21 @@ class ManagerSettings(BaseSettings):
     connection_mutator: ImportString[ConnectionMutator] | None = Field(
         default=None, description="(url, engine_kwargs, *, user, source) -> (url, engine_kwargs)"
     )
-    restart_max: int = Field(default=5, ge=0, le=1_000_000, description="restarts allowed per restart_period")
-    restart_period: float = Field(
-        default=60.0, gt=0, le=DAY, allow_inf_nan=False, description="s window in which restart_max restarts are allowed"
+    restart_max: int = Field(
+        default=5, ge=0, le=1_000_000, description="restarts allowed per restart_period"
     )
-    restart_backoff: float = Field(default=0.05, ge=0, le=HOUR, allow_inf_nan=False, description="first restart delay, s")
-    restart_backoff_max: float = Field(
-        default=2.0, ge=0, le=HOUR, allow_inf_nan=False, description="cap of the doubling restart delay, s"
+    restart_period: float = duration(
+        60.0, DAY, "s window in which restart_max restarts are allowed"
     )
-    tunnel_idle_timeout: float = Field(
-        default=600.0, gt=0, le=WEEK, allow_inf_nan=False, description="s an SSH session with no open channel stays up"
+    restart_backoff: float = duration(0.05, HOUR, "first restart delay, s", zero_ok=True)
+    restart_backoff_max: float = duration(
+        2.0, HOUR, "cap of the doubling restart delay, s", zero_ok=True
     )
-    tunnel_connect_timeout: float = Field(
-        default=5.0, gt=0, le=HOUR, allow_inf_nan=False, description="s each step of opening an SSH session may take"
+    tunnel_idle_timeout: float = duration(
+        600.0, WEEK, "s an SSH session with no open channel stays up"
+    )
+    tunnel_connect_timeout: float = duration(
+        5.0, HOUR, "s each step of opening an SSH session may take"
     )
     # -- parity with Superset's manager (see docs/security.md, docs/adapters.md) --
     uri_validator: ImportString[UriValidator] | None = Field(
@@ -119,7 +132,8 @@ class ManagerSettings(BaseSettings):
     )
     # -- connection budgets and fleet mode (see docs/fleet.md) --
     default_max_connections: int | None = Field(
-        default=None, ge=1, le=100_000, description="per-database connection cap when extra sets none"
+        default=None, ge=1, le=100_000,
+        description="per-database connection cap when extra sets none",
     )
     max_tunnels_per_bastion: int | None = Field(
         default=None, ge=1, le=10_000, description="SSH sessions allowed at once per bastion"
@@ -130,9 +144,7 @@ class ManagerSettings(BaseSettings):
     fleet_fallback: Literal["closed", "local"] = Field(
         default="closed", description="without Redis: refuse new connections, or a local share"
     )
-    fleet_lease_ttl: float = Field(
-        default=90.0, gt=0, le=WEEK, allow_inf_nan=False, description="s a fleet lease outlives its last renewal"
-    )
+    fleet_lease_ttl: float = duration(90.0, WEEK, "s a fleet lease outlives its last renewal")
     fleet_prefix: str = Field(
         default="enginehouse",
         min_length=1,

@@ -205,10 +205,7 @@ class DatabaseSpec(_Spec):
             return None
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         parsed = load_json(text, "query_secrets") if isinstance(text, str) else text
-        if not isinstance(parsed, dict) or not all(
-            isinstance(v, str) or (isinstance(v, list | tuple) and all(isinstance(i, str) for i in v))
-            for v in parsed.values()
-        ):
+        if not isinstance(parsed, dict) or not all(map(_texts, parsed.values())):
             raise ValueError("must be a JSON object of texts (or lists of texts)")
         return SecretStr(json.dumps(parsed, sort_keys=True))
 
@@ -378,7 +375,8 @@ def check_engine_params(params: dict[str, Any]) -> None:
 
 
 def check_number(value: Any, field: str, low: float, high: float, *, integral: bool) -> None:
-    """A finite number (an integer if ``integral``) in ``[low, high]``, or an error naming ``field``."""
+    """A finite number (an integer if ``integral``) in ``[low, high]``; else an error naming
+    ``field``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidSpecError(field, "must be an integer" if integral else "must be a number")
     if integral and not isinstance(value, int):
@@ -484,6 +482,13 @@ def url_secrets(url: URL) -> list[str]:
         if is_secret_param(name):
             found.update(v for v in (value if isinstance(value, tuple) else (value,)) if v)
     return sorted(found, key=len, reverse=True)
+
+
+def _texts(value: Any) -> bool:
+    """A query parameter's value: a text, or a list of texts (a repeated parameter)."""
+    if isinstance(value, list | tuple):
+        return all(isinstance(item, str) for item in value)
+    return isinstance(value, str)
 
 
 def _reveal(secret: SecretStr | None) -> str | None:

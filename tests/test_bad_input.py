@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -260,7 +261,7 @@ def test_non_finite_engine_param_is_refused(
         ('{"max_connections": NaN}', "extra.max_connections"),
         ('{"max_connections": 1e400}', "extra.max_connections"),
         ('{"metadata_params": {"x": [1, NaN]}}', "extra.metadata_params.x[1]"),
-        ('{"engine_params": {"pool_size": 100000000000000000000}}', "extra.engine_params.pool_size"),
+        ('{"engine_params": {"pool_size": 10000000000000000000}}', "extra.engine_params.pool_size"),
         ('{"max_connections": 100000000000000000000000}', "extra.max_connections"),
         ('{"engine_params": {"max_overflow": 1000001}}', "extra.engine_params.max_overflow"),
         ('{"engine_params": {"pool_timeout": 1e12}}', "extra.engine_params.pool_timeout"),
@@ -370,7 +371,7 @@ def test_bad_numbers_from_the_environment_are_refused(
     [
         ({"server_address": "", "username": "u", "password": SECRET}, "ssh_tunnel.server_address"),
         (
-            {"server_address": "h", "username": "u", "password": SECRET, "server_port": float("nan")},
+            {"server_address": "h", "username": "u", "password": SECRET, "server_port": math.nan},
             "ssh_tunnel.server_port",
         ),
         (

@@ -296,7 +296,7 @@ def test_ssh_tunnel_spec_works_or_names_the_field(data: dict[str, Any]) -> None:
 
 
 IMPORTS = st.sampled_from(
-    ["json.dumps", "no.such.module.func", "", "json:dumps", "os.path", "enginehouse.specs.masked_url"]
+    ["json.dumps", "no.such.module.func", "", "json:dumps", "os.path", "enginehouse.specs.MASK"]
 )
 SETTING_VALUES: dict[str, Any] = {
     name: NUMBERS | st.text(max_size=8) | st.none()
@@ -335,9 +335,11 @@ def test_settings_work_or_name_the_setting(values: dict[str, Any]) -> None:
         assert_no_secret(repr(built), what="settings repr")
 
 
+IMPORT_SETTINGS = {
+    "connection_mutator", "uri_validator", "encrypted_extra_decryptor", "engine_context"
+}
 ENV_VALUES = st.dictionaries(
-    st.sampled_from(sorted(SETTING_VALUES.keys() - {"connection_mutator", "uri_validator",
-                                                      "encrypted_extra_decryptor", "engine_context"})),
+    st.sampled_from(sorted(SETTING_VALUES.keys() - IMPORT_SETTINGS)),
     st.text(max_size=10).filter(lambda s: "\x00" not in s)
     | st.sampled_from(["nan", "inf", "-Infinity", "1e400", "9" * 40, "[1", '["a"]', "true"]),
     max_size=4,

@@ -55,7 +55,9 @@ def test_secret_query_parameter_leaves_the_uri(name: str) -> None:
     assert masked_url(spec.sqlalchemy_url()).count("***") == 1
 
 
-@pytest.mark.parametrize("name", ["sslmode", "application_name", "options", "authenticator", "charset"])
+@pytest.mark.parametrize(
+    "name", ["sslmode", "application_name", "options", "authenticator", "charset"]
+)
 def test_ordinary_parameters_are_shown(name: str) -> None:
     assert not is_secret_param(name)
     assert masked_url(f"{PG_URI}?{name}=visible") == f"{PG_URI}?{name}=visible"
@@ -114,8 +116,10 @@ def test_engine_creation_error_masks_query_secrets() -> None:
         return url, {**kwargs, "bad_argument_" + url.query["access_token"]: 1}
 
     spec = DatabaseSpec(id="qs-error", uri=f"{PG_URI}?access_token={SECRET}")
-    with EngineManager(cleanup_interval=60, connection_mutator=echo_url) as manager:
-        with pytest.raises(EngineCreationError) as info:
-            manager.get(spec)
+    with (
+        EngineManager(cleanup_interval=60, connection_mutator=echo_url) as manager,
+        pytest.raises(EngineCreationError) as info,
+    ):
+        manager.get(spec)
     assert "***" in str(info.value)
     assert_no_secret(info.value)

@@ -132,7 +132,7 @@ def test_lru_bound_spares_an_engine_in_use(
 def test_a_checkout_after_disposal_does_not_park_a_connection(
     registry: tuple[pykka.ActorRef[Any], Snapshot],
 ) -> None:
-    ref, snapshot = registry
+    ref, _ = registry
     app = unique("eh-race")
     spec = pg("race", app)
     _, entry = get(ref, spec)
