@@ -74,7 +74,7 @@ def backend_pid(engine: Engine) -> int:
 
 def test_singleton_hands_out_one_pooled_engine_per_database(hooked: Any) -> None:
     core, manager = hooked
-    database = core.Database(31)
+    database = core.Database(31, {"engine_params": {"pool_size": 3}})  # fine for NullPool too
     engines = [database._get_sqla_engine() for _ in range(20)]
     if manager.settings.mode == "new":
         assert len({id(e) for e in engines}) == 20
@@ -152,7 +152,8 @@ def test_a_cap_from_the_extra_bounds_the_pool() -> None:
 
 def test_unsaved_databases_keep_superset_nullpool(hooked: Any) -> None:
     core, _manager = hooked
-    engine = core.Database(None, {"max_connections": 3})._get_sqla_engine()  # a connection test
+    extra = {"max_connections": 3, "engine_params": {"pool_size": 2, "max_overflow": 1}}
+    engine = core.Database(None, extra)._get_sqla_engine()  # a connection test
     assert isinstance(engine.pool, pool.NullPool)  # nothing stays open after the test
     assert backend_pid(engine) > 0
 

@@ -41,6 +41,7 @@ from enginehouse.specs import POOL_CLASSES, SSHTunnelSpec
 log = logging.getLogger("enginehouse.superset")
 
 _QUEUE_ONLY = ("pool_size", "max_overflow", "pool_timeout", "pool_use_lifo")
+_SIZELESS = (sa_pool.NullPool, sa_pool.StaticPool, sa_pool.AssertionPool)
 
 
 @dataclass(frozen=True)
@@ -124,18 +125,20 @@ def plan_for(request: EngineRequest, url: Any, kwargs: dict[str, Any], mode: Mod
 
 
 def _choose_pool(kwargs: dict[str, Any], wanted: str | None, nullpool: bool, pooled: bool) -> None:
-    """When ``pooled``, the NullPool Superset forced becomes the pool the extra names."""
+    """When ``pooled``, the NullPool Superset forced becomes the pool the extra names.
+
+    Sizing options of ``engine_params`` are dropped for pools without a size
+    (stock Superset fails with ``Invalid argument(s) 'pool_size'`` there).
+    """
     current = kwargs.get("poolclass")
     if isinstance(current, str):  # a name from engine_params that Superset did not replace
         kwargs["poolclass"] = _pool_class(current, "extra.engine_params.poolclass")
-        return
-    if not (pooled and nullpool and current is sa_pool.NullPool):
-        return
-    if wanted is None:
-        del kwargs["poolclass"]  # the dialect's default: QueuePool for every server
-        return
-    kwargs["poolclass"] = _pool_class(wanted, "extra.poolclass")
-    if kwargs["poolclass"] is not sa_pool.QueuePool:
+    elif pooled and nullpool and current is sa_pool.NullPool:
+        if wanted is None:
+            del kwargs["poolclass"]  # the dialect's default: QueuePool for every server
+        else:
+            kwargs["poolclass"] = _pool_class(wanted, "extra.poolclass")
+    if kwargs.get("poolclass") in _SIZELESS:
         for option in _QUEUE_ONLY:
             kwargs.pop(option, None)
 
