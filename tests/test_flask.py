@@ -234,14 +234,14 @@ def test_metrics_port_and_superset_call_shape() -> None:
             extension.shutdown()
 
 
-def test_the_worked_example_in_docs_superset_md_runs() -> None:
+def test_the_worked_example_in_docs_flask_md_runs() -> None:
     import re
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "superset.md").read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (root / "docs" / "flask.md").read_text(), re.S)
     example = next(block for block in blocks if "class Database" in block)
     example = example.replace("postgresql+psycopg://postgres:s3cret@127.0.0.1:5432/test", PG)
     result = subprocess.run(
