@@ -78,3 +78,15 @@ class UnsafeURIError(InvalidSpecError):
 
 class FleetUnavailableError(EngineManagerError, ConnectionError):
     """Fleet mode: Redis is unreachable and ``fleet_fallback="closed"`` refuses new connections."""
+
+
+class ConnectFailedError(EngineManagerError, ConnectionError):
+    """``manager.connect()`` could not open or check out a connection: the database or
+    the network refused (the driver's words, with the spec's secrets masked).
+
+    ``driver_error`` names the driver's exception class (e.g. ``OperationalError``).
+    """
+
+    def __init__(self, message: str, driver_error: str) -> None:
+        super().__init__(message)
+        self.driver_error = driver_error

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import logging
 import time
 import weakref
@@ -45,6 +46,8 @@ from enginehouse.budget_client import Budgets
 from enginehouse.errors import (
     ActorTimeoutError,
     ActorUnavailableError,
+    ConnectFailedError,
+    EngineManagerError,
     InvalidSpecError,
     ManagerShutDownError,
     PoolExhaustedError,
@@ -240,8 +243,11 @@ class EngineManager:
             try:
                 try:
                     checkout = engine.connect()
-                except sa_exc.TimeoutError as exc:
-                    raise _pool_timeout(database, exc) from None
+                except Exception as exc:
+                    ours = _checkout_error(database, exc)
+                    if ours is None:
+                        raise
+                    raise ours from None
                 finally:
                     request_source.reset(token)
                 with checkout as connection:
@@ -560,8 +566,9 @@ class _Checkout:
         except BaseException as exc:
             if self._manager._new_mode:
                 engine.dispose()
-            if isinstance(exc, sa_exc.TimeoutError):
-                raise _pool_timeout(self._database, exc) from None
+            ours = _checkout_error(self._database, exc)
+            if ours is not None:
+                raise ours from None
             raise
         self._engine, self._connection = engine, connection
         return entered
@@ -574,10 +581,36 @@ class _Checkout:
                 self._engine.dispose()
 
 
-def _pool_timeout(database: DatabaseSpec, exc: sa_exc.TimeoutError) -> PoolExhaustedError:
-    """SQLAlchemy's pool timeout as ours: which database, and SQLAlchemy's own words."""
-    detail = str(exc).split(" (Background on this error", 1)[0]
-    return PoolExhaustedError(f"database {database.id}: {detail}")
+def _checkout_error(database: DatabaseSpec, exc: BaseException) -> EngineManagerError | None:
+    """A failed checkout as ours (None: already ours, or not a checkout failure).
+
+    SQLAlchemy's pool timeout becomes :class:`PoolExhaustedError`; the driver's
+    refusal (``DBAPIError``, or a bare ``OSError`` such as EMFILE that a driver
+    lets through) :class:`ConnectFailedError`, in the driver's words with the
+    spec's password and secret query parameters masked.
+    """
+    if isinstance(exc, EngineManagerError) or not isinstance(
+        exc, (sa_exc.TimeoutError, sa_exc.DBAPIError, OSError)
+    ):
+        return None
+    detail = _masked(database, str(exc).split("\n(Background on this error", 1)[0])
+    detail = detail.split(" (Background on this error", 1)[0].strip()
+    if isinstance(exc, sa_exc.TimeoutError):
+        return PoolExhaustedError(f"database {database.id}: {detail}")
+    driver = type(getattr(exc, "orig", None) or exc).__name__
+    return ConnectFailedError(
+        f"database {database.id}: connect failed ({driver}): {detail}", driver_error=driver
+    )
+
+
+def _masked(database: DatabaseSpec, text: str) -> str:
+    secrets = [database.password.get_secret_value()] if database.password is not None else []
+    if database.query_secrets is not None:
+        values = json.loads(database.query_secrets.get_secret_value()).values()
+        secrets += [str(v) for v in values]
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _without(values: dict[str, Any], *names: str) -> dict[str, Any]:

@@ -194,3 +194,16 @@ def test_a_full_pool_times_out_with_our_error(manager: EngineManager) -> None:
         with pytest.raises(PoolExhaustedError, match="database 1703: QueuePool limit"):
             with manager.connect(spec):
                 pass
+
+
+def test_a_refused_connect_is_our_error_without_the_password(manager: EngineManager) -> None:
+    from enginehouse.errors import ConnectFailedError
+
+    secret = "Refused-pw-4242"
+    spec = DatabaseSpec(id=1704, uri=f"postgresql://postgres:{secret}@127.0.0.1:9/test")
+    with pytest.raises(ConnectFailedError) as info, manager.connect(spec):
+        pass
+    message = str(info.value)
+    assert message.startswith("database 1704: connect failed (OperationalError):")
+    assert info.value.driver_error == "OperationalError"
+    assert secret not in message and info.value.__cause__ is None
