@@ -92,6 +92,9 @@ class EngineRegistry(pykka.ThreadingActor):
         self._listeners: dict[str, Callable[[Engine], None]] = {}
         self._fingerprints: dict[int | str, str] = {}
         self._uncached: weakref.WeakSet[Engine] = weakref.WeakSet()
+        # Pools of retired engines, disposed once more by the next sweep: a checkin that
+        # read "not retired" just before the retirement may have parked a connection there.
+        self._retired_pools: weakref.WeakSet[Any] = weakref.WeakSet()
         self._counts = {"misses": 0, "created": 0, "evictions": 0, "disposals": 0, "uncached": 0}
         self._handlers: dict[type, Callable[[Any], Any]] = {
             GetEngine: self._get,
@@ -180,6 +183,9 @@ class EngineRegistry(pykka.ThreadingActor):
             self._publish()
 
     def _sweep(self, message: Sweep) -> int:
+        for pool in list(self._retired_pools):
+            pool.dispose()
+        self._retired_pools.clear()
         idle = [
             key
             for key, entry in self._entries.items()
@@ -314,6 +320,7 @@ class EngineRegistry(pykka.ThreadingActor):
         listener = self._listeners.pop(engine_key, None)
         if listener is not None and event.contains(entry.engine, "engine_disposed", listener):
             event.remove(entry.engine, "engine_disposed", listener)
+        self._retired_pools.add(entry.engine.pool)
         if dispose:
             entry.engine.dispose()
         self._counts["disposals"] += 1

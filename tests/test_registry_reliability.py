@@ -156,3 +156,25 @@ def test_no_connection_survives_shutdown() -> None:
     with engine.connect() as late:  # and one opened on a kept engine after shutdown
         select_one(late)
     server_connections_drop_to(app, 0)
+
+
+def test_next_sweep_closes_a_connection_parked_in_a_retired_pool(
+    registry: tuple[pykka.ActorRef[Any], Snapshot],
+) -> None:
+    """The narrow race: a checkin that read "not retired" just before the retirement.
+
+    Simulated by clearing the flag after the disposal: the connection parks in
+    the pool the disposal replaced, which nobody else can reach.
+    """
+    ref, _ = registry
+    app = unique("eh-parked")
+    spec = pg("parked", app)
+    _, entry = get(ref, spec)
+    conn = entry.engine.connect()
+    select_one(conn)
+    assert ref.ask(DisposeDatabase(spec.id), timeout=TIMEOUT) == 1
+    entry.retired = False  # the checkin below behaves as if it raced the retirement
+    conn.close()
+    assert PgSampler(app).now() == 1  # parked in the old pool
+    ref.ask(Sweep(idle_timeout=3600, max_engines=5, now=time.monotonic()), timeout=TIMEOUT)
+    server_connections_drop_to(app, 0)
