@@ -184,7 +184,10 @@ class EngineRegistry(pykka.ThreadingActor):
 
     def _sweep(self, message: Sweep) -> int:
         for pool in list(self._retired_pools):
-            pool.dispose()
+            try:
+                pool.dispose()
+            except Exception as exc:  # a connection that fails to close must not stop the sweep
+                log.warning("disposing a retired pool failed: %s", type(exc).__name__)
         self._retired_pools.clear()
         idle = [
             key
@@ -340,19 +343,19 @@ def track_use(entry: CachedEngine) -> None:
     checkout racing the engine's disposal never parks a connection in a pool
     the registry no longer tracks.
     """
-    in_use = entry.in_use
+    out = entry.in_use
 
     def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        in_use[id(record)] = None
+        out[id(record)] = None
 
     def on_checkin(dbapi_connection: Any, record: Any) -> None:
-        in_use.pop(id(record), None)
+        out.pop(id(record), None)
         entry.last_used = time.monotonic()
         if entry.retired and dbapi_connection is not None:
             record.invalidate()
 
     def on_detach(dbapi_connection: Any, record: Any) -> None:
-        in_use.pop(id(record), None)  # the caller owns it now; the pool never sees it again
+        out.pop(id(record), None)  # the caller owns it now; the pool never sees it again
 
     # On the pool, not the engine (that would set the engine's _has_events and route
     # every statement through the event system); a disposed engine's new pool keeps them.
@@ -420,7 +423,7 @@ def pool_max_connections(pool: Any, plan: EnginePlan) -> int | None:
 
 
 def _drop_locals(exc: BaseException) -> None:
-    """``exc`` minus what would keep a plan alive: its frames' locals, a suppressed context.
+    """Strip from ``exc`` what would keep a plan alive: frames' locals, a suppressed context.
 
     A plan's URL holds the password; an error the caller keeps (or logs with
     its locals) must not hold the plan, nor the driver's exception about it.
