@@ -31,6 +31,9 @@ find_python() {  # python3.10 from PATH, else from pyenv's versions (as scripts/
 }
 
 stamp=$(cat pyproject.toml "$0" | sha256sum | cut -c1-16)
+mkdir -p .venv
+exec 9>.venv/superset.lock
+flock 9  # one build at a time (a test run and a benchmark may both ask)
 if [[ -f "$VENV/.stamp" && "$(cat "$VENV/.stamp")" == "$stamp" ]]; then
   echo "$PWD/$VENV/bin/python"; exit 0
 fi
