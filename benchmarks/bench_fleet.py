@@ -29,6 +29,7 @@ wait for a connection (no process may starve longer than one pool_timeout).
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -199,6 +200,7 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     table: dict[str, dict[str, float]] = {}
     ratios: dict[str, dict[str, float]] = {}
     waits: dict[str, dict[str, float]] = {}
+    firsts: dict[str, float] = {}
     for workload in WORKLOADS:
         per_alt = {
             alt: [next(p["qps"] for p in r["phases"] if p["workload"] == workload)
@@ -211,6 +213,10 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
                      for r in runs if r["alternative"] == alt)
             for alt in (FLEET, BOUNCER, UNCAPPED)
         }
+        firsts[workload] = max(
+            next(p["first_query"] for p in r["phases"] if p["workload"] == workload)
+            for r in runs if r["alternative"] == FLEET
+        )
         pairs = list(zip(per_alt[FLEET], per_alt[BOUNCER], per_alt[UNCAPPED], strict=True))
         ratios[workload] = {
             "fleet / PgBouncer": statistics.median(f / b for f, b, _ in pairs),
@@ -228,6 +234,7 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
         "qps": table,
         "ratios": ratios,
         "max_wait": waits,
+        "first_query": firsts,
         "fleet_peak": max(r["peak"] for r in fleet_runs),
         "uncapped_peak": max(r["peak"] for r in runs if r["alternative"] == UNCAPPED),
         "errors": sum(p["errors"] for r in runs for p in r["phases"]),
@@ -251,16 +258,17 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
 
 def report(summary: dict[str, Any]) -> str:
     lines = ["| workload | fleet mode | PgBouncer | uncapped QueuePool | fleet / PgBouncer "
-             "(goal: >= 1.0 SELECT 1, >= 0.9 pg_sleep) | fleet / uncapped | longest wait, "
-             "fleet (PgBouncer) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "(goal: >= 1.0 SELECT 1, >= 0.9 pg_sleep) | fleet / uncapped | fleet: slowest "
+             "process's first query | longest single wait, fleet (PgBouncer) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for workload, values in summary["qps"].items():
         r = summary["ratios"][workload]
         w = summary["max_wait"][workload]
         lines.append(
             f"| {workload} | {values[FLEET]:,.0f} q/s | {values[BOUNCER]:,.0f} q/s | "
             f"{values[UNCAPPED]:,.0f} q/s | {r['fleet / PgBouncer']:.2f}x | "
-            f"{r['fleet / uncapped']:.2f}x | {w[FLEET]:.2f} s ({w[BOUNCER]:.2f} s) |"
+            f"{r['fleet / uncapped']:.2f}x | {summary['first_query'][workload]:.2f} s | "
+            f"{w[FLEET]:.2f} s ({w[BOUNCER]:.2f} s) |"
         )
     cost = summary["lease_cost"]
     lines += [
@@ -328,7 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"bench_fleet: {PROCESSES} processes x {THREADS} threads, cap {CAP}, {when}")
     data = bench(repeats, seconds)
     summary = summarize(data)
+    load = os.getloadavg()
     print(report(summary))
+    print(f"- load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+          f"({os.cpu_count()} CPUs)")
     path = write_results("fleet", {"machine": machine_info(), "when": when, **data,
                                    "summary": summary})
     print(f"results: {path}")
