@@ -13,6 +13,7 @@ picked up by the next accepted connection, so the local port never changes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import socket
@@ -22,6 +23,8 @@ from collections.abc import Callable
 
 import paramiko
 
+from enginehouse import forking
+
 log = logging.getLogger("enginehouse.tunnel")
 
 ChannelOpener = Callable[[str, int, tuple[str, int]], paramiko.Channel]
@@ -29,6 +32,19 @@ ChannelOpener = Callable[[str, int, tuple[str, int]], paramiko.Channel]
 
 _CHUNK = 65536
 _JOIN_TIMEOUT = 5.0
+_ACCEPT_BACKOFF = (0.01, 0.5)  # first and longest pause after a failed accept()
+_TRANSIENT_ACCEPT_ERRORS = frozenset(
+    {
+        errno.EMFILE,  # out of file descriptors: in this process
+        errno.ENFILE,  # ... or system-wide
+        errno.ENOBUFS,
+        errno.ENOMEM,
+        errno.ECONNABORTED,  # the client gave up while queued
+        errno.EPROTO,
+        errno.EPERM,  # firewall rules (Linux)
+        errno.EINTR,
+    }
+)
 
 
 class _Relay:
@@ -75,6 +91,9 @@ class PortForward:
         self.failures = itertools.count()
         self.last_activity = time.monotonic()
         self._closing = False
+        self._closed = threading.Event()  # wakes the accept loop out of a backoff pause
+        self.accept_errors = itertools.count()
+        forking.track(self)
         self._acceptor = threading.Thread(
             target=self._accept_loop, name=f"enginehouse-forward-{self.local_port}", daemon=True
         )
@@ -91,6 +110,7 @@ class PortForward:
     def close(self) -> None:
         """Stop accepting, end every relay, join every thread."""
         self._closing = True
+        self._closed.set()
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self._listener.close()
@@ -106,15 +126,45 @@ class PortForward:
 
     # -- threads -----------------------------------------------------------------
 
+    def after_fork_in_child(self) -> None:
+        """Close the child's copies of the listener and relayed sockets (the parent keeps its own).
+
+        ``close()`` only: ``shutdown()`` would end the parent's connections too.
+        """
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for relay in list(self._relays.values()):
+            with contextlib.suppress(OSError):
+                relay.client.close()
+        self._relays.clear()
+
     def _accept_loop(self) -> None:
+        try:
+            self._accept_until_closed()
+        finally:
+            # Never leave the port open with nobody accepting: clients would hang.
+            with contextlib.suppress(OSError):
+                self._listener.close()
+
+    def _accept_until_closed(self) -> None:
+        pause = 0.0
         while not self._closing:
             try:
                 client, origin = self._listener.accept()
-            except OSError:
-                break  # the listener was shut down
+            except OSError as exc:
+                if self._closing or exc.errno not in _TRANSIENT_ACCEPT_ERRORS:
+                    if not self._closing:
+                        log.error("forward %s stops accepting: %s", self.remote, exc)
+                    return
+                pause = self._back_off(exc, pause)
+                continue
+            if pause:
+                log.info("forward %s accepts again", self.remote)
+                pause = 0.0
             if self._closing:
                 client.close()
-                break
+                return
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.last_activity = time.monotonic()
             relay_id = next(self._ids)
@@ -127,6 +177,19 @@ class PortForward:
             )
             self._relays[relay_id] = relay
             relay.thread.start()
+
+    def _back_off(self, exc: OSError, pause: float) -> float:
+        """Pause after a failed ``accept()`` (doubling, bounded); log once per streak."""
+        next(self.accept_errors)
+        if not pause:
+            log.warning(
+                "forward %s: accept() failed (%s): retrying until it succeeds",
+                self.remote,
+                errno.errorcode.get(exc.errno or 0, exc),
+            )
+        pause = min(max(pause * 2, _ACCEPT_BACKOFF[0]), _ACCEPT_BACKOFF[1])
+        self._closed.wait(pause)
+        return pause
 
     def _serve(self, relay_id: int, relay: _Relay, origin: tuple[str, int]) -> None:
         try:

@@ -8,23 +8,20 @@ paramiko thread behind.
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import contextlib
 import io
 import logging
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import paramiko
-from paramiko.hostkeys import HostKeyEntry
 
+from enginehouse.actors.host_keys import pin_host_key, verify_host_key
 from enginehouse.errors import InvalidSpecError, TunnelError
 from enginehouse.specs import SSHTunnelSpec
 
 log = logging.getLogger("enginehouse.tunnel")
-
-HOST_KEY_PINS: dict[tuple[str, int], str] = {}
-"""pin-first: ``(address, port) -> "type SHA256:..."`` of the first key seen in this process."""
 
 _KEY_CLASSES: tuple[type[paramiko.PKey], ...] = (
     paramiko.Ed25519Key,
@@ -69,103 +66,27 @@ def _wrong_passphrase(reason: str) -> bool:
     return "checkints do not match" in reason or "Bad password" in reason
 
 
-def key_fingerprint(key: paramiko.PKey) -> str:
-    """``ssh-ed25519 SHA256:...``, as ``ssh-keygen -l`` prints it."""
-    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-    return f"{key.get_name()} SHA256:{digest}"
+def connect(
+    spec: SSHTunnelSpec,
+    key: paramiko.PKey | None,
+    timeout: float,
+    *,
+    known_hosts: Path | None = None,
+    dead_after: float = 30.0,
+) -> paramiko.Transport:
+    """An authenticated transport to the bastion, each step bounded by ``timeout``.
 
-
-def expected_host_keys(spec: SSHTunnelSpec) -> list[paramiko.PKey]:
-    """Keys that ``host_key`` lists for this bastion (all of them when none names it)."""
-    try:
-        lines = spec.host_key_lines()
-    except OSError as exc:
-        raise InvalidSpecError("ssh_tunnel.host_key", f"cannot read: {exc.strerror}") from None
-    names = {spec.server_address, f"[{spec.server_address}]:{spec.server_port}"}
-    named: list[paramiko.PKey] = []
-    every: list[paramiko.PKey] = []
-    for line in lines:
-        entry, key = _parse_host_key_line(line)
-        every.append(key)
-        if entry is not None and _names_match(entry, names):
-            named.append(key)
-    if lines and not every:
-        raise InvalidSpecError("ssh_tunnel.host_key", "no usable known_hosts line")
-    return named or every
-
-
-def _parse_host_key_line(line: str) -> tuple[HostKeyEntry | None, paramiko.PKey]:
-    fields = line.split()
-    try:
-        if len(fields) >= 2 and "." not in fields[0] and fields[0].startswith(("ssh-", "ecdsa-")):
-            # "type base64": a bare key, no host names.
-            return None, paramiko.PKey.from_type_string(fields[0], base64.b64decode(fields[1]))
-        entry = HostKeyEntry.from_line(line)
-    except Exception:  # paramiko raises several types for a bad line
-        entry = None
-    if entry is None or entry.key is None:
-        raise InvalidSpecError(
-            "ssh_tunnel.host_key", "not a known_hosts line or a key paramiko reads"
-        )
-    return entry, entry.key
-
-
-def _names_match(entry: HostKeyEntry, names: set[str]) -> bool:
-    for host in entry.hostnames:
-        if host.startswith("|1|"):
-            if any(paramiko.HostKeys.hash_host(name, host) == host for name in names):
-                return True
-        elif host in names:
-            return True
-    return False
-
-
-def verify_host_key(spec: SSHTunnelSpec, key: paramiko.PKey) -> None:
-    """Apply ``host_key_policy`` to the key the bastion presented."""
-    seen = key_fingerprint(key)
-    expected = expected_host_keys(spec)
-    if spec.host_key_policy == "accept":
-        if not any(_same_key(key, known) for known in expected):
-            log.warning(
-                "host_key_policy=accept: not verifying bastion %s, which presented %s",
-                spec.bastion,
-                seen,
-            )
-        return
-    if expected:
-        if not any(_same_key(key, known) for known in expected):
-            wanted = ", ".join(key_fingerprint(k) for k in expected)
-            raise TunnelError(
-                f"host key mismatch for bastion {spec.bastion}: it presented {seen}, "
-                f"host_key expects {wanted}"
-            )
-        return
-    if spec.host_key_policy == "strict":
-        raise TunnelError(
-            f"host key of bastion {spec.bastion} is unknown ({seen}) and host_key_policy is "
-            "strict: give host_key (a known_hosts line or file)"
-        )
-    pinned = HOST_KEY_PINS.setdefault((spec.server_address, spec.server_port), seen)
-    if pinned != seen:
-        raise TunnelError(
-            f"host key of bastion {spec.bastion} changed: it presented {seen}, but {pinned} "
-            "was pinned when this process first connected (host_key_policy pin-first)"
-        )
-
-
-def _same_key(a: paramiko.PKey, b: paramiko.PKey) -> bool:
-    return a.get_name() == b.get_name() and a.asbytes() == b.asbytes()
-
-
-def connect(spec: SSHTunnelSpec, key: paramiko.PKey | None, timeout: float) -> paramiko.Transport:
-    """An authenticated transport to the bastion, each step bounded by ``timeout``."""
+    ``known_hosts``: the shared known_hosts file (``ssh_known_hosts_file``) that
+    host-key checks read and pin-first pins go to (after authentication).
+    ``dead_after``: seconds after which the kernel gives up on a bastion that
+    stopped acknowledging (TCP keepalive and ``TCP_USER_TIMEOUT``).
+    """
     bastion = spec.bastion
     try:
-        sock = socket.create_connection((spec.server_address, spec.server_port), timeout=timeout)
+        sock = open_socket(spec.server_address, spec.server_port, timeout, dead_after)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise TunnelError(f"cannot reach bastion {bastion}: {reason}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport = paramiko.Transport(sock)
     _prefer_fast_ciphers(transport)
     transport.banner_timeout = timeout
@@ -176,16 +97,69 @@ def connect(spec: SSHTunnelSpec, key: paramiko.PKey | None, timeout: float) -> p
             transport.start_client(timeout=timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise TunnelError(f"SSH handshake with bastion {bastion} failed: {exc}") from None
-        verify_host_key(spec, transport.get_remote_server_key())
+        server_key = transport.get_remote_server_key()
+        to_pin = verify_host_key(spec, server_key, known_hosts)
         _authenticate(spec, transport, key)
+        if to_pin:
+            pin_host_key(spec, server_key, known_hosts)
     except BaseException:
         transport.close()
         sock.close()
         if transport.is_alive():  # leave no thread behind
             transport.join(timeout)
         raise
-    transport.set_keepalive(0)  # the Janitor's health round sends our keepalives
+    transport.set_keepalive(0)  # our Heartbeat sends keepalives and waits for the replies
     return transport
+
+
+class QuickAckSocket(socket.socket):
+    """A TCP socket that acknowledges every segment it reads at once (Linux ``TCP_QUICKACK``).
+
+    Why: OpenSSH's sshd leaves Nagle on for a session without a terminal, so
+    when it sends two small packets in a row (a channel's close, then the next
+    channel's open confirmation) the second waits for our ACK of the first,
+    which Linux delays up to 40 ms. That was the ~45 ms stall on 14% of new
+    connections opened back to back (issue 14). The kernel clears the flag
+    after use, hence one ``setsockopt`` per read (about a microsecond).
+    """
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        with contextlib.suppress(OSError):
+            self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        return data
+
+
+_QUICKACK: int = getattr(socket, "TCP_QUICKACK", 0)
+
+
+def open_socket(host: str, port: int, timeout: float, dead_after: float) -> socket.socket:
+    """A connected TCP socket to the bastion, tuned for small packets and a dead peer.
+
+    TCP_NODELAY (no Nagle on our side), quick ACKs (see :class:`QuickAckSocket`),
+    TCP keepalive and ``TCP_USER_TIMEOUT``: a bastion whose host vanished (no
+    RST) is given up by the kernel after about ``dead_after`` seconds, which
+    ends every relay over it.
+    """
+    plain = socket.create_connection((host, port), timeout=timeout)
+    sock: socket.socket = plain
+    if _QUICKACK:
+        sock = QuickAckSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
+        sock.settimeout(timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(int(dead_after / 3), 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", max(idle // 3, 1)),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", int(dead_after * 1000)),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return sock
 
 
 def _prefer_fast_ciphers(transport: paramiko.Transport) -> None:

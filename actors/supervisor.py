@@ -158,10 +158,24 @@ class Supervisor(pykka.ThreadingActor):
                     child.ref.stop(block=False)
 
     def _stop_children(self, timeout: float) -> None:
+        """Stop children last started first, all within ``timeout``, then stop this actor.
+
+        One deadline for all of them: a stuck child costs what is left of it,
+        and the rest still get their stop (queued behind whatever the stuck one
+        does, so its thread ends when that ends). This actor stops after
+        answering, so a caller whose own wait ran out leaves no thread either.
+        """
         self._stopping = True
+        deadline = time.monotonic() + timeout
         for child in reversed(list(self._children.values())):
-            if child.ref.is_alive():
-                try:
-                    child.ref.stop(block=True, timeout=timeout)
-                except (pykka.ActorDeadError, pykka.Timeout):
-                    log.warning("%s did not stop within %.1fs", child.spec.name, timeout)
+            if not child.ref.is_alive():
+                continue
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining > 0:
+                    child.ref.stop(block=True, timeout=remaining)
+                else:
+                    child.ref.stop(block=False)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                log.warning("%s did not stop within %.1fs", child.spec.name, timeout)
+        self.stop()

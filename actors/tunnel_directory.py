@@ -13,11 +13,13 @@ that retire connections made over a transport that has since died.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -28,10 +30,16 @@ from sqlalchemy.exc import DisconnectionError
 from enginehouse.actors.policy import RestartPolicy
 from enginehouse.actors.registry import ENGINE_HOOKS, Snapshot
 from enginehouse.actors.supervisor import report_crash
-from enginehouse.actors.tunnel_supervisor import HoldSession, Link, ReleaseSession, TunnelSupervisor
+from enginehouse.actors.tunnel_supervisor import (
+    Board,
+    HoldSession,
+    Link,
+    ReleaseSession,
+    TunnelSupervisor,
+)
 from enginehouse.errors import TunnelError
 from enginehouse.messages.registry import EnginePlan
-from enginehouse.messages.supervision import WhereIs
+from enginehouse.messages.supervision import Deliver, WhereIs
 from enginehouse.messages.tunnel import (
     CheckHealth,
     EnsureConnected,
@@ -66,8 +74,15 @@ class TunnelDirectory(pykka.ThreadingActor):
         name: str = "tunnels",
         hold_session: HoldSession | None = None,
         release_session: ReleaseSession | None = None,
+        keepalive_interval: float = 10.0,
+        keepalive_timeout: float = 10.0,
+        known_hosts: Path | None = None,
     ) -> None:
         super().__init__()
+        self._keepalive = (keepalive_interval, keepalive_timeout)
+        self._known_hosts = known_hosts
+        # Each supervisor publishes its TunnelView here: stats never wait on a tunnel.
+        self._board: Board = {}
         # max_tunnels_per_bastion, passed on to each TunnelSupervisor (None: uncapped).
         self._hold_session = hold_session
         self._release_session = release_session
@@ -109,37 +124,37 @@ class TunnelDirectory(pykka.ThreadingActor):
                 idle_timeout=self._idle_timeout,
                 hold_session=self._hold_session,
                 release_session=self._release_session,
+                keepalive_interval=self._keepalive[0],
+                keepalive_timeout=self._keepalive[1],
+                known_hosts=self._known_hosts,
+                board=self._board,
             )
             self._tunnels[spec.fingerprint] = ref
         return ref
 
     def _release(self, message: ReleaseForwards) -> int:
-        """Release ``owner``'s forwards everywhere; answers how many tunnels closed."""
-        closed = 0
-        for fingerprint, ref in list(self._live().items()):
-            try:
-                remaining = ref.ask(message, timeout=self._ask_timeout)
-            except (pykka.ActorDeadError, pykka.Timeout) as exc:
-                log.warning("releasing forwards of %s: %s", message.owner, type(exc).__name__)
-                continue
-            if remaining == 0:
-                self._tunnels.pop(fingerprint, None)
-                closed += 1
-        return closed
+        """Tell every tunnel to release ``owner``'s forwards; answers how many were told.
+
+        A tell, not an ask: one bastion that is reconnecting must not hold the
+        directory (issue 13, item 8). A supervisor left without forwards stops
+        itself; :meth:`_live` forgets it then.
+        """
+        live = self._live()
+        for ref in live.values():
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(message)
+        return len(live)
 
     def _check_health(self, message: CheckHealth) -> None:
         for ref in self._live().values():
-            ref.tell(message)
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(message)
 
     def _stats(self) -> tuple[TunnelStats, ...]:
-        futures = [ref.ask(GetTunnelStats(), block=False) for ref in self._live().values()]
-        stats: list[TunnelStats] = []
-        for future in futures:
-            try:
-                stats.append(future.get(timeout=self._ask_timeout))
-            except (pykka.ActorDeadError, pykka.Timeout):
-                continue
-        return tuple(stats)
+        """What each live tunnel last published: answers at once, whatever a bastion does."""
+        live = self._live()
+        views = [self._board.get(fingerprint) for fingerprint in live]
+        return tuple(view.stats() for view in views if view is not None)
 
     def _live(self) -> dict[str, pykka.ActorRef[Any]]:
         for fingerprint, ref in list(self._tunnels.items()):
@@ -148,11 +163,17 @@ class TunnelDirectory(pykka.ThreadingActor):
         return self._tunnels
 
     def _stop_all(self) -> None:
+        """Stop every tunnel at once, waiting for all of them within one ``ask_timeout``."""
         refs = list(self._tunnels.values())
         self._tunnels.clear()
+        futures = []
         for ref in refs:
+            with contextlib.suppress(pykka.ActorDeadError):
+                futures.append(ref.stop(block=False))
+        deadline = time.monotonic() + self._ask_timeout
+        for future in futures:
             try:
-                ref.stop(block=True, timeout=self._ask_timeout)
+                future.get(timeout=max(deadline - time.monotonic(), 0.0))
             except (pykka.ActorDeadError, pykka.Timeout):
                 log.warning("a tunnel did not stop within %.1fs", self._ask_timeout)
 
@@ -170,60 +191,74 @@ def directory_lookup(supervisor: pykka.ActorRef[Any], timeout: float) -> Lookup:
     return lookup
 
 
-class TunnelPreparer:
-    """The registry's ``prepare`` hook: point a tunneled plan at its local forward."""
+OpenKey = tuple[str, str, int, object]
+"""(bastion fingerprint, remote host, remote port, owner): one open forward of one database."""
 
-    def __init__(self, lookup: Lookup, ask_timeout: float) -> None:
-        self._lookup = lookup
+
+class TunnelPreparer:
+    """Opens forwards in the caller's thread; the registry's ``prepare`` hook only reads them.
+
+    :meth:`warm` (the facade, before asking the registry) asks the directory and
+    the bastion's supervisor for the forward and records it. ``__call__`` (the
+    registry's ``prepare``, in the registry actor) rewrites the plan from that
+    record and never asks an actor: a reconnecting bastion holds its own
+    callers only, never the registry (issue 13, item 8).
+    """
+
+    def __init__(self, lookup: Lookup | None, ask_timeout: float) -> None:
+        self.lookup = lookup  # set once the supervisor runs; only warm() uses it
         # Under the caller's own ask to the registry, leave it time to hear our error.
         self._timeout = ask_timeout * 0.8
-        self._warm: dict[tuple[str, str, int], Link] = {}
+        self._open_forwards: dict[OpenKey, tuple[int, pykka.ActorRef[Any], Link]] = {}
         # The supervisor of each bastion seen, so a known bastion costs one ask, not three.
         self._refs: dict[str, pykka.ActorRef[Any]] = {}
-        self._ports: dict[tuple[str, str, int], int] = {}  # forward(): local port per remote
 
     def warm(self, plan: EnginePlan) -> None:
-        """Open ``plan``'s forward now, in the caller's thread, unless it is open already.
-
-        The facade calls this before asking the registry, so a slow or dead
-        bastion holds only its own callers, never the registry; the registry's
-        own call then finds the forward open (two quick asks).
-        """
+        """Open ``plan``'s forward now, in the caller's thread, unless it is open already."""
+        key = self._key(plan)
+        if key is None:
+            return
+        known = self._open_forwards.get(key)
+        if known is not None and known[2].serves(known[0]) and known[2].active():
+            return
         spec = plan.tunnel
-        if spec is None or not plan.url.host:
-            return
-        port = plan.url.port if plan.url.port is not None else _default_port(plan)
-        key = (spec.fingerprint, plan.url.host, port)
-        link = self._warm.get(key)
-        if link is not None and link.active():
-            return
-        self._warm[key] = self._open(spec, plan.url.host, port, plan.database_id)[2]
+        assert spec is not None
+        self._open_forwards[key] = self._open(spec, key[1], key[2], plan.database_id)
 
     def forward(self, spec: SSHTunnelSpec, host: str, port: int, owner: Owner) -> int:
         """The local port that reaches ``host:port`` over ``spec``'s shared SSH session.
 
         For integrations whose own code rewrites the engine URL (Superset's SSH
-        manager). A known forward whose transport lives costs no ask.
+        manager). A known forward that still listens over a live transport costs no ask.
         """
-        key = (spec.fingerprint, host, port)
-        known = self._ports.get(key)
-        link = self._warm.get(key)
-        if known is not None and link is not None and link.active():
-            return known
-        local_port, _ref, self._warm[key] = self._open(spec, host, port, owner)
-        self._ports[key] = local_port
-        return local_port
+        key = (spec.fingerprint, host, port, owner)
+        known = self._open_forwards.get(key)
+        if known is not None and known[2].serves(known[0]) and known[2].active():
+            return known[0]
+        self._open_forwards[key] = self._open(spec, host, port, owner)
+        return self._open_forwards[key][0]
 
-    def __call__(self, plan: EnginePlan) -> EnginePlan:
+    def _key(self, plan: EnginePlan) -> OpenKey | None:
         spec = plan.tunnel
         if spec is None:
-            return plan
-        host, port = plan.url.host, plan.url.port
+            return None
+        host = plan.url.host
         if not host:
             raise TunnelError(f"database {plan.database_id}: a tunneled URI needs a host")
-        if port is None:
-            port = _default_port(plan)
-        local_port, ref, link = self._open(spec, host, port, plan.database_id)
+        port = plan.url.port if plan.url.port is not None else _default_port(plan)
+        return (spec.fingerprint, host, port, plan.database_id)
+
+    def __call__(self, plan: EnginePlan) -> EnginePlan:
+        key = self._key(plan)
+        if key is None:
+            return plan
+        known = self._open_forwards.get(key)
+        if known is None or not known[2].serves(known[0]):
+            raise TunnelError(
+                f"database {plan.database_id}: its forward via bastion {known_bastion(plan)} "
+                "closed before its engine was built (released meanwhile); try again"
+            )
+        local_port, ref, link = known
         kwargs = dict(plan.kwargs)
         kwargs["pool_events"] = [
             *kwargs.get("pool_events", ()),
@@ -244,7 +279,9 @@ class TunnelPreparer:
             ref: pykka.ActorRef[Any] | None = self._refs.get(spec.fingerprint)
             try:
                 if ref is None or not ref.is_alive():
-                    ref = _ask(self._lookup(), TunnelFor(spec), remaining)
+                    if self.lookup is None:
+                        raise TunnelError("SSH tunnels are not started yet")
+                    ref = _ask(self.lookup(), TunnelFor(spec), remaining)
                     self._refs[spec.fingerprint] = ref
                 remaining = max(deadline - time.monotonic(), 0.001)
                 forwarded: Forwarded = _ask(
@@ -265,6 +302,10 @@ class TunnelPreparer:
         raise TunnelError(
             f"SSH tunnel to bastion {spec.bastion} did not open within {self._timeout:g}s"
         )
+
+
+def known_bastion(plan: EnginePlan) -> str:
+    return plan.tunnel.bastion if plan.tunnel is not None else "?"
 
 
 def _ask(ref: pykka.ActorRef[Any], message: object, timeout: float) -> Any:
@@ -360,8 +401,8 @@ class TunnelHealthRound:
     still have a cached engine, so forwards of evicted databases are released.
     """
 
-    def __init__(self, lookup: Lookup, snapshot: Snapshot | None = None) -> None:
-        self._lookup = lookup
+    def __init__(self, supervisor: pykka.ActorRef[Any], snapshot: Snapshot | None = None) -> None:
+        self._supervisor = supervisor
         self._snapshot = snapshot
 
     def __call__(self) -> None:
@@ -369,6 +410,7 @@ class TunnelHealthRound:
         if self._snapshot is not None:
             live = frozenset(key.database_id for key in self._snapshot.entries)
         try:
-            self._lookup().tell(CheckHealth(time.monotonic(), live))
+            # A tell through the supervisor: the Janitor never waits on another actor.
+            self._supervisor.tell(Deliver("tunnels", CheckHealth(time.monotonic(), live)))
         except Exception as exc:  # the Janitor keeps ticking whatever happens here
             log.warning("tunnel health round skipped: %s", exc)

@@ -14,17 +14,21 @@ this actor replaces them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paramiko
 import pykka
 
+from enginehouse import forking
 from enginehouse.actors.counters import count_value
 from enginehouse.actors.forwarder import ChannelOpener, PortForward
+from enginehouse.actors.heartbeat import Heartbeat
 from enginehouse.actors.policy import RestartLedger, RestartPolicy
 from enginehouse.actors.ssh import connect, load_private_key
 from enginehouse.errors import EngineManagerError, PoolExhaustedError, TunnelError
@@ -55,19 +59,79 @@ ReleaseSession = Callable[[Any], None]
 
 
 class Link:
-    """The bastion's current transport, as the actor last set it."""
+    """The bastion's current transport and open local ports, as the actor last set them."""
 
-    __slots__ = ("bastion", "closed", "generation", "transport")
+    __slots__ = ("__weakref__", "bastion", "closed", "generation", "ports", "transport")
 
     def __init__(self, bastion: str) -> None:
         self.bastion = bastion
         self.transport: paramiko.Transport | None = None
         self.generation = 0
         self.closed = False
+        self.ports: frozenset[int] = frozenset()  # replaced whole, never mutated
+        forking.track(self)
 
     def active(self) -> bool:
         transport = self.transport
         return transport is not None and transport.is_active()
+
+    def serves(self, local_port: int) -> bool:
+        """True while this link's supervisor still listens on ``local_port``."""
+        return not self.closed and local_port in self.ports
+
+    def after_fork_in_child(self) -> None:
+        """Close the child's copy of the SSH socket (never the parent's connection)."""
+        transport = self.transport
+        sock = getattr(transport, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()  # close(), not shutdown(): the parent's session lives on
+
+
+@dataclass(frozen=True)
+class TunnelView:
+    """What a supervisor last published about itself; read without asking it (issue 13, item 8).
+
+    Channel counts are read from the forwards when :meth:`stats` is called,
+    so they are current even while the actor is busy (connecting, backing off).
+    """
+
+    bastion: str
+    state: str
+    connects: int
+    restarts: int
+    forwards: tuple[tuple[PortForward, int], ...]  # (forward, owners)
+    last_error: str | None
+    gave_up: str | None
+    link: Link
+
+    def stats(self) -> TunnelStats:
+        state = self.state
+        if state == "connected" and not self.link.active():
+            state = "disconnected"
+        return TunnelStats(
+            bastion=self.bastion,
+            state=state,
+            connects=self.connects,
+            restarts=self.restarts,
+            forwards=tuple(
+                ForwardStats(
+                    remote=forward.remote,
+                    local_port=forward.local_port,
+                    owners=owners,
+                    active_channels=forward.active_channels,
+                    channels_opened=count_value(forward.opened),
+                    channel_failures=count_value(forward.failures),
+                )
+                for forward, owners in self.forwards
+            ),
+            last_error=self.last_error,
+            gave_up=self.gave_up,
+        )
+
+
+Board = dict[str, TunnelView]
+"""Where supervisors publish their :class:`TunnelView`, by bastion fingerprint."""
 
 
 class TunnelSupervisor(pykka.ThreadingActor):
@@ -85,9 +149,19 @@ class TunnelSupervisor(pykka.ThreadingActor):
         idle_timeout: float,
         hold_session: HoldSession | None = None,
         release_session: ReleaseSession | None = None,
+        keepalive_interval: float = 10.0,
+        keepalive_timeout: float = 10.0,
+        known_hosts: Path | None = None,
+        board: Board | None = None,
     ) -> None:
         super().__init__()
         self._spec = spec
+        self._keepalive_interval = keepalive_interval
+        self._keepalive_timeout = keepalive_timeout
+        self._known_hosts = known_hosts
+        self._board = board
+        self._heartbeat: Heartbeat | None = None
+        self._stopping = False
         # The bastion's session budget (None: uncapped, nothing to do).
         self._hold_session = hold_session
         self._release_session = release_session
@@ -119,17 +193,25 @@ class TunnelSupervisor(pykka.ThreadingActor):
 
     # -- lifecycle -------------------------------------------------------------
 
+    def on_start(self) -> None:
+        self._publish()
+
     def on_stop(self) -> None:
         self._close_all()
+        self._unpublish()
 
     def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._close_all()
+        self._unpublish()
 
     def on_receive(self, message: Any) -> Any:
         handler = self._handlers.get(type(message))
         if handler is None:
             raise TypeError(f"unexpected message {type(message).__name__}")
-        return handler(message)
+        try:
+            return handler(message)
+        finally:
+            self._publish()
 
     # -- handlers --------------------------------------------------------------
 
@@ -191,9 +273,7 @@ class TunnelSupervisor(pykka.ThreadingActor):
         if self.link.active():
             if self._idle(message.now):
                 self._close_idle()
-            else:
-                self._keepalive()
-            return
+            return  # a live transport: its Heartbeat watches it
         if self.link.transport is not None:
             self._drop_transport()  # dead: give its session permit back now
         recent = self._ledger.recent
@@ -222,28 +302,41 @@ class TunnelSupervisor(pykka.ThreadingActor):
     def _stats(self, message: GetTunnelStats) -> TunnelStats:
         if self._state == "connected" and not self.link.active():
             self._state = "disconnected"
-        return TunnelStats(
+        return self._view().stats()
+
+    def _view(self) -> TunnelView:
+        return TunnelView(
             bastion=self._spec.bastion,
             state=self._state,
             connects=self._connects,
             restarts=self._ledger.restarts,
             forwards=tuple(
-                ForwardStats(
-                    remote=forward.remote,
-                    local_port=forward.local_port,
-                    owners=len(self._owners.get(remote, ())),
-                    active_channels=forward.active_channels,
-                    channels_opened=count_value(forward.opened),
-                    channel_failures=count_value(forward.failures),
-                )
+                (forward, len(self._owners.get(remote, ())))
                 for remote, forward in self._forwards.items()
             ),
             last_error=self._last_error,
             gave_up=self._gave_up,
+            link=self.link,
         )
+
+    def _publish(self) -> None:
+        if self._stopping:
+            return
+        self.link.ports = frozenset(f.local_port for f in self._forwards.values())
+        if self._board is not None:
+            self._board[self._spec.fingerprint] = self._view()
+
+    def _unpublish(self) -> None:
+        self.link.ports = frozenset()
+        if self._board is not None:
+            view = self._board.get(self._spec.fingerprint)
+            if view is not None and view.link is self.link:
+                del self._board[self._spec.fingerprint]
 
     def _close_and_stop(self, message: CloseTunnel) -> None:
         self._close_all()
+        self._stopping = True  # stats() no longer lists it, though its stop is still queued
+        self._unpublish()
         self.stop()
 
     # -- internals -------------------------------------------------------------
@@ -264,16 +357,26 @@ class TunnelSupervisor(pykka.ThreadingActor):
                 f"SSH tunnel to bastion {self._spec.bastion} is down: gave up after {self._gave_up}"
             )
         # Backoff blocks only this bastion's actor, never longer than backoff_max.
+        self._publish()
         time.sleep(delay)
 
     def _connect(self) -> paramiko.Transport:
         self._drop_transport()
         if self._key is None and self._spec.private_key is not None:
             self._key = load_private_key(self._spec)
+        previous, self._state = self._state, "connecting"
+        self._publish()  # stats() shows "connecting" while this actor is busy here
+        self._state = previous
         try:
             lease = self._hold_permit()
             try:
-                transport = connect(self._spec, self._key, self._connect_timeout)
+                transport = connect(
+                    self._spec,
+                    self._key,
+                    self._connect_timeout,
+                    known_hosts=self._known_hosts,
+                    dead_after=self._keepalive_interval + self._keepalive_timeout,
+                )
             except BaseException:
                 self._give_back(lease)
                 raise
@@ -282,7 +385,12 @@ class TunnelSupervisor(pykka.ThreadingActor):
             self._state = "failed" if self._connects == 0 else "disconnected"
             self._deliberate = False
             raise
-        _enable_tcp_keepalive(transport)
+        self._heartbeat = Heartbeat(
+            transport,
+            self._spec.bastion,
+            interval=self._keepalive_interval,
+            timeout=self._keepalive_timeout,
+        )
         self._lease = lease
         self.link.transport = transport
         self.link.generation += 1
@@ -364,22 +472,18 @@ class TunnelSupervisor(pykka.ThreadingActor):
         self._state = "idle"
         self._deliberate = True
 
-    def _keepalive(self) -> None:
-        transport = self.link.transport
-        if transport is None:
-            return
-        try:
-            transport.global_request("keepalive@openssh.com", wait=False)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            log.warning("keepalive to %s failed: %s", self._spec.bastion, exc)
-
     def _drop_transport(self) -> None:
         transport = self.link.transport
         self.link.transport = None
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
         if transport is not None:
             transport.close()
             if transport.is_alive():  # close() leaves its thread to notice within ~0.1 s
                 transport.join(_JOIN_TIMEOUT)
+        if heartbeat is not None:
+            heartbeat.join(_JOIN_TIMEOUT)  # its ping returns once the transport is closed
         lease, self._lease = self._lease, None
         self._give_back(lease)  # after the close: the session is gone when the permit is
 
@@ -426,15 +530,3 @@ def channel_opener(
         return transport.open_channel("direct-tcpip", (host, port), origin, timeout=channel_timeout)
 
     return open_channel
-
-
-def _enable_tcp_keepalive(transport: paramiko.Transport) -> None:
-    """Let the kernel notice a bastion that vanished without closing the connection."""
-    sock = transport.sock
-    if not isinstance(sock, socket.socket):
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
-        option = getattr(socket, name, None)
-        if option is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)

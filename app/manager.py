@@ -9,6 +9,7 @@ supervisor and the call retried once.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import json
 import logging
@@ -36,6 +37,7 @@ from enginehouse.actors import (
     Supervisor,
     count_value,
 )
+from enginehouse.actors.host_keys import default_known_hosts_file
 from enginehouse.actors.tunnel_directory import (
     TunnelDirectory,
     TunnelHealthRound,
@@ -320,9 +322,10 @@ class EngineManager:
         timeout = self.settings.ask_timeout
         try:
             system.supervisor.ask(StopChildren(timeout), timeout=timeout * 3)
-            system.supervisor.stop(block=True, timeout=timeout)
         except (pykka.ActorDeadError, pykka.Timeout) as exc:
             log.warning("shutdown incomplete: %s", exc)
+        with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+            system.supervisor.stop(block=True, timeout=timeout)  # it stops itself after StopChildren
         log.info("manager shut down")
 
     @property
@@ -354,6 +357,8 @@ class EngineManager:
         policy = _policy(settings)
         # SSH tunnels start first so they stop last, after the engines that use them.
         capped = settings.max_tunnels_per_bastion is not None  # uncapped: no permit calls at all
+        # Opens forwards in callers' threads; the registry's prepare only reads what it opened.
+        preparer = TunnelPreparer(None, settings.ask_timeout)
         tunnels = ChildSpec(
             "tunnels",
             lambda sup: TunnelDirectory.start(
@@ -364,6 +369,9 @@ class EngineManager:
                 supervisor=sup,
                 hold_session=self._budgets.hold_tunnel if capped else None,
                 release_session=self._budgets.release if capped else None,
+                keepalive_interval=settings.tunnel_keepalive_interval,
+                keepalive_timeout=settings.tunnel_keepalive_timeout,
+                known_hosts=settings.ssh_known_hosts_file or default_known_hosts_file(),
             ),
             policy,
         )
@@ -379,9 +387,7 @@ class EngineManager:
                     snapshot,
                     max_engines=settings.max_engines,
                     supervisor=sup,
-                    prepare=TunnelPreparer(
-                        directory_lookup(sup, settings.ask_timeout), settings.ask_timeout
-                    ),
+                    prepare=preparer,
                     on_engine_created=self._on_engine_created,
                 ),
                 policy,
@@ -396,7 +402,7 @@ class EngineManager:
                     ask_timeout=settings.ask_timeout,
                     rounds=[
                         TunnelHealthRound(
-                            directory_lookup(sup, settings.ask_timeout),
+                            sup,
                             None if settings.mode is Mode.NEW else snapshot,
                         ),
                         self._budgets.janitor_round,
@@ -408,9 +414,8 @@ class EngineManager:
         ]
         supervisor = Supervisor.start(children)
         # Opens SSH sessions in the caller's thread, so a slow bastion never holds the registry.
-        self._tunnels = TunnelPreparer(
-            directory_lookup(supervisor, settings.ask_timeout), settings.ask_timeout
-        )
+        preparer.lookup = directory_lookup(supervisor, settings.ask_timeout)
+        self._tunnels = preparer
         return _System(forking.state.generation, snapshot, supervisor)
 
     def _on_engine_created(self, engine: Engine, plan: EnginePlan) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -105,6 +106,22 @@ class ManagerSettings(BaseSettings):
     )
     tunnel_connect_timeout: float = duration(
         5.0, HOUR, "s each step of opening an SSH session may take"
+    )
+    tunnel_keepalive_interval: float = Field(
+        default=10.0, gt=0, description="s between SSH keepalives that expect the bastion's reply"
+    )
+    tunnel_keepalive_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="s without a keepalive reply after which the SSH session is closed as dead",
+    )
+    ssh_known_hosts_file: Path | None = Field(
+        default=None,
+        description=(
+            "known_hosts file shared by the host's processes: host-key checks read it, "
+            "pin-first appends its pins; unset: $XDG_STATE_HOME/enginehouse/known_hosts "
+            "(~/.local/state/enginehouse/known_hosts)"
+        ),
     )
     # -- parity with Superset's manager (see docs/security.md, docs/adapters.md) --
     uri_validator: ImportString[UriValidator] | None = Field(

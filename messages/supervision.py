@@ -35,7 +35,7 @@ class Deliver:
 
 @dataclass(frozen=True)
 class StopChildren:
-    """Ask: stop every child, last started first, and stop supervising."""
+    """Ask: stop every child, last started first, within ``timeout`` in all; then the supervisor stops."""
 
     timeout: float
 

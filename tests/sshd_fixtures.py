@@ -26,9 +26,17 @@ import paramiko
 import pytest
 from secret_scan import register_secret
 
-from enginehouse.actors.ssh import HOST_KEY_PINS
+from enginehouse.actors.host_keys import HOST_KEY_PINS
 
 ROOT = Path(__file__).resolve().parent.parent
+# pin-first pins go to a known_hosts file of this run's own (inherited by the processes it
+# starts), never to the user's ~/.local/state: throwaway servers reuse ports with new keys.
+KNOWN_HOSTS = Path(
+    os.environ.setdefault(
+        "ENGINEHOUSE_SSH_KNOWN_HOSTS_FILE",
+        str(Path(tempfile.mkdtemp(prefix="enginehouse-known-hosts-")) / "known_hosts"),
+    )
+)
 SSHD = "/usr/sbin/sshd"
 USER = "ehtunnel"
 PASSWORD = "tunnel-pass-0123"
@@ -244,16 +252,57 @@ def start_sshd(port: int | None = None) -> ThrowawaySshd:
 def remove_sshd(server: ThrowawaySshd) -> None:
     server.stop()
     shutil.rmtree(server.dir, ignore_errors=True)
-    # A later server may get this port with another host key: forget the pin-first pin.
+    # A later server may get this port with another host key: forget the pin-first pins.
     HOST_KEY_PINS.pop(("127.0.0.1", server.port), None)
+    forget_pins(server.port)
+
+
+def forget_pins(port: int, path: Path = KNOWN_HOSTS) -> None:
+    """Drop ``[127.0.0.1]:port`` lines from a known_hosts file (a test helper; not atomic)."""
+    if path.exists():
+        name = f"[127.0.0.1]:{port} "
+        kept = [line for line in path.read_text().splitlines(True) if not line.startswith(name)]
+        path.write_text("".join(kept))
 
 
 @pytest.fixture(scope="session")
-def sshd() -> Iterator[ThrowawaySshd]:
+def shared_sshd() -> Iterator[ThrowawaySshd]:
     """A throwaway sshd shared by the session's tunnel tests (never stopped by a test)."""
     server = start_sshd()
     yield server
     remove_sshd(server)
+
+
+@pytest.fixture
+def sshd(shared_sshd: ThrowawaySshd) -> Iterator[ThrowawaySshd]:
+    """The shared sshd, once no SSH session of an earlier test is left on it.
+
+    A session's server process ends a little after its client closed the
+    connection (later still on a loaded machine): a test that counts sessions
+    must not start while one of the previous test is still ending, or it
+    counts it as its own (issue 13, item 12). Waiting at setup, not teardown:
+    fixtures set up before this one (a manager) are torn down after it.
+    """
+    settle_sessions(shared_sshd, "a previous test's SSH sessions to end")
+    yield shared_sshd
+
+
+def describe(server: ThrowawaySshd) -> str:
+    """The session processes and who holds their connections (for failure messages)."""
+    pids = ",".join(str(pid) for pid in server.sessions()) or "0"
+    shown = subprocess.run(["ps", "-o", "pid,etimes,args", "-p", pids], capture_output=True, text=True)
+    peers = subprocess.run(
+        ["ss", "-tnpa", f"( dport = :{server.port} )"], capture_output=True, text=True
+    )
+    return f"{shown.stdout.strip()}\nclients:\n{peers.stdout.strip()}"
+
+
+def settle_sessions(server: ThrowawaySshd, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.sessions():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}: {describe(server)}")
+        time.sleep(0.02)
 
 
 @pytest.fixture

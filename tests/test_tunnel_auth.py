@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import wait_until
 from sqlalchemy import text
-from sshd_fixtures import KEY_PASSPHRASE, PASSWORD, USER, ThrowawaySshd, tunnel_threads
+from sshd_fixtures import KNOWN_HOSTS, KEY_PASSPHRASE, PASSWORD, USER, ThrowawaySshd, tunnel_threads
 from test_tunnel_manager import bastion, database, make_manager
 
 from enginehouse import EngineManager
@@ -155,10 +155,13 @@ def test_strict_accepts_a_known_hosts_file(
     )
 
 
-def test_strict_refuses_an_unknown_key(manager: EngineManager, sshd: ThrowawaySshd) -> None:
-    with pytest.raises(TunnelError, match=r"unknown .* host_key_policy is strict"):
-        select_one(manager, server=sshd, host_key_policy="strict")
-    assert_nothing_left(manager, sshd, len(sshd.sessions()))
+def test_strict_refuses_an_unknown_key(sshd: ThrowawaySshd, tmp_path: Any) -> None:
+    # A known_hosts file of its own: the shared one may hold a pin-first pin of this server.
+    with make_manager("new", ssh_known_hosts_file=tmp_path / "known_hosts") as manager:
+        with pytest.raises(TunnelError, match=r"unknown .* host_key_policy is strict"):
+            select_one(manager, server=sshd, host_key_policy="strict")
+        assert_nothing_left(manager, sshd, len(sshd.sessions()))
+    assert not (tmp_path / "known_hosts").exists()  # strict never pins
 
 
 @pytest.mark.parametrize("policy", ["strict", "pin-first"])
@@ -179,7 +182,8 @@ def test_pin_first_refuses_a_changed_key(
     manager: EngineManager, private_sshd: ThrowawaySshd
 ) -> None:
     assert select_one(manager, server=private_sshd) == 1  # pins the first key seen
-    assert ("127.0.0.1", private_sshd.port) in ssh.HOST_KEY_PINS
+    pins = KNOWN_HOSTS.read_text().splitlines()
+    assert private_sshd.host_key_line in pins  # pinned in the file every process reads
     manager.dispose(1)
     private_sshd.stop()
     private_sshd.new_host_key()
@@ -190,9 +194,13 @@ def test_pin_first_refuses_a_changed_key(
 
 
 def test_accept_connects_and_warns(
-    manager: EngineManager, sshd: ThrowawaySshd, caplog: pytest.LogCaptureFixture
+    sshd: ThrowawaySshd, caplog: pytest.LogCaptureFixture, tmp_path: Any
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="enginehouse.tunnel"):
+    # A known_hosts file of its own: a key listed there would be verified, not warned about.
+    with (
+        make_manager("new", ssh_known_hosts_file=tmp_path / "known_hosts") as manager,
+        caplog.at_level(logging.WARNING, logger="enginehouse.tunnel"),
+    ):
         assert select_one(manager, server=sshd, host_key_policy="accept") == 1
     warnings = [r.getMessage() for r in caplog.records if "host_key_policy=accept" in r.message]
     assert warnings and f"127.0.0.1:{sshd.port}" in warnings[0]

@@ -1,0 +1,284 @@
+"""Checking a bastion's host key: known_hosts lines, a shared pin file, three policies.
+
+Where keys come from:
+
+- the spec's ``host_key`` (``SSHTunnelSpec.host_key``: known_hosts lines, bare
+  ``type base64`` keys, or the path of a file of them), and
+- the ``ssh_known_hosts_file`` setting: a known_hosts file shared by every
+  process of the host. pin-first writes its pins there, so all workers of a
+  web server agree on a bastion's key, and a restart keeps it.
+
+Only lines that name the bastion count (``host``, ``[host]:port``, hashed
+``|1|...`` names, as OpenSSH writes them), plus bare keys in ``host_key``,
+which name no host and so mean "this bastion". A line for another host (an
+alias such as ``ssh-gw``) parses but is never accepted for this bastion.
+``@revoked`` lines refuse their key; ``@cert-authority`` lines are skipped
+(certificates are not supported). Parsing is paramiko's ``HostKeyEntry``.
+
+Pins are appended (one whole line per ``write`` on an ``O_APPEND`` file,
+under ``flock`` so two processes pinning the same bastion at once agree) only
+after authentication succeeded: a server that cannot prove it serves our
+account does not get pinned.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+from paramiko.hostkeys import HostKeyEntry
+
+from enginehouse.errors import InvalidSpecError, TunnelError
+from enginehouse.specs import SSHTunnelSpec
+
+log = logging.getLogger("enginehouse.tunnel")
+
+HOST_KEY_PINS: dict[tuple[str, int], str] = {}
+"""pin-first without a known_hosts file: ``(address, port) -> fingerprint``, this process only."""
+
+
+def key_fingerprint(key: paramiko.PKey) -> str:
+    """``ssh-ed25519 SHA256:...``, as ``ssh-keygen -l`` prints it."""
+    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+    return f"{key.get_name()} SHA256:{digest}"
+
+
+def host_names(spec: SSHTunnelSpec) -> tuple[str, ...]:
+    """How known_hosts names this bastion: ``[host]:port``, and ``host`` itself."""
+    return (f"[{spec.server_address}]:{spec.server_port}", spec.server_address)
+
+
+def pin_name(spec: SSHTunnelSpec) -> str:
+    """The name a pin is written under (OpenSSH's form: bare host on port 22)."""
+    if spec.server_port == 22:
+        return spec.server_address
+    return f"[{spec.server_address}]:{spec.server_port}"
+
+
+@dataclass
+class KnownKeys:
+    """What the known_hosts lines say about one bastion."""
+
+    accepted: list[paramiko.PKey] = field(default_factory=list)
+    revoked: list[paramiko.PKey] = field(default_factory=list)
+    other_hosts: set[str] = field(default_factory=set)
+
+    def has(self, key: paramiko.PKey) -> bool:
+        return any(same_key(key, known) for known in self.accepted)
+
+    def is_revoked(self, key: paramiko.PKey) -> bool:
+        return any(same_key(key, known) for known in self.revoked)
+
+
+@dataclass(frozen=True)
+class _Line:
+    marker: str | None
+    names: tuple[str, ...]  # empty for a bare key
+    key: paramiko.PKey
+
+
+def parse_line(line: str) -> _Line | None:
+    """One known_hosts line (or a bare key); ``None`` for a line paramiko cannot read."""
+    text = line.strip()
+    marker = None
+    if text.startswith("@"):
+        marker, _, text = text.partition(" ")
+        text = text.strip()
+    fields = text.split()
+    try:
+        if len(fields) >= 2 and _is_key_type(fields[0]):  # "type base64 [comment]": no host
+            key = paramiko.PKey.from_type_string(fields[0], base64.b64decode(fields[1]))
+            return _Line(marker, (), key)
+        entry = HostKeyEntry.from_line(text)
+    except Exception:  # paramiko raises several types for a bad line
+        return None
+    if entry is None or entry.key is None:
+        return None
+    return _Line(marker, tuple(entry.hostnames), entry.key)
+
+
+def _is_key_type(word: str) -> bool:
+    return word.startswith(("ssh-", "ecdsa-", "sk-")) and "." not in word and "," not in word
+
+
+def _names_match(names: Iterable[str], wanted: tuple[str, ...]) -> bool:
+    for name in names:
+        if name.startswith("|1|"):
+            if any(paramiko.HostKeys.hash_host(want, name) == name for want in wanted):
+                return True
+        elif name in wanted:
+            return True
+    return False
+
+
+def collect(lines: Iterable[_Line], wanted: tuple[str, ...], keys: KnownKeys) -> None:
+    """Add what ``lines`` say about the host named ``wanted`` to ``keys``."""
+    for line in lines:
+        if line.marker == "@cert-authority":
+            continue  # certificates are not supported: such a line vouches for nothing here
+        if line.names and not _names_match(line.names, wanted):
+            keys.other_hosts.update(n for n in line.names if not n.startswith("|"))
+            continue
+        if line.marker == "@revoked":
+            keys.revoked.append(line.key)
+        elif line.marker is None:
+            keys.accepted.append(line.key)
+
+
+def spec_lines(spec: SSHTunnelSpec) -> list[_Line]:
+    """The spec's ``host_key`` lines, parsed; :class:`InvalidSpecError` for an unusable one."""
+    try:
+        texts = spec.host_key_lines()
+    except OSError as exc:
+        raise InvalidSpecError("ssh_tunnel.host_key", f"cannot read: {exc.strerror}") from None
+    parsed = []
+    for text in texts:
+        line = parse_line(text)
+        if line is None:
+            raise InvalidSpecError(
+                "ssh_tunnel.host_key", "not a known_hosts line or a key paramiko reads"
+            )
+        parsed.append(line)
+    return parsed
+
+
+def file_lines(path: Path | None) -> Iterator[_Line]:
+    """Readable lines of a known_hosts file (a missing file has none; bad lines are skipped)."""
+    if path is None:
+        return
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TunnelError(f"cannot read ssh_known_hosts_file: {exc.strerror}") from None
+    for raw in text.splitlines():
+        if raw.strip() and not raw.lstrip().startswith("#"):
+            line = parse_line(raw)
+            if line is not None:
+                yield line
+
+
+def known_keys(spec: SSHTunnelSpec, known_hosts: Path | None) -> tuple[KnownKeys, KnownKeys]:
+    """(from the spec's ``host_key``, from the known_hosts file) for this bastion."""
+    wanted = host_names(spec)
+    from_spec, from_file = KnownKeys(), KnownKeys()
+    collect(spec_lines(spec), wanted, from_spec)
+    collect(file_lines(known_hosts), wanted, from_file)
+    return from_spec, from_file
+
+
+def verify_host_key(spec: SSHTunnelSpec, key: paramiko.PKey, known_hosts: Path | None) -> bool:
+    """Apply ``host_key_policy`` to the key the bastion presented, before authentication.
+
+    Answers True when the key is new and pin-first should pin it once
+    authentication succeeds (:func:`pin_host_key`); raises ``TunnelError`` to refuse it.
+    """
+    seen = key_fingerprint(key)
+    from_spec, from_file = known_keys(spec, known_hosts)
+    if from_spec.is_revoked(key) or from_file.is_revoked(key):
+        raise TunnelError(f"host key of bastion {spec.bastion} ({seen}) is marked @revoked")
+    if spec.host_key is not None:
+        expected = from_spec  # the spec's own keys decide; the shared file is for the rest
+    else:
+        expected = from_file
+    if spec.host_key_policy == "accept":
+        if not expected.has(key):
+            log.warning(
+                "host_key_policy=accept: not verifying bastion %s, which presented %s",
+                spec.bastion,
+                seen,
+            )
+        return False
+    if expected.accepted:
+        if not expected.has(key):
+            wanted = ", ".join(key_fingerprint(k) for k in expected.accepted)
+            if expected is from_spec:
+                raise TunnelError(
+                    f"host key mismatch for bastion {spec.bastion}: it presented {seen}, "
+                    f"host_key expects {wanted}"
+                )
+            raise TunnelError(
+                f"host key of bastion {spec.bastion} changed: it presented {seen}, but "
+                f"ssh_known_hosts_file ({known_hosts}) lists {wanted} "
+                f"(host_key_policy {spec.host_key_policy})"
+            )
+        return False
+    if spec.host_key is not None:
+        others = ", ".join(sorted(from_spec.other_hosts)) or "none"
+        raise TunnelError(
+            f"host_key lists no key for bastion {spec.bastion} (it names other hosts: {others}; "
+            f"use {pin_name(spec)} as the host name, or a bare key); it presented {seen}"
+        )
+    if spec.host_key_policy == "strict":
+        raise TunnelError(
+            f"host key of bastion {spec.bastion} is unknown ({seen}) and host_key_policy is "
+            "strict: give host_key, or list it in ssh_known_hosts_file"
+        )
+    if known_hosts is None:
+        return _check_memory_pin(spec, seen)
+    return True
+
+
+def _check_memory_pin(spec: SSHTunnelSpec, seen: str) -> bool:
+    pinned = HOST_KEY_PINS.get((spec.server_address, spec.server_port))
+    if pinned is not None and pinned != seen:
+        raise TunnelError(
+            f"host key of bastion {spec.bastion} changed: it presented {seen}, but {pinned} "
+            "was pinned when this process first connected (host_key_policy pin-first)"
+        )
+    return pinned is None
+
+
+def pin_host_key(spec: SSHTunnelSpec, key: paramiko.PKey, known_hosts: Path | None) -> None:
+    """pin-first, after authentication: record the key (in the file when there is one).
+
+    Under an exclusive ``flock`` of the file, the file is read again: when
+    another process pinned a different key meanwhile, this connection is refused.
+    """
+    seen = key_fingerprint(key)
+    if known_hosts is None:
+        HOST_KEY_PINS.setdefault((spec.server_address, spec.server_port), seen)
+        _check_memory_pin(spec, seen)
+        return
+    line = f"{pin_name(spec)} {key.get_name()} {key.get_base64()}\n".encode()
+    try:
+        known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise TunnelError(f"cannot write ssh_known_hosts_file: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        pinned = KnownKeys()
+        collect(file_lines(known_hosts), host_names(spec), pinned)
+        if pinned.accepted and not pinned.has(key):
+            wanted = ", ".join(key_fingerprint(k) for k in pinned.accepted)
+            raise TunnelError(
+                f"host key of bastion {spec.bastion} changed: it presented {seen}, but "
+                f"ssh_known_hosts_file pins {wanted} (host_key_policy pin-first)"
+            )
+        if not pinned.accepted:
+            os.write(fd, line)  # one whole line, appended
+            log.info("pinned host key of bastion %s: %s", spec.bastion, seen)
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def same_key(a: paramiko.PKey, b: paramiko.PKey) -> bool:
+    return a.get_name() == b.get_name() and a.asbytes() == b.asbytes()
+
+
+def default_known_hosts_file() -> Path:
+    """``$XDG_STATE_HOME/enginehouse/known_hosts``, else ``~/.local/state/enginehouse/known_hosts``."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "enginehouse" / "known_hosts"
