@@ -186,10 +186,8 @@ def verify_host_key(spec: SSHTunnelSpec, key: paramiko.PKey, known_hosts: Path |
     from_spec, from_file = known_keys(spec, known_hosts)
     if from_spec.is_revoked(key) or from_file.is_revoked(key):
         raise TunnelError(f"host key of bastion {spec.bastion} ({seen}) is marked @revoked")
-    if spec.host_key is not None:
-        expected = from_spec  # the spec's own keys decide; the shared file is for the rest
-    else:
-        expected = from_file
+    # The spec's own keys decide; the shared file is for bastions without them.
+    expected = from_spec if spec.host_key is not None else from_file
     if spec.host_key_policy == "accept":
         if not expected.has(key):
             log.warning(
@@ -279,6 +277,6 @@ def same_key(a: paramiko.PKey, b: paramiko.PKey) -> bool:
 
 
 def default_known_hosts_file() -> Path:
-    """``$XDG_STATE_HOME/enginehouse/known_hosts``, else ``~/.local/state/enginehouse/known_hosts``."""
+    """``$XDG_STATE_HOME/enginehouse/known_hosts`` (default ``~/.local/state/...``)."""
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "enginehouse" / "known_hosts"

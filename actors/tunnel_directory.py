@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pykka
 from sqlalchemy import event
@@ -287,7 +287,7 @@ class TunnelPreparer:
                 forwarded: Forwarded = _ask(
                     ref, OpenForward(host, port, owner), remaining
                 )
-                return forwarded.local_port, ref, forwarded.link
+                return forwarded.local_port, ref, cast(Link, forwarded.link)
             except pykka.ActorDeadError:
                 # That supervisor was closing (its last forward released): ask for a new one.
                 self._refs.pop(spec.fingerprint, None)

@@ -325,7 +325,8 @@ class EngineManager:
         except (pykka.ActorDeadError, pykka.Timeout) as exc:
             log.warning("shutdown incomplete: %s", exc)
         with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
-            system.supervisor.stop(block=True, timeout=timeout)  # it stops itself after StopChildren
+            # It stops itself after StopChildren; this covers an ask that timed out.
+            system.supervisor.stop(block=True, timeout=timeout)
         log.info("manager shut down")
 
     @property

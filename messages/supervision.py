@@ -35,7 +35,10 @@ class Deliver:
 
 @dataclass(frozen=True)
 class StopChildren:
-    """Ask: stop every child, last started first, within ``timeout`` in all; then the supervisor stops."""
+    """Ask: stop every child, last started first, within ``timeout`` in all.
+
+    The supervisor then stops itself.
+    """
 
     timeout: float
 

@@ -23,6 +23,10 @@ class TransportLink(Protocol):
 
     def active(self) -> bool: ...
 
+    def serves(self, local_port: int) -> bool:
+        """True while the supervisor still listens on ``local_port``."""
+        ...
+
 Owner = int | str
 """Who uses a forward: a database id."""
 
@@ -62,7 +66,8 @@ class Forwarded:
 
 @dataclass(frozen=True)
 class ReleaseForwards:
-    """Ask (directory or supervisor): drop ``owner`` from every forward; answers how many closed."""
+    """Drop ``owner`` from every forward. Ask (supervisor): answers how many forwards remain
+    (0: it stops). Ask (directory): tells every supervisor, answers how many it told."""
 
     owner: Owner
 

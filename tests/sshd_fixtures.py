@@ -290,7 +290,9 @@ def sshd(shared_sshd: ThrowawaySshd) -> Iterator[ThrowawaySshd]:
 def describe(server: ThrowawaySshd) -> str:
     """The session processes and who holds their connections (for failure messages)."""
     pids = ",".join(str(pid) for pid in server.sessions()) or "0"
-    shown = subprocess.run(["ps", "-o", "pid,etimes,args", "-p", pids], capture_output=True, text=True)
+    shown = subprocess.run(
+        ["ps", "-o", "pid,etimes,args", "-p", pids], capture_output=True, text=True
+    )
     peers = subprocess.run(
         ["ss", "-tnpa", f"( dport = :{server.port} )"], capture_output=True, text=True
     )

@@ -126,8 +126,10 @@ def test_a_uri_without_host_or_known_port_names_the_field(sshd: ThrowawaySshd) -
             ssh.create_tunnel(ssh_tunnel=tunnel, sqlalchemy_database_uri="trino://h/hive")
 
 
-def test_strict_host_keys_refuse_an_unknown_bastion(sshd: ThrowawaySshd) -> None:
-    with EngineManager(mode="new", cleanup_interval=60) as manager:
+def test_strict_host_keys_refuse_an_unknown_bastion(sshd: ThrowawaySshd, tmp_path: Any) -> None:
+    # A known_hosts file of its own: the shared one may hold a pin-first pin of this sshd.
+    known = tmp_path / "known_hosts"
+    with EngineManager(mode="new", cleanup_interval=60, ssh_known_hosts_file=known) as manager:
         ssh = SSHManager(lambda: manager, TunnelOptions(strict_host_keys=True))
         tunnel = SSHTunnel(sshd.port, password=PASSWORD, server_address="127.0.0.1")
         with pytest.raises(Exception, match="strict"):

@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 from conftest import wait_until
 from sqlalchemy import text
-from sshd_fixtures import KNOWN_HOSTS, KEY_PASSPHRASE, PASSWORD, USER, ThrowawaySshd, tunnel_threads
+from sshd_fixtures import KEY_PASSPHRASE, KNOWN_HOSTS, PASSWORD, USER, ThrowawaySshd, tunnel_threads
 from test_tunnel_manager import bastion, database, make_manager
 
 from enginehouse import EngineManager
-from enginehouse.actors import ssh
 from enginehouse.compat import postgres_uri
 from enginehouse.errors import InvalidSpecError, TunnelError
 
