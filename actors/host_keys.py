@@ -94,7 +94,9 @@ def parse_line(line: str) -> _Line | None:
         text = text.strip()
     fields = text.split()
     try:
-        if len(fields) >= 2 and _is_key_type(fields[0]):  # "type base64 [comment]": no host
+        if len(fields) >= 2 and not _is_key_type(fields[1:2]) and _is_key_type(fields[:1]):
+            # "type base64 [comment]": a bare key, no host (an alias such as "ssh-gw" is
+            # a host name: the word after it is the key type)
             key = paramiko.PKey.from_type_string(fields[0], base64.b64decode(fields[1]))
             return _Line(marker, (), key)
         entry = HostKeyEntry.from_line(text)
@@ -105,8 +107,15 @@ def parse_line(line: str) -> _Line | None:
     return _Line(marker, tuple(entry.hostnames), entry.key)
 
 
-def _is_key_type(word: str) -> bool:
-    return word.startswith(("ssh-", "ecdsa-", "sk-")) and "." not in word and "," not in word
+def _is_key_type(words: list[str]) -> bool:
+    """Whether the (one) word names a key type paramiko knows, such as ``ssh-ed25519``."""
+    return bool(words) and words[0] in _KEY_TYPES
+
+
+_KEY_TYPES = frozenset(
+    name for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
+    for name in (*cls.identifiers(), "ssh-rsa")
+)
 
 
 def _names_match(names: Iterable[str], wanted: tuple[str, ...]) -> bool:

@@ -132,18 +132,19 @@ class TunnelDirectory(pykka.ThreadingActor):
             self._tunnels[spec.fingerprint] = ref
         return ref
 
-    def _release(self, message: ReleaseForwards) -> int:
-        """Tell every tunnel to release ``owner``'s forwards; answers how many were told.
+    def _release(self, message: ReleaseForwards) -> tuple[pykka.Future[Any], ...]:
+        """Send the release to every tunnel; answers their replies to come, as futures.
 
-        A tell, not an ask: one bastion that is reconnecting must not hold the
-        directory (issue 13, item 8). A supervisor left without forwards stops
-        itself; :meth:`_live` forgets it then.
+        The directory never waits for them: one bastion that is reconnecting
+        must not hold it (issue 13, item 8). The caller may wait, in its own
+        thread, with one deadline for all (:func:`await_replies`). A
+        supervisor left without forwards stops itself; :meth:`_live` forgets it.
         """
-        live = self._live()
-        for ref in live.values():
+        futures = []
+        for ref in self._live().values():
             with contextlib.suppress(pykka.ActorDeadError):
-                ref.tell(message)
-        return len(live)
+                futures.append(ref.ask(message, block=False))
+        return tuple(futures)
 
     def _check_health(self, message: CheckHealth) -> None:
         for ref in self._live().values():
@@ -176,6 +177,21 @@ class TunnelDirectory(pykka.ThreadingActor):
                 future.get(timeout=max(deadline - time.monotonic(), 0.0))
             except (pykka.ActorDeadError, pykka.Timeout):
                 log.warning("a tunnel did not stop within %.1fs", self._ask_timeout)
+
+
+def await_replies(futures: tuple[pykka.Future[Any], ...], timeout: float) -> int:
+    """Wait in the caller's thread for replies, one overall ``timeout``; answers how many came."""
+    deadline = time.monotonic() + timeout
+    came = 0
+    for future in futures:
+        try:
+            future.get(timeout=max(deadline - time.monotonic(), 0.0))
+            came += 1
+        except (pykka.ActorDeadError, pykka.Timeout):
+            continue
+        except Exception as exc:  # a tunnel's own error: logged, the others still count
+            log.warning("a tunnel failed to release forwards: %s", exc)
+    return came
 
 
 Lookup = Callable[[], pykka.ActorRef[Any]]

@@ -42,6 +42,7 @@ from enginehouse.actors.tunnel_directory import (
     TunnelDirectory,
     TunnelHealthRound,
     TunnelPreparer,
+    await_replies,
     directory_lookup,
 )
 from enginehouse.budget_client import Budgets
@@ -262,7 +263,9 @@ class EngineManager:
         """Dispose every engine of one database (all catalogs, schemas, users)."""
         system = self._live()
         disposed: int = self._ask(system, "registry", DisposeDatabase(database_id))
-        self._ask(system, "tunnels", ReleaseForwards(database_id))  # the last one closes its SSH
+        # The last owner of a forward closes it (and the last forward, its SSH session).
+        releases = self._ask(system, "tunnels", ReleaseForwards(database_id))
+        await_replies(releases, self.settings.ask_timeout)  # here, never in an actor
         return disposed
 
     def sweep(self) -> None:

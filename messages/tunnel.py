@@ -67,7 +67,8 @@ class Forwarded:
 @dataclass(frozen=True)
 class ReleaseForwards:
     """Drop ``owner`` from every forward. Ask (supervisor): answers how many forwards remain
-    (0: it stops). Ask (directory): tells every supervisor, answers how many it told."""
+    (0: it stops). Ask (directory): asks every supervisor without waiting, answers
+    their replies to come (a tuple of futures the caller may wait on)."""
 
     owner: Owner
 

@@ -313,3 +313,58 @@ def private_sshd() -> Iterator[ThrowawaySshd]:
     server = start_sshd()
     yield server
     remove_sshd(server)
+
+
+class BlackHoleRelay:
+    """A TCP relay in front of a server that can stop forwarding without closing anything.
+
+    What a bastion that silently drops traffic looks like from here (a hung
+    host, a NAT or firewall that lost the flow): our packets are still
+    acknowledged (by this relay's kernel), no reply ever comes, no FIN, no RST.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.dropping = threading.Event()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="test-blackhole", daemon=True).start()
+
+    def black_hole(self) -> None:
+        """From now on, bytes in either direction are read and dropped."""
+        self.dropping.set()
+
+    def restore(self) -> None:
+        self.dropping.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(
+                    target=self._pump, args=(source, sink), name="test-blackhole", daemon=True
+                ).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if not self.dropping.is_set():
+                    sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)

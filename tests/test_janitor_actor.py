@@ -116,3 +116,15 @@ def test_a_failing_round_does_not_stop_the_janitor(
         assert not [m for m in ask(recorder, "seen") if isinstance(m, ChildExited)]
     finally:
         janitor.stop()
+
+
+def test_tunnel_health_round_never_asks_the_supervisor(recorder: pykka.ActorRef[Any]) -> None:
+    """Issue 13, item 8: the round is a tell through the supervisor (Deliver), never an ask."""
+    from enginehouse.actors.tunnel_directory import TunnelHealthRound
+    from enginehouse.messages.tunnel import CheckHealth
+
+    TunnelHealthRound(recorder)()
+    seen = ask(recorder, "seen")
+    delivered = [m for m in seen if isinstance(m, Deliver) and m.name == "tunnels"]
+    assert len(delivered) == 1 and isinstance(delivered[0].message, CheckHealth)
+    assert all(isinstance(m, Deliver) for m in seen)  # no WhereIs: nothing waited on it

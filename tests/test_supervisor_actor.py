@@ -316,3 +316,37 @@ def test_a_busy_supervisor_gives_a_timeout_error_not_a_hang(
     finally:
         manager.shutdown()
     poll(lambda: set(threading.enumerate()) <= before, what="threads to end")
+
+
+class _Stuck(pykka.ThreadingActor):
+    """A child busy with one long message (a bastion's handshake, say) until ``release`` is set."""
+
+    use_daemon_thread = True
+
+    def __init__(self, release: threading.Event) -> None:
+        super().__init__()
+        self._release = release
+
+    def on_receive(self, message: Any) -> Any:
+        self._release.wait(60)
+
+
+def test_stop_children_that_times_out_still_stops_the_supervisor_and_leaves_no_thread(
+    poll: Callable[..., object],
+) -> None:
+    """Issue 13, item 8: a StopChildren past its deadline must not leave the supervisor running."""
+    before = set(threading.enumerate())
+    release = threading.Event()
+    stuck = [
+        ChildSpec(f"stuck{i}", lambda sup: _Stuck.start(release), FAST) for i in range(3)
+    ]
+    supervisor = Supervisor.start([*children(FAST), *stuck])
+    try:
+        for index in range(3):
+            where(supervisor, f"stuck{index}").tell("work")  # each is busy now
+        # One deadline for all three stuck children: the answer comes, it does not time out.
+        supervisor.ask(StopChildren(0.3), timeout=TIMEOUT)
+        poll(lambda: not supervisor.is_alive(), what="the supervisor to stop itself")
+    finally:
+        release.set()  # the stuck children finish their message, then their queued stop
+    poll(lambda: set(threading.enumerate()) <= before, what="every actor thread to end")
