@@ -1,7 +1,8 @@
 """Child process of test_tunnel_reliability: a PortForward whose process runs out of fds.
 
 Speaks line by line on stdin/stdout: prints ``PORT <n>``; on ``exhaust`` fills
-its descriptor table, then prints ``ERRORS`` once accept() has failed; on
+its descriptor table and prints ``EXHAUSTED``; on ``errors?`` prints ``ERRORS``
+once accept() has failed (``NO ERRORS`` after 30 s); on
 ``release`` frees the descriptors and prints ``RELEASED``. Relays go to a local
 echo server (a socket stands in for the SSH channel: same recv/sendall/close).
 """
@@ -35,9 +36,14 @@ def main() -> None:
     server = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=echo, args=(server,), daemon=True).start()
     echo_port = server.getsockname()[1]
-    forward = PortForward(
-        "127.0.0.1", echo_port, lambda h, p, o: socket.create_connection(("127.0.0.1", p))
-    )
+    # Channels made before the descriptors run out: a relay then needs no new fd, so the
+    # only thing failing is accept() (a blocked accept() holds the fd it will return).
+    ready = [socket.create_connection(("127.0.0.1", echo_port)) for _ in range(4)]
+
+    def opener(host: str, port: int, origin: object) -> socket.socket:
+        return ready.pop() if ready else socket.create_connection((host, port))
+
+    forward = PortForward("127.0.0.1", echo_port, opener)  # type: ignore[arg-type]
     print(f"PORT {forward.local_port}", flush=True)
     fillers: list[int] = []
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -51,6 +57,7 @@ def main() -> None:
                 except OSError:
                     break
             print("EXHAUSTED", flush=True)
+        elif line.strip() == "errors?":
             deadline = time.monotonic() + 30
             while not count_value(forward.accept_errors) and time.monotonic() < deadline:
                 time.sleep(0.01)
