@@ -43,7 +43,7 @@ def main() -> None:
     def opener(host: str, port: int, origin: object) -> socket.socket:
         return ready.pop() if ready else socket.create_connection((host, port))
 
-    forward = PortForward("127.0.0.1", echo_port, opener)  # type: ignore[arg-type]
+    forward = PortForward("127.0.0.1", echo_port, opener)
     print(f"PORT {forward.local_port}", flush=True)
     fillers: list[int] = []
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
