@@ -74,8 +74,8 @@ class TunnelDirectory(pykka.ThreadingActor):
         name: str = "tunnels",
         hold_session: HoldSession | None = None,
         release_session: ReleaseSession | None = None,
-        keepalive_interval: float = 10.0,
-        keepalive_timeout: float = 10.0,
+        keepalive_interval: float = 5.0,
+        keepalive_timeout: float = 5.0,
         known_hosts: Path | None = None,
     ) -> None:
         super().__init__()

@@ -149,8 +149,8 @@ class TunnelSupervisor(pykka.ThreadingActor):
         idle_timeout: float,
         hold_session: HoldSession | None = None,
         release_session: ReleaseSession | None = None,
-        keepalive_interval: float = 10.0,
-        keepalive_timeout: float = 10.0,
+        keepalive_interval: float = 5.0,
+        keepalive_timeout: float = 5.0,
         known_hosts: Path | None = None,
         board: Board | None = None,
     ) -> None:

@@ -108,10 +108,10 @@ class ManagerSettings(BaseSettings):
         5.0, HOUR, "s each step of opening an SSH session may take"
     )
     tunnel_keepalive_interval: float = Field(
-        default=10.0, gt=0, description="s between SSH keepalives that expect the bastion's reply"
+        default=5.0, gt=0, description="s between SSH keepalives that expect the bastion's reply"
     )
     tunnel_keepalive_timeout: float = Field(
-        default=10.0,
+        default=5.0,
         gt=0,
         description="s without a keepalive reply after which the SSH session is closed as dead",
     )

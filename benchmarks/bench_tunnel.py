@@ -456,7 +456,7 @@ PostgreSQL; starts its own sshd through `scripts/install-sshd.sh`, a few minutes
 
 Settings: every side on its defaults. Our tunnel is `EngineManager()` with no setting
 changed and `DatabaseSpec(uri, ssh_tunnel=...)` with no `engine_params` (default
-QueuePool, `tunnel_keepalive_interval` 10 s, quick ACKs on); `ssh -L` is OpenSSH's
+QueuePool, keepalives every 5 s, quick ACKs on); `ssh -L` is OpenSSH's
 client with its defaults (`ssh -N -L`, key auth); sshtunnel 0.5.1 is
 `SSHTunnelForwarder` as Superset uses it. All over the same local sshd, to the
 same PostgreSQL. Ratios are against direct, measured in the same run.
