@@ -304,7 +304,8 @@ class BudgetKeeper(pykka.ThreadingActor):
         if message.failed:
             budget.wanting = False  # the LeaseWaiter stopped waiting (or crashed)
             lost = ConnectionError("the blocking wait for a permit lost Redis")
-            if self._store is not None and self._down_since is None and not self._still_answers(lost):
+            fleet_up = self._store is not None and self._down_since is None
+            if fleet_up and not self._still_answers(lost):
                 self._went_down(lost)
             self._serve(budget)  # waits again (Redis answers), or serves as the fallback says
             return

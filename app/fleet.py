@@ -20,10 +20,11 @@ Per budget, keys that share one hash tag (Redis Cluster keeps them together):
 Demand is signalled through Redis itself, never polled: a process that
 starts waiting (a refused take) or stops (a renewal) is added to or removed
 from ``want`` by a script, which also publishes the process id on the
-channel named like the ``want`` key. Every process's :class:`~enginehouse.actors.demand_listener.DemandListener`
-subscribes to those channels, so the holders recompute their fair share and
-give back their excess at their connections' next check-in, within
-milliseconds, not at the Janitor's next round.
+channel named like the ``want`` key. Every process's DemandListener
+(:mod:`enginehouse.actors.demand_listener`) subscribes to those channels,
+so the holders recompute their fair share and give back their excess at
+their connections' next check-in, within milliseconds, not at the
+Janitor's next round.
 
 Every script first reaps dead processes and then *fits* the free list to
 ``cap - permits taken``, so the token count heals itself after a Redis

@@ -160,8 +160,10 @@ def run_once(alternative: str, bouncer: PgBouncer, seconds: float) -> dict[str, 
             kind: sum(b.get(f"{kind}_round_trips", 0) for b in budgets) for kind in TRIP_KINDS
         },
         "counts": {name: sum(b.get(name, 0) for b in budgets) for name in EXTRA_COUNTS},
-        "process_seconds": len(results) * sum(p["seconds"] + config["gap"] for p in config["phases"]),
+        "process_seconds": len(results)
+        * sum(p["seconds"] + config["gap"] for p in config["phases"]),
         "physical": sum(b["granted"] for b in budgets),
+        "budgets_by_process": budgets,
         "queries": sum(p["queries"] for p in phases),
         "timeline": [(t - config["start_at"], n) for t, n in sampler.points],
     }
