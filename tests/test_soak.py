@@ -5,8 +5,8 @@ No timing is asserted (recovery times are figures for docs/reliability.md);
 what must hold whatever the load: only our errors (or the database's own
 DBAPIError) reach callers, no secret in any captured log, every kind of
 traffic is served, every worker finishes and leaves no thread or server
-connection, every permit comes back, the fleet cap holds. An open finding
-that breaks an invariant in some runs is named and ``xfail(strict=False)``.
+connection, every permit comes back, the fleet cap holds. A known open
+finding that shows in some runs is named apart and ``xfail(strict=False)``.
 """
 
 from __future__ import annotations
@@ -35,13 +35,16 @@ def report() -> Iterator[dict[str, Any]]:
     yield json.loads(json.dumps(data, default=str))  # what the results file holds
 
 
-KNOWN_DEFECTS = {"pg defect:builtins.OSError"}
-"""Open finding (docs/reliability.md, Soak): with file descriptors exhausted, psycopg 3's
-``connect()`` raises a bare ``OSError`` (EMFILE from ``selectors``), not an OperationalError;
-it reaches the caller through the capped pool's creator. Seen in some runs, not all."""
+KNOWN_DEFECTS = {"ssh defect:paramiko.ssh_exception.SSHException"}
+"""Open finding (docs/reliability.md, Soak): reconnecting through a black-holed bastion,
+``actors/ssh.connect`` lets paramiko's ``SSHException("No existing session")`` (from
+``get_remote_server_key``) reach the caller. The full run's 15 s window shows it; the
+short run's 4 s window, shorter than the heartbeat's 10 s, rarely does."""
 
 
 def test_only_our_errors_or_the_databases_reach_callers(report: dict[str, Any]) -> None:
+    """A failed checkout is ours (ConnectFailedError, even for a bare OSError such as EMFILE);
+    a query on a connection the caller holds may fail with the database's DBAPIError."""
     unknown = {name: d for name, d in report["defects"].items() if name not in KNOWN_DEFECTS}
     assert unknown == {}
     for kind, failed in report["queries_failed"].items():
@@ -50,8 +53,8 @@ def test_only_our_errors_or_the_databases_reach_callers(report: dict[str, Any]) 
             assert known or error.startswith(("ours:", "database:")), (kind, error)
 
 
-@pytest.mark.xfail(strict=False, reason="open finding: psycopg 3 raises a bare OSError on EMFILE")
-def test_no_bare_os_error_when_descriptors_run_out(report: dict[str, Any]) -> None:
+@pytest.mark.xfail(strict=False, reason="open finding: paramiko's SSHException reaches callers")
+def test_no_known_defect_either(report: dict[str, Any]) -> None:
     assert report["defects"] == {}
 
 
