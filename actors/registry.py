@@ -23,6 +23,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from enginehouse import compat
 from enginehouse.actors.counters import count_value
 from enginehouse.actors.supervisor import report_crash
 from enginehouse.errors import DriverNotInstalledError, EngineCreationError, EngineManagerError
@@ -240,12 +241,8 @@ class EngineRegistry(pykka.ThreadingActor):
             with contextlib.suppress(pykka.ActorDeadError):
                 ref.tell(EngineDisposed(key, engine_id))
 
-        had_events = engine._has_events
-        event.listen(engine, "engine_disposed", on_disposed)
-        # Engine.dispose() dispatches engine_disposed itself; left set, the flag would route
-        # every statement through SQLAlchemy's event system (+15-20% per pooled SELECT 1).
-        # A later listener of anyone (before_execute...) sets it again.
-        engine._has_events = had_events
+        # Engine.dispose() dispatches engine_disposed itself: statements stay event-free.
+        compat.listen_off_the_statement_path(engine, "engine_disposed", on_disposed)
         self._listeners[key] = on_disposed
         entry = CachedEngine(engine=engine, plan=plan)
         track_use(entry)

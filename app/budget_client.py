@@ -1,10 +1,14 @@
-"""Connection and tunnel budgets, caller side: the pool hook and the waiting loop.
+"""Connection and tunnel budgets, caller side: the permit source and the waiting loop.
 
-:meth:`Budgets.on_engine_created` is the registry's hook. It wraps the new
-engine's pool creator, so each *physical* connect first takes a permit from
-the BudgetKeeper actor (one ask) and the pool's ``close``/``close_detached``
-events give it back (one tell). A query on an already pooled connection
-sends nothing; check-in costs one dict lookup (the keeper's shed tokens).
+:meth:`Budgets.on_engine_created` is the registry's hook. A capped engine's
+pool is a :class:`~enginehouse.budgeted_pool.BudgetedQueuePool` (the plan
+chose it); the hook attaches it to its budget, and from then on the pool takes
+a permit from the BudgetKeeper actor (one ask) before each *physical* connect
+and gives it back (one tell) when the connection is closed. A query on an
+already pooled connection sends nothing; check-in costs one dict lookup (the
+keeper's shed tokens). Other pool classes (NullPool in NEW mode,
+SingletonThreadPool...) keep a creator-level cap: their creator is wrapped and
+their ``close`` events free the permits.
 
 The SSH tunnel code uses the same permits per bastion: :meth:`Budgets.hold_tunnel`
 before opening a session, :meth:`Budgets.release` after closing it.
@@ -23,11 +27,10 @@ from typing import Any
 
 import pykka
 from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
-from enginehouse import fleet, forking
+from enginehouse import compat, fleet, forking
 from enginehouse.actors.budget_keeper import BudgetKeeper
 from enginehouse.actors.disconnect_watcher import (
     SERVER_GONE_WAIT,
@@ -35,7 +38,8 @@ from enginehouse.actors.disconnect_watcher import (
     close_watching,
     wait_until_gone,
 )
-from enginehouse.actors.pools import ShareBoard, drop_if_surplus, limit_pool, prepare_pool
+from enginehouse.actors.pools import ShareBoard
+from enginehouse.budgeted_pool import BudgetedQueuePool
 from enginehouse.errors import (
     ActorTimeoutError,
     ActorUnavailableError,
@@ -125,17 +129,19 @@ class Budgets:
         if cap is None:
             return
         key = f"db:{plan.database_id}"
-        timeout = float(plan.kwargs.get("pool_timeout", DEFAULT_POOL_TIMEOUT))
         pool = engine.pool
-        limit = prepare_pool(pool, cap)
-        _guard_checkouts(pool, key, cap)
-        self._wrap_creator(pool, key, cap, timeout, limit)
-        # Pool events (not engine events): the statement path stays event-free, and
-        # dispose()'s recreated pool inherits them with its dispatch.
-        event.listen(pool, "close", self._closed)
-        event.listen(pool, "close_detached", self._closed_detached)
-        event.listen(pool, "checkin", self._checkin_listener(key))
+        if isinstance(pool, BudgetedQueuePool):
+            limit = pool.attach(self, key, cap)
+        else:  # a pool the keeper cannot resize (0 says so): cap its connects
+            limit = 0
+            timeout = float(plan.kwargs.get("pool_timeout", DEFAULT_POOL_TIMEOUT))
+            self._cap_connects(pool, key, cap, timeout)
         self._tell(Attach(key, cap, weakref.ref(engine), limit))
+
+    @property
+    def board(self) -> ShareBoard:
+        """Where the keeper publishes shed tokens (budgeted pools read it on check-in)."""
+        return self._board
 
     # -- permits ---------------------------------------------------------------
 
@@ -237,27 +243,29 @@ class Budgets:
         with contextlib.suppress(pykka.ActorDeadError):
             self._keeper().tell(message)
 
-    def _wrap_creator(self, pool: Pool, key: str, cap: int, timeout: float, limit: int) -> None:
-        inner = pool._invoke_creator  # the engine's connect(), do_connect events included
+    def _cap_connects(self, pool: Pool, key: str, cap: int, timeout: float) -> None:
+        """The creator-level cap of a pool class we do not subclass: a permit per connect."""
         budgets = self
-        limits = self._board.limits
 
-        def creator(connection_record: Any = None) -> Any:
-            if limit:  # after dispose() the recreated pool is unbounded again: bound it
-                owner = getattr(connection_record, "_ConnectionRecord__pool", None)
-                if getattr(owner, "_max_overflow", None) == -1:
-                    limit_pool(owner, min(limit, limits.get(key, cap)), wake=False)
-                    _guard_checkouts(owner, key, cap)
-            lease = budgets.acquire(key, cap, timeout)
-            try:
-                connection = inner(connection_record)
-            except BaseException:
-                budgets.release(lease)
-                raise
-            budgets._track(connection, lease)
-            return connection
+        def with_permits(connect: compat.Creator) -> compat.Creator:
+            def connect_with_permit(connection_record: Any = None) -> Any:
+                lease = budgets.acquire(key, cap, timeout)
+                try:
+                    connection = connect(connection_record)
+                except BaseException:
+                    budgets.release(lease)
+                    raise
+                budgets._track(connection, lease)
+                return connection
 
-        pool._creator = creator  # recreate() (dispose) passes it on to the next pool
+            return connect_with_permit
+
+        compat.wrap_creator(pool, with_permits)  # recreate() (dispose) passes it on
+        # Pool events (not engine events): the statement path stays event-free, and
+        # dispose()'s recreated pool inherits them with its dispatch.
+        event.listen(pool, "close", self._closed)
+        event.listen(pool, "close_detached", self._closed_detached)
+        event.listen(pool, "checkin", self._checkin_listener(key))
 
     def _track(self, connection: Any, lease: Lease) -> None:
         self._by_connection[id(connection)] = lease
@@ -275,12 +283,17 @@ class Budgets:
         self._closed_detached(dbapi_connection)
 
     def _closed_detached(self, dbapi_connection: Any) -> None:
-        # The event fires just before the pool closes the connection: close it here
-        # first (closing twice is harmless) and free the permit only once the server
-        # has dropped it; the DisconnectWatcher waits for that, not this thread.
         lease = self._by_connection.pop(id(dbapi_connection), None)
-        if lease is None:
-            return
+        if lease is not None:
+            self.closing(dbapi_connection, lease)
+
+    def closing(self, dbapi_connection: Any, lease: Lease) -> None:
+        """A pool is about to close ``dbapi_connection``: free its permit once it is gone.
+
+        Closes it here first (closing twice is harmless) and frees the permit only
+        once the server has dropped it; the DisconnectWatcher waits for that, not
+        this thread.
+        """
         watch = close_watching(dbapi_connection)
         if watch is None:
             self.release(lease)
@@ -326,33 +339,3 @@ def close_and_wait(dbapi_connection: Any) -> None:
     if watch is not None:
         wait_until_gone(watch, deadline=time.monotonic() + SERVER_GONE_WAIT)
 
-
-def _guard_checkouts(pool: Any, key: str, cap: int) -> None:
-    """Checkouts of a budgeted pool: timeouts say which budget ran out; surplus records go.
-
-    A thread that waited ``pool_timeout`` in the pool's own queue gets
-    PoolExhaustedError too; and an empty record the pool no longer has room
-    for (its share shrank) is dropped rather than reconnected.
-
-    The budget sizes the pool, so its queue is where most waiters wait; the
-    error should say which budget ran out, whichever queue the caller was in.
-    """
-    do_get = getattr(pool, "_do_get", None)
-    if do_get is None or getattr(do_get, "_enginehouse_budget", False):
-        return
-    timeout = getattr(pool, "_timeout", DEFAULT_POOL_TIMEOUT)
-
-    def checked_do_get() -> Any:
-        while True:
-            try:
-                record = do_get()
-            except sa_exc.TimeoutError:
-                raise PoolExhaustedError(
-                    f"budget {key}: no connection within pool_timeout={timeout:g}s "
-                    f"(max_connections={cap}; all of this pool's share in use)"
-                ) from None
-            if not drop_if_surplus(pool, record):
-                return record
-
-    checked_do_get._enginehouse_budget = True  # type: ignore[attr-defined]
-    pool._do_get = checked_do_get

@@ -13,7 +13,7 @@ import os
 import weakref
 from typing import Protocol
 
-import pykka
+from enginehouse import compat
 
 
 class ForkAware(Protocol):
@@ -46,9 +46,7 @@ def _after_fork_in_child() -> None:
     state.generation += 1
     # The parent's actors are dead here; forget them so nothing waits on them,
     # and replace a registry lock a parent thread may have held at fork time.
-    pykka.ActorRegistry._actor_refs = []
-    lock_type = type(pykka.ActorRegistry._actor_refs_lock)
-    pykka.ActorRegistry._actor_refs_lock = lock_type()
+    compat.forget_all_actors()
     for obj in list(_tracked):
         obj.after_fork_in_child()
 

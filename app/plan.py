@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL
 
 from enginehouse import compat, credentials
 from enginehouse.adapters import DialectAdapter, adapter_for, merge_encrypted_extra
+from enginehouse.budgeted_pool import BudgetedQueuePool
 from enginehouse.errors import EngineCreationError, EngineManagerError, InvalidSpecError
 from enginehouse.messages.registry import EnginePlan, RequestKey
 from enginehouse.settings import ManagerSettings, Mode
@@ -81,6 +82,8 @@ def build_plan(
     if settings.connection_mutator is not None:
         url, kwargs = _mutate(settings, url, kwargs, key)
     kwargs = compat.pool_defaults_of_sqlalchemy_2(url, kwargs)
+    cap = spec.extra.get("max_connections") or settings.default_max_connections
+    kwargs = _budgeted(url, kwargs, cap)
     if access_token is not None and not adapter.supports_impersonation:
         raise InvalidSpecError("access_token", f"the {spec.backend} adapter takes no user token")
     if key.user is not None:
@@ -152,6 +155,30 @@ def _engine_kwargs(params: dict[str, Any], mode: Mode) -> dict[str, Any]:
     elif name is not None:
         params["poolclass"] = POOL_CLASS_BY_NAME[name]
     return params
+
+
+def _budgeted(url: URL, kwargs: dict[str, Any], cap: int | None) -> dict[str, Any]:
+    """A capped database's QueuePool becomes a BudgetedQueuePool (the budget's pool class).
+
+    Other pool classes (NullPool in NEW mode, SingletonThreadPool, StaticPool...)
+    keep theirs; the budget caps their connects instead (enginehouse.budget_client).
+    """
+    if cap is None or "pool" in kwargs:
+        return kwargs
+    poolclass = kwargs.get("poolclass") or _dialect_pool_class(url)
+    if poolclass is not sa_pool.QueuePool:
+        return kwargs
+    return {**kwargs, "poolclass": BudgetedQueuePool}
+
+
+def _dialect_pool_class(url: URL) -> type[sa_pool.Pool] | None:
+    """The pool class the URL's dialect picks by itself (None: unknown, create_engine will say)."""
+    try:
+        dialect: Any = url.get_dialect()  # (typed as Dialect, which leaves get_pool_class out)
+        pool_class: type[sa_pool.Pool] = dialect.get_pool_class(url)
+    except Exception:
+        return None
+    return pool_class
 
 
 def _mutate(

@@ -22,14 +22,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
+
+if not __package__:  # run as a script (python benchmarks/bench_budget.py): find the package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (
     PG_DSN,
