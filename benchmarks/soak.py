@@ -61,6 +61,7 @@ from benchmarks.common import (
     utc_now,
     write_results,
 )
+from enginehouse.compat import postgres_uri
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -84,12 +85,7 @@ SQL = {"pg": "SELECT pg_sleep(0.005)", "mysql": "SELECT 1", "ssh": "SELECT 1"}
 
 def _pg_uri() -> str:
     """PostgreSQL's URI for this stack (psycopg 3 needs SQLAlchemy 2), with the soak's password."""
-    import sqlalchemy
-
-    default = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    if sqlalchemy.__version__.startswith("1."):
-        default = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-    uri = os.environ.get("ENGINEHOUSE_TEST_PG", default)
+    uri = os.environ.get("ENGINEHOUSE_TEST_PG", postgres_uri("postgres@127.0.0.1:5432/test"))
     return uri.replace("postgres@", f"postgres:{PG_PASSWORD}@", 1)
 
 
