@@ -54,7 +54,7 @@ from enginehouse.actors.tunnel_supervisor import TunnelSupervisor
 from enginehouse.messages.tunnel import CloseTunnel, EnsureConnected, Forwarded, OpenForward
 
 sys.path.insert(0, str(ROOT / "tests"))
-from sshd_fixtures import PASSWORD, USER, ThrowawaySshd, free_port, remove_sshd, start_sshd
+from sshd_fixtures import USER, ThrowawaySshd, free_port, remove_sshd, start_sshd
 
 PG = PG_URI
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -78,7 +78,12 @@ class Sides:
 
         self.server = server
         self.tunnel = SSHTunnelSpec(
-            server_address="127.0.0.1", server_port=server.port, username=USER, password=PASSWORD
+            server_address="127.0.0.1",
+            server_port=server.port,
+            username=USER,
+            # Key auth on every side, as ssh -L: the shared test user's password may be
+            # reset by other test runs on the machine while we measure.
+            private_key=server.keys["ed25519"],
         )
         self.manager = EngineManager()  # defaults: no setting changed
         self.db = DatabaseSpec(id=1, uri=PG, ssh_tunnel=self.tunnel)
@@ -86,7 +91,7 @@ class Sides:
         self.forwarder = SSHTunnelForwarder(
             ("127.0.0.1", server.port),
             ssh_username=USER,
-            ssh_password=PASSWORD,
+            ssh_pkey=str(server.dir / "client_ed25519"),
             remote_bind_address=("127.0.0.1", 5432),
             local_bind_address=("127.0.0.1", 0),
         )
@@ -274,7 +279,7 @@ def bench_start_stop(
         forwarder = SSHTunnelForwarder(
             ("127.0.0.1", server.port),
             ssh_username=USER,
-            ssh_password=PASSWORD,
+            ssh_pkey=str(server.dir / "client_ed25519"),
             remote_bind_address=("127.0.0.1", 5432),
             local_bind_address=("127.0.0.1", 0),
         )
