@@ -441,8 +441,12 @@ def notes(results: dict[str, Any]) -> str:
     extra = {n: (trips[n] - trips["direct"]) * 1e6 for n in trips if n != "direct"}
     load = results["load"]
     busy = " (other jobs were running: absolute times are inflated)" if load > 2 else ""
+    over = {n: sum(1 for s in v if s > STALL) for n, v in results["back_to_back"].items()}
     return (
         f"Load average when the run started: {load:.1f} on {os.cpu_count()} cores{busy}. "
+        f"Direct connections themselves went over {STALL * 1000:.0f} ms {over['direct']} "
+        f"times back to back (ours {over['enginehouse']}): what is left over that line is "
+        "the machine's scheduling, not the tunnel, when the two counts are alike. "
         "Back-to-back connections in the 40-50 ms window, the signature of the delayed-ACK "
         "stall: " + ", ".join(f"{n} {c}" for n, c in window.items())
         + ". Cost a tunnel adds to one round trip: "
