@@ -166,15 +166,16 @@ class BudgetedQueuePool(QueuePool):
                     f"pool_timeout={self.timeout():g}s "
                     f"(max_connections={self.cap}; all of this pool's share in use)"
                 ) from None
-            if not self._drop_if_surplus(record):
+            if record.dbapi_connection is not None or not self._drop_if_surplus(record):
                 return record
 
     def _do_return_conn(self, record: Any) -> None:
         """Check-in: a connection the keeper wants back (a shed token) is closed first."""
-        tokens = self._shed.get(self.budget_key) if self._shed else None  # type: ignore[arg-type]
-        live = record.dbapi_connection is not None
-        if tokens is not None and live and next(tokens, None) is not None:
-            record.invalidate()  # closes it: _close_connection frees the permit
+        if self._shed:  # (empty: no budget of the process sheds; the common case)
+            tokens = self._shed.get(self.budget_key)  # type: ignore[arg-type]
+            live = record.dbapi_connection is not None
+            if tokens is not None and live and next(tokens, None) is not None:
+                record.invalidate()  # closes it: _close_connection frees the permit
         super()._do_return_conn(record)
 
     def _close_connection(self, connection: Any, *args: Any, **kwargs: Any) -> None:
