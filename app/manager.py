@@ -74,7 +74,7 @@ from enginehouse.messages.supervision import (
     WhereIs,
 )
 from enginehouse.messages.tunnel import GetTunnelStats, ReleaseForwards
-from enginehouse.plan import build_plan, request_key
+from enginehouse.plan import build_plan, request_key, with_budgeted_pool
 from enginehouse.safety import check_uri
 from enginehouse.settings import ManagerSettings, Mode
 from enginehouse.single_flight import SingleFlight
@@ -177,14 +177,16 @@ class EngineManager:
         if plan.tunnel is not None:
             self._tunnels.warm(plan)
         if self._new_mode:
-            engine: Engine = self._ask(system, "registry", BuildUncached(plan))
+            built = with_budgeted_pool(plan, self.settings)
+            engine: Engine = self._ask(system, "registry", BuildUncached(built))
             return engine
         key = RequestKey(
             plan.database_id, plan.engine_key, plan.catalog, plan.schema, plan.user, None
         )
         entry = system.snapshot.entries.get(key)
-        if entry is None:
-            entry = self._ask(system, "registry", GetEngine(key, plan))
+        if entry is None:  # a miss: the capped pool class is chosen only here
+            planned = with_budgeted_pool(plan, self.settings)
+            entry = self._ask(system, "registry", GetEngine(key, planned))
         else:
             next(self._hits)
             next(entry.hits)

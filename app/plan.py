@@ -6,6 +6,7 @@ never block or crash an actor, and a miss costs the registry only a lookup.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -155,6 +156,17 @@ def _engine_kwargs(params: dict[str, Any], mode: Mode) -> dict[str, Any]:
     elif name is not None:
         params["poolclass"] = POOL_CLASS_BY_NAME[name]
     return params
+
+
+def with_budgeted_pool(plan: EnginePlan, settings: ManagerSettings) -> EnginePlan:
+    """``plan`` (built by an integration, not :func:`build_plan`) with the budget's pool class.
+
+    The same rule as :func:`build_plan`'s: a capped database's QueuePool
+    becomes a BudgetedQueuePool; the engine key stays (the rule is a function of it).
+    """
+    cap = plan.max_connections or settings.default_max_connections
+    kwargs = _budgeted(plan.url, plan.kwargs, cap)
+    return plan if kwargs is plan.kwargs else dataclasses.replace(plan, kwargs=kwargs)
 
 
 def _budgeted(url: URL, kwargs: dict[str, Any], cap: int | None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import Engine, make_url
 
 from enginehouse import EngineManager
+from enginehouse.budgeted_pool import BudgetedQueuePool
 from enginehouse.errors import InvalidSpecError
 from enginehouse.integrations.superset.engine_hook import REQUEST, EngineHook, patch
 
@@ -146,6 +147,7 @@ def test_a_cap_from_the_extra_bounds_the_pool() -> None:
         patch(core, EngineHook(lambda: manager))
         engine = core.Database(36, {"max_connections": 2})._get_sqla_engine()
         assert backend_pid(engine) > 0
+        assert isinstance(engine.pool, BudgetedQueuePool)  # the budget's pool class
         budgets = {budget.key: budget.cap for budget in manager.stats().budgets}
         assert budgets.get("db:36") == 2
 
