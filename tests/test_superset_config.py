@@ -12,7 +12,6 @@ import pytest
 from enginehouse.errors import ConfigurationError, InvalidSpecError
 from enginehouse.integrations.superset import models
 from enginehouse.integrations.superset.config import (
-    KNOWN_HOSTS_KEY,
     TunnelOptions,
     manager_settings,
     tunnel_options,
@@ -72,13 +71,14 @@ def test_superset_keys_map_to_settings() -> None:
             "SSH_TUNNEL_PACKET_TIMEOUT_SEC": 1.0,
             "ENGINEHOUSE_IDLE_TIMEOUT": 120,
             "ENGINEHOUSE_DEFAULT_MAX_CONNECTIONS": 9,
-            KNOWN_HOSTS_KEY: "/etc/ssh/ssh_known_hosts",
+            "ENGINEHOUSE_SSH_KNOWN_HOSTS_FILE": "/etc/ssh/ssh_known_hosts",
         }
     )
     assert settings.cleanup_interval == 42
     assert settings.tunnel_connect_timeout == 7.5
     assert settings.idle_timeout == 120
     assert settings.default_max_connections == 9
+    assert str(settings.ssh_known_hosts_file) == "/etc/ssh/ssh_known_hosts"
 
 
 def test_an_unknown_enginehouse_key_names_itself() -> None:
@@ -96,12 +96,10 @@ def test_tunnel_options_from_superset_keys(caplog: pytest.LogCaptureFixture) -> 
     assert not tunnel_options({}).strict_host_keys
 
 
-def test_tunnel_spec_from_the_model_is_strict_when_asked(tmp_path: Any) -> None:
-    known = tmp_path / "known_hosts"
-    known.write_text("")
-    spec = models.tunnel_spec(SSHTunnel(), TunnelOptions(True, str(known)))
+def test_tunnel_spec_from_the_model_is_strict_when_asked() -> None:
+    spec = models.tunnel_spec(SSHTunnel(), TunnelOptions(strict_host_keys=True))
     assert spec.host_key_policy == "strict"
-    assert spec.host_key == str(known)
+    assert spec.host_key is None  # known keys: the manager's shared known_hosts file
     assert spec.password is not None and spec.password.get_secret_value() == TUNNEL_PASSWORD
     assert models.tunnel_spec(SSHTunnel(), TunnelOptions()).host_key_policy == "pin-first"
 

@@ -139,8 +139,8 @@ def test_strict_host_keys_refuse_an_unknown_bastion(sshd: ThrowawaySshd, tmp_pat
 def test_strict_host_keys_accept_the_known_hosts_file(sshd: ThrowawaySshd, tmp_path: Any) -> None:
     known = tmp_path / "known_hosts"
     known.write_text(sshd.host_key_line + "\n")
-    with EngineManager(mode="new", cleanup_interval=60) as manager:
-        ssh = SSHManager(lambda: manager, TunnelOptions(True, str(known)))
+    with EngineManager(mode="new", cleanup_interval=60, ssh_known_hosts_file=known) as manager:
+        ssh = SSHManager(lambda: manager, TunnelOptions(strict_host_keys=True))
         core = make_core()
         patch(core, EngineHook(lambda: manager))
         tunnel = SSHTunnel(sshd.port, password=PASSWORD, database_id=43)

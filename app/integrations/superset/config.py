@@ -18,12 +18,6 @@ from enginehouse.settings import ManagerSettings
 
 log = logging.getLogger("enginehouse.superset")
 
-KNOWN_HOSTS_KEY = "ENGINEHOUSE_SSH_KNOWN_HOSTS_FILE"
-"""A known_hosts file for bastions (used as their ``host_key`` when the setting does not exist)."""
-
-OWN_KEYS = (KNOWN_HOSTS_KEY,)
-"""``ENGINEHOUSE_*`` keys the integration reads itself (not ManagerSettings fields)."""
-
 _LOOPBACK = "127.0.0.1"
 
 
@@ -32,16 +26,12 @@ class TunnelOptions:
     """How Superset's SSH tunnel models become enginehouse bastions."""
 
     strict_host_keys: bool = False
-    known_hosts_file: str | None = None
     local_bind_address: str = _LOOPBACK
 
 
 def manager_settings(config: Mapping[str, Any]) -> ManagerSettings:
     """ManagerSettings from a Superset config (mode NEW unless configured, as in the seed)."""
-    own = {key: config[key] for key in OWN_KEYS if key in config}
-    mapped = settings_from_config({k: v for k, v in config.items() if k not in own})
-    if KNOWN_HOSTS_KEY in own and "ssh_known_hosts_file" in ManagerSettings.model_fields:
-        mapped["ssh_known_hosts_file"] = own[KNOWN_HOSTS_KEY]
+    mapped = settings_from_config(config)
     if "mode" not in mapped and "ENGINEHOUSE_MODE" not in os.environ:
         mapped["mode"] = "new"
     packet = config.get("SSH_TUNNEL_PACKET_TIMEOUT_SEC")
@@ -55,10 +45,11 @@ def manager_settings(config: Mapping[str, Any]) -> ManagerSettings:
 
 
 def tunnel_options(config: Mapping[str, Any]) -> TunnelOptions:
-    """Host key checking and bind address for Superset's tunnels."""
-    known_hosts = config.get(KNOWN_HOSTS_KEY)
-    if "ssh_known_hosts_file" in ManagerSettings.model_fields:
-        known_hosts = None  # the manager applies its own setting
+    """Host key checking and bind address for Superset's tunnels.
+
+    Known keys come from the tunnel's ``server_host_key`` (newer Superset models) and
+    the manager's shared known_hosts file (``ENGINEHOUSE_SSH_KNOWN_HOSTS_FILE``).
+    """
     bind = str(config.get("SSH_TUNNEL_LOCAL_BIND_ADDRESS") or _LOOPBACK)
     if bind != _LOOPBACK:
         log.warning(
@@ -68,6 +59,5 @@ def tunnel_options(config: Mapping[str, Any]) -> TunnelOptions:
         )
     return TunnelOptions(
         strict_host_keys=bool(config.get("SSH_TUNNEL_STRICT_HOST_KEY_CHECKING", False)),
-        known_hosts_file=str(known_hosts) if known_hosts else None,
         local_bind_address=_LOOPBACK,
     )

@@ -96,7 +96,7 @@ def tunnel_spec(tunnel: Any, options: TunnelOptions) -> SSHTunnelSpec:
 
 def _build_tunnel(values: tuple[tuple[str, Any], ...], options: TunnelOptions) -> SSHTunnelSpec:
     fields = {name: value for name, value in values if value not in (None, "")}
-    host_key = fields.pop("server_host_key", None) or options.known_hosts_file
+    host_key = fields.pop("server_host_key", None)
     policy = "strict" if options.strict_host_keys else "pin-first"
     data: dict[str, Any] = {**fields, "host_key_policy": policy}
     if host_key:
