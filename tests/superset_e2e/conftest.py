@@ -81,7 +81,7 @@ def site() -> Iterator[SupersetSite]:
             processes = list(prepared.processes)
     except SupersetUnavailable as exc:
         service_unavailable("superset", str(exc))
-    leftovers = [p.name for p in processes if p.alive()]
+    leftovers = [p.name for p in processes if p.group_alive()]
     assert not leftovers, f"processes left running: {leftovers}"
 
 

@@ -200,6 +200,10 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def group_alive(self) -> bool:
+        """Whether any process of its group (gunicorn's workers, Celery's children) lives."""
+        return _group_alive(self.popen.pid)
+
     def stop(self, timeout: float = 8.0) -> None:
         """SIGTERM the whole group, SIGKILL what is left after ``timeout``."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
