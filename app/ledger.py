@@ -203,6 +203,8 @@ class LocalLedger:
         member = budget.members.get(self._member)
         if member is None:
             member = budget.members[self._member] = _Member(self._keeper, self._holdings)
+        elif member.keeper is not self._keeper:
+            member.keeper = self._keeper  # we restarted: the member (and its tokens) is ours
         return member
 
     def adopt(self, key: str, cap: int, held: int) -> None:
@@ -213,7 +215,6 @@ class LocalLedger:
         """
         budget = self._budget(key, cap)
         member = self._me(budget)
-        member.keeper = self._keeper
         surplus = member.held - held
         if surplus > 0:
             self.give(key, surplus)
