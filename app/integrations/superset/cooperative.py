@@ -12,6 +12,7 @@ the gevent hub while it waits, so the relay runs. Pure-Python drivers
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 log = logging.getLogger("enginehouse.superset")
@@ -44,3 +45,19 @@ def make_psycopg2_cooperative() -> bool:
         psycopg2.extensions.set_wait_callback(gevent_wait_callback)
         log.info("gevent detected: psycopg2 made cooperative (psycogreen)")
     return True
+
+
+_checked_in = [0]  # the pid that last checked (a fork, or --preload's worker, checks again)
+
+
+def ensure_cooperative() -> None:
+    """:func:`make_psycopg2_cooperative` once per process, on the first tunnel.
+
+    ``install`` already ran it, but under ``gunicorn --preload`` the app (and so
+    ``install``) loads in the master before the gevent worker patches: this catches it.
+    """
+    pid = os.getpid()
+    if _checked_in[0] == pid:
+        return
+    make_psycopg2_cooperative()
+    _checked_in[0] = pid

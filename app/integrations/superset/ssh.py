@@ -18,6 +18,7 @@ from sqlalchemy.engine import URL, make_url
 
 from enginehouse.errors import InvalidSpecError
 from enginehouse.integrations.superset.config import TunnelOptions
+from enginehouse.integrations.superset.cooperative import ensure_cooperative
 from enginehouse.integrations.superset.engine_hook import FORWARD, Forward
 from enginehouse.integrations.superset.models import UNSAVED, tunnel_spec
 from enginehouse.manager import EngineManager
@@ -70,6 +71,7 @@ class SSHManager:
         port = url.port or DEFAULT_PORTS.get(url.get_backend_name())
         if port is None:
             raise InvalidSpecError("sqlalchemy_uri", "give the port to tunnel this database")
+        ensure_cooperative()  # psycopg2 must yield to gevent before it meets our relay
         spec = tunnel_spec(ssh_tunnel, self.options)
         owner = getattr(ssh_tunnel, "database_id", None)
         local_port = self._manager().open_forward(
