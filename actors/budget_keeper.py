@@ -349,6 +349,7 @@ class BudgetKeeper(pykka.ThreadingActor):
             if self._down_since is not None:
                 self._while_down(now)
             else:
+                self._follow_master()
                 for budget in list(self._budgets.values()):
                     self._sync(budget)
         for budget in self._budgets.values():
@@ -661,8 +662,21 @@ class BudgetKeeper(pykka.ThreadingActor):
                     raise refused from None
                 return None
             self._last_ok = time.monotonic()
+            if self._store.stale and kind != "renew":
+                self.actor_ref.tell(Renew())  # Redis lost our leases: re-register them now
             return result
         return None  # not reached: the last attempt returns either way
+
+    def _follow_master(self) -> None:
+        """Sentinel: after a failover, stop talking to the old master (it may still answer)."""
+        assert self._store is not None
+        try:
+            moved = self._store.follow_master()
+        except self._outage:
+            return  # no Sentinel answers: the calls themselves tell whether the master does
+        if moved:
+            log.warning("fleet: the Sentinels name a new master for %s; re-registering leases",
+                        self._where())
 
     def _still_answers(self, exc: BaseException) -> bool:
         """After a failed call: does Redis answer a ping? (Then the failure was passing.)"""

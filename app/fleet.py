@@ -16,6 +16,16 @@ Per budget, keys that share one hash tag (Redis Cluster keeps them together):
   the TTL, and its permits become free again (waking a blocked waiter).
 - ``want``: processes that wait, by expiry: the others learn from it that
   they should give back what they hold beyond their fair share.
+- ``epoch``: a hash naming this incarnation of the budget's state (``id``)
+  and the end of its rejoin window (``until``). Redis replicates
+  asynchronously: a failover may lose the latest writes, and a restart
+  without persistence (or a failover to a replica that had nothing) loses the
+  budget. A script that finds no epoch starts a new one; when its caller knew
+  the old one (it may hold permits that Redis forgot), the new epoch opens a
+  rejoin window of ``ttl / 2``: no new permit is minted until it ends, while
+  holders re-register the permits of their live connections (``RENEW``), so
+  permits nobody vouches for are not handed out twice. Every reply names the
+  epoch: a process that sees it change re-registers at once.
 
 Demand is signalled through Redis itself, never polled: a process that
 starts waiting (a refused take) or stops (a renewal) is added to or removed
@@ -35,18 +45,34 @@ Only the BudgetKeeper actor and its LeaseWaiter actors call this module.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
+from enginehouse import fleet_clients
 from enginehouse.errors import ConfigurationError
 
-# KEYS: free, procs, want, my taken list. ARGV: taken-key base, cap, ttl, me, ...
+log = logging.getLogger("enginehouse.budget")
+
+# KEYS: free, procs, want, my taken list, epoch.
+# ARGV: taken-key base, cap, ttl, me, ..., the epoch we know ('' if none), rejoin window (s)
 _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local base, cap, ttl, me = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local known, window = ARGV[#ARGV - 1], tonumber(ARGV[#ARGV])
+local epoch = redis.call('HGET', KEYS[5], 'id')
+local rejoin_until = tonumber(redis.call('HGET', KEYS[5], 'until') or '0')
+if not epoch then
+  -- The budget's state is new or lost: a caller that knew it may hold permits we forgot.
+  epoch = t[1] .. '.' .. t[2]
+  rejoin_until = 0
+  if known ~= '' then rejoin_until = now + window end
+  redis.call('HSET', KEYS[5], 'id', epoch, 'until', rejoin_until)
+end
+local rejoining = now < rejoin_until
 for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
   redis.call('DEL', base .. p)
   redis.call('ZREM', KEYS[2], p)
@@ -66,7 +92,8 @@ local function fit()
     redis.call('DEL', KEYS[1])
   elseif want < have then
     redis.call('LTRIM', KEYS[1], 0, want - 1)
-  else
+  elseif not rejoining then
+    -- (While holders rejoin, permits missing from every list may still be in use.)
     for _ = 1, want - have do redis.call('RPUSH', KEYS[1], 't') end
   end
 end
@@ -87,11 +114,11 @@ local function want(yes)
 end
 local function keep()
   local ms = math.ceil(ttl * 4000)
-  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ms) end
+  for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ms) end
 end
 """
 
-# -> {granted, permits taken fleet-wide, other processes waiting}
+# -> {granted, permits taken fleet-wide, other processes waiting, epoch}
 TAKE = (
     _PRELUDE
     + """
@@ -104,27 +131,32 @@ else
   want(true)
 end
 keep()
-return {granted, taken(), others_waiting()}
+return {granted, taken(), others_waiting(), epoch}
 """
 )
 
-# ARGV[5]: how many -> {permits taken fleet-wide, other processes waiting}
+# ARGV[5]: how many -> {permits taken fleet-wide, other processes waiting, epoch}
 GIVE = (
     _PRELUDE
     + """
 local n = math.min(tonumber(ARGV[5]), redis.call('LLEN', KEYS[4]))
-if n > 0 then redis.call('LPOP', KEYS[4], n) end
+if n > 0 then
+  redis.call('LPOP', KEYS[4], n)
+  -- Rejoining, nothing is minted: the permit itself moves on (it was vouched for).
+  if rejoining then for _ = 1, n do redis.call('RPUSH', KEYS[1], 't') end end
+end
 fit()
 keep()
-return {taken(), others_waiting()}
+return {taken(), others_waiting(), epoch}
 """
 )
 
 # ARGV[5]: permits we hold, ARGV[6]: 1 if we wait, ARGV[7]: permits that may be on
 # their way to us (a BLMOVE answered but not yet handed to the keeper)
-#   -> {taken fleet-wide, others waiting, processes, our rank among them, lost}
-# Permits missing from our list (Redis restarted empty, or we were reaped while
-# frozen) are taken back while free ones remain; those that no longer fit are lost.
+#   -> {taken fleet-wide, others waiting, processes, our rank among them, lost, epoch}
+# Permits missing from our list (a failover lost our writes, Redis restarted empty, or
+# we were reaped while frozen) are taken back while free ones remain, or re-registered
+# while the budget's state rejoins after a loss; those that no longer fit are lost.
 RENEW = (
     _PRELUDE
     + """
@@ -136,7 +168,11 @@ if extra > 0 then redis.call('LPOP', KEYS[4], extra) end
 fit()
 local lost = 0
 for _ = 1, held - redis.call('LLEN', KEYS[4]) do
-  if not redis.call('LMOVE', KEYS[1], KEYS[4], 'LEFT', 'RIGHT') then lost = lost + 1 end
+  if rejoining and taken() < cap then
+    redis.call('RPUSH', KEYS[4], 't')  -- re-registered: our connection still holds it
+  elseif rejoining or not redis.call('LMOVE', KEYS[1], KEYS[4], 'LEFT', 'RIGHT') then
+    lost = lost + 1
+  end
 end
 local names, others, rank = {}, 0, -1
 for _, p in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
@@ -148,7 +184,7 @@ table.sort(names)
 for i, p in ipairs(names) do if p == me then rank = i - 1 end end
 if rank < 0 then rank = #names end
 keep()
-return {taken(), others, #names, rank, lost}
+return {taken(), others, #names, rank, lost, epoch}
 """
 )
 
@@ -187,27 +223,17 @@ class Renewal:
 
 
 def check_url(url: str) -> str:
-    """Refuse a malformed fleet URL without echoing it (it may hold a password)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ValueError("not a valid URL (redis://host:port/db)") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"scheme must be redis, rediss or unix, not {parts.scheme!r}")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError("names no host (redis://host:port/db)")
-    if port == 0:
-        raise ValueError("port must be 1-65535")
+    """Refuse a malformed fleet URL without echoing it (it may hold a password).
+
+    One server, Sentinel or Cluster: see :mod:`enginehouse.fleet_clients`.
+    """
+    fleet_clients.parse(url)
     return url
 
 
 def describe(url: str) -> str:
-    """``host:port`` of the fleet URL, safe to log (no user, no password)."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return f"unix:{parts.path}"
-    return f"{parts.hostname}:{parts.port or 6379}"
+    """Where the leases live (``host:port``, or the Sentinels or Cluster nodes), safe to log."""
+    return fleet_clients.parse(url).where()
 
 
 class LeaseStore:
@@ -224,6 +250,9 @@ class LeaseStore:
         self._prefix = prefix
         self._timeout = timeout
         self._url = url
+        self._epochs: dict[str, tuple[str, float]] = {}  # budget -> (epoch, when we saw it)
+        self.stale: set[str] = set()
+        """Budgets whose epoch changed under us: their leases must be re-registered now."""
         self._client = _client(url, timeout)
         self._take = self._client.register_script(TAKE)
         self._give = self._client.register_script(GIVE)
@@ -231,12 +260,37 @@ class LeaseStore:
         self._leave = self._client.register_script(LEAVE)
 
     def keys(self, budget: str) -> list[str]:
-        """free, procs, want and our taken list (what the scripts get as KEYS)."""
+        """free, procs, want, our taken list and the epoch (what the scripts get as KEYS).
+
+        One hash tag (``{budget}``) for all of them: a Redis Cluster keeps a
+        budget in one slot, so its scripts and blocking waits run on one node.
+        """
         tag = f"{self._prefix}:{{{budget}}}"
-        return [f"{tag}:free", f"{tag}:procs", f"{tag}:want", f"{tag}:taken:{self.process}"]
+        return [f"{tag}:free", f"{tag}:procs", f"{tag}:want", f"{tag}:taken:{self.process}",
+                f"{tag}:epoch"]
 
     def _args(self, budget: str, cap: int, ttl: float, *more: object) -> list[object]:
-        return [f"{self._prefix}:{{{budget}}}:taken:", cap, ttl, self.process, *more]
+        base = f"{self._prefix}:{{{budget}}}:taken:"
+        return [base, cap, ttl, self.process, *more, self._known(budget, ttl), ttl / 2]
+
+    def _known(self, budget: str, ttl: float) -> str:
+        """The budget's epoch if we saw it within a lease's lifetime (we may hold permits)."""
+        epoch, seen = self._epochs.get(budget, ("", 0.0))
+        return epoch if time.monotonic() - seen < ttl else ""
+
+    def _saw(self, budget: str, epoch: Any) -> None:
+        """A reply named the budget's epoch: a new one means Redis lost what we told it."""
+        epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        before = self._epochs.get(budget, ("", 0.0))[0]
+        if before and before != epoch:
+            self.stale.add(budget)
+            log.warning("budget %s: Redis at %s lost its lease state (failover or restart); "
+                        "re-registering our leases", budget, self.where)
+        self._epochs[budget] = (epoch, time.monotonic())
+
+    def follow_master(self) -> bool:
+        """Sentinel: ask which server is master now; True when it changed (we moved)."""
+        return fleet_clients.follow_master(self._client)
 
     def ping(self) -> None:
         self._client.ping()
@@ -247,7 +301,8 @@ class LeaseStore:
         Refused, we are marked as waiting; :meth:`wait` then blocks for the next permit.
         """
         args = self._args(budget, cap, ttl)
-        granted, held, waiting = self._take(keys=self.keys(budget), args=args)
+        granted, held, waiting, epoch = self._take(keys=self.keys(budget), args=args)
+        self._saw(budget, epoch)
         return bool(granted), int(held), int(waiting)
 
     def channel(self) -> WaitChannel:
@@ -257,7 +312,9 @@ class LeaseStore:
 
     def give(self, budget: str, cap: int, ttl: float, count: int) -> tuple[int, int]:
         """Give ``count`` permits back: ``(permits taken fleet-wide, other processes waiting)``."""
-        held, waiting = self._give(keys=self.keys(budget), args=self._args(budget, cap, ttl, count))
+        args = self._args(budget, cap, ttl, count)
+        held, waiting, epoch = self._give(keys=self.keys(budget), args=args)
+        self._saw(budget, epoch)
         return int(held), int(waiting)
 
     def renew(
@@ -266,6 +323,8 @@ class LeaseStore:
         """Extend our registration, say whether we wait, and reconcile our permits."""
         args = self._args(budget, cap, ttl, held, int(waiting), in_flight)
         out: list[Any] = self._renew(keys=self.keys(budget), args=args)
+        self._saw(budget, out[5])
+        self.stale.discard(budget)  # this renewal re-registered what we hold
         return Renewal(int(out[0]), int(out[1]), int(out[2]), int(out[3]), int(out[4]))
 
     def demand_channel(self) -> DemandChannel:
@@ -295,8 +354,12 @@ class WaitChannel:
 
     def wait(self, budget: str, block: float) -> bool:
         """Block up to ``block`` s in Redis for a free permit; True when one became ours."""
-        free, _, _, mine = self._keys(budget)
-        moved = self._client.blmove(free, mine, block, "LEFT", "RIGHT")
+        free, mine = self._keys(budget)[0], self._keys(budget)[3]
+        fleet_clients.follow_master(self._client)  # Sentinel: never wait on a demoted master
+        try:
+            moved = self._client.blmove(free, mine, block, "LEFT", "RIGHT")
+        except Exception as exc:
+            raise fleet_clients.unblocked_as_outage(exc) from None
         return moved is not None
 
     def untake(self, budget: str) -> None:
@@ -305,7 +368,7 @@ class WaitChannel:
         The keeper has left (our list no longer counts in the fleet), so the
         permit moves straight back to the free list, waking the next waiter.
         """
-        free, _, _, mine = self._keys(budget)
+        free, mine = self._keys(budget)[0], self._keys(budget)[3]
         self._client.lmove(mine, free, "RIGHT", "LEFT")
 
     def close(self) -> None:
@@ -367,19 +430,8 @@ WAIT_BLOCK = 5.0
 
 
 def _client(url: str, timeout: float) -> Any:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
     # No retries inside redis-py: the keeper decides what an outage means.
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=min(timeout, 1.0),
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=0,
-    )
+    return fleet_clients.connect(fleet_clients.parse(url), timeout)
 
 
 def slow_reply_errors() -> tuple[type[BaseException], ...]:
@@ -407,9 +459,7 @@ def refusal_errors() -> tuple[type[BaseException], ...]:
 
 def outage_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "Redis is not answering" (not a bug of ours)."""
-    import redis
-
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+    return fleet_clients.outage_errors()
 
 
 def check_reachable(url: str, prefix: str, timeout: float) -> None:

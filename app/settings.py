@@ -156,7 +156,11 @@ class ManagerSettings(BaseSettings):
         default=None, ge=1, le=10_000, description="SSH sessions allowed at once per bastion"
     )
     fleet_url: SecretStr | None = Field(
-        default=None, description="redis://host:port/db: budgets hold across processes"
+        default=None,
+        description=(
+            "redis://host:port/db, redis+sentinel://host:port,.../service/db or "
+            "redis+cluster://host:port,...: budgets hold across processes"
+        ),
     )
     fleet_fallback: Literal["closed", "local"] = Field(
         default="closed", description="without Redis: refuse new connections, or a local share"

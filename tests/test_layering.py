@@ -20,7 +20,8 @@ SOURCES = {"enginehouse": ROOT / "app", "enginehouse.actors": ROOT / "actors",
 ORDER = ("core", "messages", "actors", "facade", "edge")
 
 CORE = {
-    "adapters", "budgeted_pool", "compat", "credentials", "errors", "fleet", "forking", "ledger",
+    "adapters", "budgeted_pool", "compat", "credentials", "errors", "fleet", "fleet_clients",
+    "forking", "ledger",
     "safety", "settings", "single_flight", "specs",
 }
 """Vocabulary and strategies everyone shares: they import only each other."""
