@@ -3,7 +3,7 @@
 ``threads`` threads run ``sql`` through ``EngineManager.connect`` for ``seconds``;
 the worker prints ``READY`` after its first query, then one JSON line: queries
 done, their end times (CLOCK_MONOTONIC, the same clock in every process of the
-machine), and each failure's class and whether it is an ``EngineManagerError``.
+machine), and each failure's class, whether it is an ``EngineManagerError``, and when.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main(config: dict[str, Any]) -> None:
     spec = DatabaseSpec(**config["spec"])
     sql = text(config["sql"])
     done: list[float] = []
-    errors: list[tuple[str, bool]] = []
+    errors: list[tuple[str, bool, float]] = []
     ready = threading.Event()
     with EngineManager(**config["settings"]) as manager:
         end = time.monotonic() + config["seconds"]
@@ -42,7 +42,8 @@ def main(config: dict[str, Any]) -> None:
                         ready.set()
                         print("READY", flush=True)
                 except Exception as exc:  # what reaches a caller is what the test checks
-                    errors.append((type(exc).__name__, isinstance(exc, EngineManagerError)))
+                    ours = isinstance(exc, EngineManagerError)
+                    errors.append((type(exc).__name__, ours, time.monotonic()))
                     time.sleep(0.02)
 
         threads = [threading.Thread(target=run) for _ in range(config["threads"])]

@@ -54,7 +54,7 @@ def server_binary(flavour: str) -> str:
     service_unavailable(flavour, f"{name} is not installed")
 
 
-def wait_for(condition: Any, what: str, timeout: float = 60.0) -> Any:
+def wait_for(condition: Any, what: str, timeout: float = 60.0, explain: Any = None) -> Any:
     """Poll ``condition`` until it returns something true; fail naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -65,7 +65,7 @@ def wait_for(condition: Any, what: str, timeout: float = 60.0) -> Any:
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what}" + (f"\n{explain()}" if explain else ""))
         time.sleep(0.05)
 
 
@@ -104,6 +104,10 @@ class Server:
             return bool(client.ping())
         finally:
             client.close()
+
+    def tail(self, size: int = 1500) -> str:
+        self.log.flush()
+        return f"-- {self.address}:\n" + (self.dir / "server.log").read_text()[-size:]
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None:
@@ -243,11 +247,16 @@ class SentinelGroup:
         return self.wait_new_master(old)
 
     def wait_new_master(self, old: int) -> int:
-        new = wait_for(lambda: (p := self.master_port()) != old and p, "a new master", 90)
+        new = wait_for(lambda: (p := self.master_port()) != old and p, "a new master", 90,
+                       explain=self.sentinel_logs)
         server = next(s for s in self.servers if s.port == new)
         wait_for(lambda: server.client().execute_command("ROLE")[0] == b"master",
                  f"port {new} to become master")
         return int(new)
+
+    def sentinel_logs(self) -> str:
+        """The end of each Sentinel's log (why a failover did not happen)."""
+        return "\n".join(s.tail() for s in self.sentinels)
 
     def stop(self) -> None:
         for server in [*self.sentinels, *self.servers]:
