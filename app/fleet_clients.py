@@ -175,7 +175,7 @@ def _sentinel_master(target: FleetTarget, options: dict[str, Any]) -> Any:
         target.service, redis_class=_sentinel_client_class(), db=target.db,
         username=target.username, password=target.password, ssl=target.tls,
     )
-    client.sentinel_clients = list(sentinel.sentinels)
+    client.sentinel_clients = tuple(sentinel.sentinels)
     return client
 
 
@@ -201,7 +201,7 @@ def _sentinel_client_class() -> type:
     class SentinelMasterClient(redis.Redis):
         """The master's client; closing it closes its connections to the Sentinels too."""
 
-        sentinel_clients: list[Any] = []
+        sentinel_clients: tuple[Any, ...] = ()
 
         def close(self) -> None:
             super().close()
@@ -224,8 +224,8 @@ def follow_master(client: Any) -> bool:
     pool drops its idle connections when the master's address changes, so the
     next call reaches the new master. Other clients: nothing to do (False).
     """
-    pool = getattr(client, "connection_pool", None)
-    if not getattr(pool, "is_master", False) or not hasattr(pool, "get_master_address"):
+    pool: Any = getattr(client, "connection_pool", None)
+    if pool is None or not getattr(pool, "is_master", False):
         return False
     now = time.monotonic()
     if now < getattr(client, "next_follow", 0.0):

@@ -17,6 +17,7 @@ class (and whether each is an EngineManagerError), the gap in service per event.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -30,8 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchmarks.common import ConnectionSampler  # noqa: E402
 from redis_ha_fixtures import SentinelGroup, server_binary  # noqa: E402
+
+from benchmarks.common import ConnectionSampler  # noqa: E402
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_URI = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -119,7 +121,7 @@ def _count(errors: list[list[Any]]) -> dict[str, int]:
 def _gap(done: list[float], since: float, until: float) -> float:
     """The longest time without a finished query in [since, until]."""
     times = [since, *(t for t in done if since <= t <= until), until]
-    return max(b - a for a, b in zip(times, times[1:], strict=False))
+    return max(b - a for a, b in itertools.pairwise(times))
 
 
 def plot(data: dict[str, Any], summary: dict[str, Any], args: argparse.Namespace,

@@ -14,7 +14,10 @@ import pytest
 from enginehouse import DatabaseSpec, EngineManager
 from enginehouse.compat import postgres_uri
 
-pytest_plugins: list[str] = ["service_rule", "secret_scan", "sshd_fixtures", "fleet_fixtures", "pgbouncer_fixtures"]
+pytest_plugins: list[str] = [
+    "service_rule", "secret_scan", "sshd_fixtures", "fleet_fixtures", "pgbouncer_fixtures",
+    "redis_ha_fixtures",
+]
 
 # The one place tests name PostgreSQL: psycopg 3 on SQLAlchemy 2, psycopg2 on 1.4.
 PG_URI = os.environ.get("ENGINEHOUSE_TEST_PG", postgres_uri("postgres@127.0.0.1:5432/test"))

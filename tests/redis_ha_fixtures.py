@@ -281,7 +281,7 @@ def cli_binary() -> str:
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
+def ha_workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="eh-redis-ha-"))
     try:
         yield path
@@ -296,8 +296,8 @@ def flavour(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def cluster(flavour: str, workdir: Path) -> Iterator[Cluster]:
-    deployment = Cluster(server_binary(flavour), workdir)
+def cluster(flavour: str, ha_workdir: Path) -> Iterator[Cluster]:
+    deployment = Cluster(server_binary(flavour), ha_workdir)
     try:
         yield deployment
     finally:
@@ -305,8 +305,8 @@ def cluster(flavour: str, workdir: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def sentinel_group(flavour: str, workdir: Path) -> Iterator[SentinelGroup]:
-    deployment = SentinelGroup(server_binary(flavour), workdir)
+def sentinel_group(flavour: str, ha_workdir: Path) -> Iterator[SentinelGroup]:
+    deployment = SentinelGroup(server_binary(flavour), ha_workdir)
     try:
         yield deployment
     finally:

@@ -20,14 +20,7 @@ from typing import Any
 import pytest
 import redis
 from fleet_fixtures import PgSampler, PrivateRedis, lease_count, pg_spec_dict, unique
-from redis_ha_fixtures import (  # noqa: F401 (fixtures)
-    Cluster,
-    SentinelGroup,
-    cluster,
-    flavour,
-    sentinel_group,
-    workdir,
-)
+from redis_ha_fixtures import Cluster, SentinelGroup
 from sqlalchemy import text
 
 from enginehouse import DatabaseSpec, EngineManager
@@ -47,7 +40,8 @@ FAST = {"cleanup_interval": 0.5, "fleet_lease_ttl": 10.0, "ask_timeout": 10}
         ("redis://:pw@h:6380/2", "h:6380"),
         ("redis+sentinel://:pw@s1:26379,s2:26380,s3/mymaster/1",
          "sentinel mymaster via s1:26379,s2:26380,s3:26379"),
-        ("rediss+sentinel://u:pw@s1/mymaster?sentinel_password=sp", "sentinel mymaster via s1:26379"),
+        ("rediss+sentinel://u:pw@s1/mymaster?sentinel_password=sp",
+         "sentinel mymaster via s1:26379"),
         ("redis+cluster://:pw@n1:7000,n2:7001", "cluster n1:7000,n2:7001"),
         ("rediss+cluster://n1", "cluster n1:6379"),
     ],
@@ -99,7 +93,7 @@ def test_cluster_caps_two_processes_and_keeps_each_budget_in_one_slot(cluster: C
             try:
                 with manager.connect(spec) as connection:
                     connection.execute(text("SELECT pg_sleep(0.01)"))
-            except BaseException as exc:  # noqa: BLE001 (the assertion reports it)
+            except BaseException as exc:  # the assertion reports it
                 errors.append(exc)
 
     try:
@@ -136,7 +130,7 @@ def start_worker(config: dict[str, Any]) -> subprocess.Popen[str]:
 
 
 def wait_ready(worker: subprocess.Popen[str]) -> None:
-    assert worker.stdout is not None
+    assert worker.stdout is not None and worker.stderr is not None
     line = worker.stdout.readline()
     assert line.strip() == "READY", f"worker did not start: {line!r} {worker.stderr.read()[-2000:]}"
 
