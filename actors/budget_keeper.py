@@ -662,7 +662,7 @@ class BudgetKeeper(pykka.ThreadingActor):
                     raise refused from None
                 return None
             self._last_ok = time.monotonic()
-            if self._store is not None and self._store.stale and kind != "renew":
+            if self._store is not None and self._store.take_stale() and kind != "renew":
                 self.actor_ref.tell(Renew())  # Redis lost our leases: re-register them now
             return result
         return None  # not reached: the last attempt returns either way

@@ -251,8 +251,7 @@ class LeaseStore:
         self._timeout = timeout
         self._url = url
         self._epochs: dict[str, tuple[str, float]] = {}  # budget -> (epoch, when we saw it)
-        self.stale: set[str] = set()
-        """Budgets whose epoch changed under us: their leases must be re-registered now."""
+        self._stale = False  # an epoch changed under us: our leases must be re-registered
         self._client = _client(url, timeout)
         self._take = self._client.register_script(TAKE)
         self._give = self._client.register_script(GIVE)
@@ -283,10 +282,15 @@ class LeaseStore:
         epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         before = self._epochs.get(budget, ("", 0.0))[0]
         if before and before != epoch:
-            self.stale.add(budget)
+            self._stale = True
             log.warning("budget %s: Redis at %s lost its lease state (failover or restart); "
                         "re-registering our leases", budget, self.where)
         self._epochs[budget] = (epoch, time.monotonic())
+
+    def take_stale(self) -> bool:
+        """Whether a reply named a new epoch since we last asked (then renew every budget)."""
+        stale, self._stale = self._stale, False
+        return stale
 
     def follow_master(self) -> bool:
         """Sentinel: ask which server is master now; True when it changed (we moved)."""
@@ -323,8 +327,7 @@ class LeaseStore:
         """Extend our registration, say whether we wait, and reconcile our permits."""
         args = self._args(budget, cap, ttl, held, int(waiting), in_flight)
         out: list[Any] = self._renew(keys=self.keys(budget), args=args)
-        self._saw(budget, out[5])
-        self.stale.discard(budget)  # this renewal re-registered what we hold
+        self._saw(budget, out[5])  # (this renewal itself re-registered what we hold)
         return Renewal(int(out[0]), int(out[1]), int(out[2]), int(out[3]), int(out[4]))
 
     def demand_channel(self) -> DemandChannel:
