@@ -178,7 +178,8 @@ class SentinelGroup:
             self.master = self._server()
             self.replica = self._server("--replicaof", "127.0.0.1", str(self.master.port))
             monitor = (f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2\n"
-                       f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                       # (not less: on a loaded machine a slow master looks down)
+                       f"sentinel down-after-milliseconds {SERVICE} 2000\n"
                        f"sentinel failover-timeout {SERVICE} 5000\n"
                        f"sentinel parallel-syncs {SERVICE} 1\n")
             self.sentinels = [Server(binary, workdir, sentinel=monitor) for _ in range(3)]
