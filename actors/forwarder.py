@@ -165,7 +165,8 @@ class PortForward:
             if self._closing:
                 client.close()
                 return
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):  # a client that already reset: its relay ends
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.last_activity = time.monotonic()
             relay_id = next(self._ids)
             relay = _Relay(client)
@@ -176,7 +177,12 @@ class PortForward:
                 daemon=True,
             )
             self._relays[relay_id] = relay
-            relay.thread.start()
+            try:
+                relay.thread.start()
+            except RuntimeError as exc:  # "can't start new thread": refuse this one, go on
+                self._relays.pop(relay_id, None)
+                client.close()
+                pause = self._back_off(OSError(errno.EAGAIN, str(exc)), pause)
 
     def _back_off(self, exc: OSError, pause: float) -> float:
         """Pause after a failed ``accept()`` (doubling, bounded); log once per streak."""
