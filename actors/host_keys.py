@@ -261,7 +261,16 @@ def pin_host_key(spec: SSHTunnelSpec, key: paramiko.PKey, known_hosts: Path | No
         known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     except OSError as exc:
-        raise TunnelError(f"cannot write ssh_known_hosts_file: {exc.strerror}") from None
+        # A read-only home (some containers) must not take every tunnel down: pin in
+        # this process only, as before the file existed, and say so.
+        log.warning(
+            "cannot write ssh_known_hosts_file %s (%s): pinning bastion %s in this process only",
+            known_hosts,
+            exc.strerror,
+            spec.bastion,
+        )
+        pin_host_key(spec, key, None)
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         pinned = KnownKeys()

@@ -159,3 +159,15 @@ def test_a_failed_authentication_pins_nothing(sshd: ThrowawaySshd, tmp_path: Pat
     ):
         manager.get(database(1, wrong))
     assert not known_hosts.exists() or known_hosts.read_text() == ""
+
+
+def test_an_unwritable_pin_file_pins_in_the_process(tmp_path: Path) -> None:
+    """A read-only state directory must not take tunnels down: the pin stays in memory."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    known_hosts = blocker / "known_hosts"  # its parent is a file: cannot be created
+    key = new_key()
+    pinned = spec().model_copy(update={"server_address": "10.7.7.7"})
+    pin_host_key(pinned, key, known_hosts)
+    with pytest.raises(TunnelError, match="changed"):
+        verify_host_key(pinned, new_key(), None)  # the in-process pin holds
