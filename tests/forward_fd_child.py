@@ -19,10 +19,17 @@ import time
 from enginehouse.actors.counters import count_value
 from enginehouse.actors.forwarder import PortForward
 
+ECHOING: list[socket.socket] = []
+
 
 def echo(server: socket.socket) -> None:
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except OSError:  # out of descriptors too: wait for the release
+            time.sleep(0.01)
+            continue
+        ECHOING.append(conn)
         threading.Thread(target=lambda c=conn: _echo_one(c), daemon=True).start()
 
 
@@ -39,6 +46,8 @@ def main() -> None:
     # Channels made before the descriptors run out: a relay then needs no new fd, so the
     # only thing failing is accept() (a blocked accept() holds the fd it will return).
     ready = [socket.create_connection(("127.0.0.1", echo_port)) for _ in range(4)]
+    while len(ECHOING) < len(ready):  # their echo ends hold their fds before we exhaust
+        time.sleep(0.01)
 
     def opener(host: str, port: int, origin: object) -> socket.socket:
         return ready.pop() if ready else socket.create_connection((host, port))
