@@ -18,6 +18,12 @@ The pool receives its permit source after creation (:meth:`~BudgetedQueuePool.at
 ``create_engine()`` passes only pool arguments) and hands it on in ``recreate()``,
 so the pool that replaces a disposed one keeps the budget. QueuePool's own
 counters do the counting (through :mod:`enginehouse.compat`); our code takes no lock.
+
+With a ``connection_shares`` argument (the plan passes a database's
+``extra.connection_shares``, see :mod:`enginehouse.shares`) checkouts that
+find the pool at its bound wait in a :class:`~enginehouse.shares.FairQueue`
+(one FIFO per request source, served by weighted share) instead of
+QueuePool's single FIFO queue.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from sqlalchemy.pool import QueuePool
 
 from enginehouse import compat
 from enginehouse.errors import PoolExhaustedError
+from enginehouse.shares import FairQueue, request_source
 
 
 class ShedBoard(Protocol):
@@ -65,8 +72,19 @@ class BudgetedQueuePool(QueuePool):
     one bound (``pool_size + max_overflow``) and takes no permit.
     """
 
-    def __init__(self, creator: Any, pool_size: int = 5, max_overflow: int = 10, **kw: Any) -> None:
+    def __init__(
+        self,
+        creator: Any,
+        pool_size: int = 5,
+        max_overflow: int = 10,
+        connection_shares: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(creator, pool_size=pool_size, max_overflow=max_overflow, **kw)
+        self.connection_shares = connection_shares
+        """The database's shares by source (:func:`enginehouse.shares.pool_argument`), or None."""
+        self.fair = FairQueue(connection_shares) if connection_shares else None
+        """The per-source wait queue when shares are set (None: QueuePool's FIFO queue)."""
         unbounded = pool_size == 0 or max_overflow == compat.UNBOUNDED
         self.own_limit = compat.UNBOUNDED if unbounded else pool_size + max_overflow
         """The bound the engine's own pool arguments give (UNBOUNDED: none)."""
@@ -119,6 +137,8 @@ class BudgetedQueuePool(QueuePool):
             # Threads may be blocked in the queue. One empty record wakes one of
             # them; it connects, and the next grant grows the pool again.
             compat.put_idle(self, compat.empty_record(self))
+        if grew and self.fair is not None:
+            self.fair.dispatch(self)  # waiters of a fair queue are not in QueuePool's queue
         for _ in range(compat.idle_count(self)):
             if self.connections <= limit:
                 return
@@ -155,6 +175,8 @@ class BudgetedQueuePool(QueuePool):
 
     def _do_get(self) -> Any:
         """A record to check out; timeouts name the budget; surplus empty records go."""
+        if self.fair is not None:
+            return self.fair.get(self, request_source.get())
         while True:
             try:
                 record = super()._do_get()
@@ -176,7 +198,10 @@ class BudgetedQueuePool(QueuePool):
             live = record.dbapi_connection is not None
             if tokens is not None and live and next(tokens, None) is not None:
                 record.invalidate()  # closes it: _close_connection frees the permit
-        super()._do_return_conn(record)
+        if self.fair is not None:
+            self.fair.checkin(self, record)
+        else:
+            super()._do_return_conn(record)
 
     def _close_connection(self, connection: Any, *args: Any, **kwargs: Any) -> None:
         """Every physical close of this pool's connections passes here: free the permit."""
@@ -192,6 +217,8 @@ class BudgetedQueuePool(QueuePool):
         pool = super().recreate()
         assert isinstance(pool, BudgetedQueuePool)
         pool.own_limit = self.own_limit
+        pool.connection_shares = self.connection_shares
+        pool.fair = FairQueue(self.connection_shares) if self.connection_shares else None
         compat.set_connection_limit(pool, self.own_limit)
         if self._permits is not None and self.budget_key is not None:
             pool.attach(self._permits, self.budget_key, self.cap, limit=self.limit)
@@ -213,6 +240,23 @@ class BudgetedQueuePool(QueuePool):
             f"Budgeted pool, {budget}: limit {limit}, connections {self.connections}, "
             f"in pool {self.checkedin()}, checked out {self.checkedout()}"
         )
+
+    # -- what a FairQueue needs (enginehouse.shares.SharedPool) -------------------
+
+    def take_idle_record(self) -> Any | None:
+        """An idle record without waiting (surplus empty ones are dropped), or None."""
+        while (record := compat.take_idle(self)) is not None:
+            if not self._drop_if_surplus(record):
+                return record
+        return None
+
+    def grow_record(self) -> Any | None:
+        """An empty record counted against the bound (its checkout connects), or None if full."""
+        return compat.empty_record(self) if compat.reserve_connection(self) else None
+
+    def put_idle_record(self, record: Any) -> None:
+        """Put ``record`` (back) among the idle ones."""
+        compat.put_idle(self, record)
 
     # -- internals ---------------------------------------------------------------
 

@@ -15,7 +15,6 @@ one store at checkout, one pop at check-in, both atomic in CPython.
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import logging
 import sys
@@ -30,13 +29,11 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from enginehouse.messages.registry import EnginePlan
+from enginehouse.shares import request_source
+
+__all__ = ["Checkout", "LeakDetector", "LongHolder", "request_source"]
 
 log = logging.getLogger("enginehouse.leaks")
-
-request_source: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "enginehouse_request_source", default=None
-)
-"""The ``source`` of the request checking a connection out (set by ``manager.connect``)."""
 
 STACK_FRAMES = 12
 """How many of the caller's frames a checkout keeps (innermost last)."""

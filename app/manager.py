@@ -244,7 +244,7 @@ class EngineManager:
         )
         with scope:
             engine = self.get(database, **request)
-            token = request_source.set(request["source"])  # for the leak detector
+            token = request_source.set(request["source"])  # for leak detection and shares
             try:
                 try:
                     checkout = engine.connect()
@@ -565,9 +565,9 @@ class _Checkout:
         manager = self._manager
         engine = manager.get(self._database, **self._request)
         try:
-            if manager._leaks is None:
+            if manager._leaks is None and "connection_shares" not in self._database.extra:
                 connection = engine.connect()
-            else:  # the leak detector's checkout listener notes the request's source
+            else:  # the leak detector and the pool's shares by source read the request's source
                 token = request_source.set(self._request["source"])
                 try:
                     connection = engine.connect()

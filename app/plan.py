@@ -21,6 +21,7 @@ from enginehouse.budgeted_pool import BudgetedQueuePool
 from enginehouse.errors import EngineCreationError, EngineManagerError, InvalidSpecError
 from enginehouse.messages.registry import EnginePlan, RequestKey
 from enginehouse.settings import ManagerSettings, Mode
+from enginehouse.shares import pool_argument as shares_argument
 from enginehouse.specs import DatabaseSpec, check_engine_params
 
 POOL_CLASS_BY_NAME: dict[str, type[sa_pool.Pool]] = {
@@ -84,7 +85,7 @@ def build_plan(
         url, kwargs = _mutate(settings, url, kwargs, key)
     kwargs = compat.pool_defaults_of_sqlalchemy_2(url, kwargs)
     cap = spec.extra.get("max_connections") or settings.default_max_connections
-    kwargs = _budgeted(url, kwargs, cap)
+    kwargs = _budgeted(url, kwargs, cap, _shares(spec))
     if access_token is not None and not adapter.supports_impersonation:
         raise InvalidSpecError("access_token", f"the {spec.backend} adapter takes no user token")
     if key.user is not None:
@@ -169,18 +170,30 @@ def with_budgeted_pool(plan: EnginePlan, settings: ManagerSettings) -> EnginePla
     return plan if kwargs is plan.kwargs else dataclasses.replace(plan, kwargs=kwargs)
 
 
-def _budgeted(url: URL, kwargs: dict[str, Any], cap: int | None) -> dict[str, Any]:
+def _budgeted(
+    url: URL, kwargs: dict[str, Any], cap: int | None, shares: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A capped database's QueuePool becomes a BudgetedQueuePool (the budget's pool class).
 
+    So does one with ``connection_shares`` (its cap: the budget's, else the
+    pool's own size), which the pool receives to share its connections by source.
     Other pool classes (NullPool in NEW mode, SingletonThreadPool, StaticPool...)
     keep theirs; the budget caps their connects instead (enginehouse.budget_client).
     """
-    if cap is None or "pool" in kwargs:
+    if (cap is None and shares is None) or "pool" in kwargs:
         return kwargs
     poolclass = kwargs.get("poolclass") or _dialect_pool_class(url)
     if poolclass is not sa_pool.QueuePool:
         return kwargs
+    if shares is not None:
+        return {**kwargs, "poolclass": BudgetedQueuePool, "connection_shares": shares}
     return {**kwargs, "poolclass": BudgetedQueuePool}
+
+
+def _shares(spec: DatabaseSpec) -> dict[str, Any] | None:
+    """``extra.connection_shares`` as the pool's argument, or None."""
+    shares = spec.extra.get("connection_shares")
+    return shares_argument(spec.id, shares) if shares else None
 
 
 def _dialect_pool_class(url: URL) -> type[sa_pool.Pool] | None:

@@ -261,6 +261,7 @@ class DatabaseSpec(_Spec):
             raise ValueError("engine_params must be a JSON object")
         check_engine_params(params)
         _check_max_connections(value.get("max_connections"))
+        _check_connection_shares(value.get("connection_shares"))
         return value
 
     @property
@@ -345,6 +346,46 @@ def _check_max_connections(cap: Any) -> None:
     if cap is None:
         return
     check_number(cap, "extra.max_connections", 1, MAX_CONNECTIONS, integral=True)
+
+
+MAX_SHARE_WEIGHT = 1_000_000
+"""Largest weight in ``extra.connection_shares``."""
+MAX_SHARE_TIMEOUT = 86_400
+"""Largest per-source ``pool_timeout`` in ``extra.connection_shares`` (seconds)."""
+
+
+def _check_connection_shares(shares: Any) -> None:
+    """``extra["connection_shares"]``: source -> weight, or -> {"weight", "pool_timeout"}.
+
+    Weights are finite numbers > 0; ``pool_timeout`` (optional) a finite number >= 0.
+    """
+    if shares is None:
+        return
+    field = "extra.connection_shares"
+    if not isinstance(shares, dict) or not shares:
+        raise InvalidSpecError(field, "must be a non-empty JSON object (source -> weight)")
+    for source, share in shares.items():
+        where = f"{field}.{source}"
+        if not source:
+            raise InvalidSpecError(field, "a source name must not be empty")
+        if not isinstance(share, dict):
+            _check_weight(share, where)
+            continue
+        unknown = sorted(set(share) - {"weight", "pool_timeout"})
+        if unknown:
+            raise InvalidSpecError(f"{where}.{unknown[0]}", "unknown key (weight, pool_timeout)")
+        if "weight" not in share:
+            raise InvalidSpecError(f"{where}.weight", "required")
+        _check_weight(share["weight"], f"{where}.weight")
+        if share.get("pool_timeout") is not None:
+            check_number(share["pool_timeout"], f"{where}.pool_timeout", 0, MAX_SHARE_TIMEOUT,
+                         integral=False)
+
+
+def _check_weight(weight: Any, field: str) -> None:
+    check_number(weight, field, 0, MAX_SHARE_WEIGHT, integral=False)
+    if weight <= 0:
+        raise InvalidSpecError(field, "must be > 0")
 
 
 def check_engine_params(params: dict[str, Any]) -> None:

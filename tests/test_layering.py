@@ -22,7 +22,7 @@ ORDER = ("core", "messages", "actors", "facade", "edge")
 CORE = {
     "adapters", "budgeted_pool", "compat", "credentials", "errors", "fleet", "fleet_clients",
     "forking", "ledger",
-    "safety", "settings", "single_flight", "specs",
+    "safety", "settings", "shares", "single_flight", "specs",
 }
 """Vocabulary and strategies everyone shares: they import only each other."""
 FACADE = {"__init__", "budget_client", "default", "leaks", "manager", "plan", "stats"}
