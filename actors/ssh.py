@@ -97,7 +97,14 @@ def connect(
             transport.start_client(timeout=timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise TunnelError(f"SSH handshake with bastion {bastion} failed: {exc}") from None
-        server_key = transport.get_remote_server_key()
+        try:
+            # paramiko's start_client returns, rather than raises, when its timeout ends
+            # the key exchange early; then there is no server key yet.
+            server_key = transport.get_remote_server_key()
+        except (paramiko.SSHException, EOFError, OSError):
+            raise TunnelError(
+                f"SSH handshake with bastion {bastion} did not complete within {timeout:g}s"
+            ) from None
         to_pin = verify_host_key(spec, server_key, known_hosts)
         _authenticate(spec, transport, key)
         if to_pin:

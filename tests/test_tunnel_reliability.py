@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sshd_fixtures import BlackHoleRelay, ThrowawaySshd
 from test_tunnel_manager import bastion, database, make_manager, only_tunnel, scalar
 
-from enginehouse import DatabaseSpec
+from enginehouse import DatabaseSpec, SSHTunnelSpec
 from enginehouse.errors import TunnelError
 
 pytestmark = pytest.mark.services("postgres")
@@ -179,3 +179,31 @@ def _tunnel_sockets(local_port: int, bastion_port: int) -> int:
             else:
                 found += sock.getpeername()[1] == bastion_port  # an SSH connection
     return min(found, 100)
+
+
+def test_a_handshake_that_never_completes_is_a_tunnel_error() -> None:
+    """Soak finding: a bastion that sends its banner, then nothing, gave paramiko's
+    ``SSHException("No existing session")`` to callers instead of a ``TunnelError``."""
+    mute = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def banner_then_silence() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = mute.accept()
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+                held.append(conn)  # reads nothing, answers nothing, closes nothing
+
+    threading.Thread(target=banner_then_silence, daemon=True).start()
+    spec = SSHTunnelSpec(
+        server_address="127.0.0.1", server_port=mute.getsockname()[1], username="u", password="p"
+    )
+    try:
+        with make_manager("new", ask_timeout=10, tunnel_connect_timeout=1) as manager:
+            with pytest.raises(TunnelError, match="handshake") as caught:
+                manager.get(database(1, spec))
+            assert spec.bastion in str(caught.value)
+    finally:
+        mute.close()
+        for conn in held:
+            conn.close()
