@@ -246,3 +246,30 @@ def connect_eventually(manager: EngineManager, spec: DatabaseSpec, timeout: floa
             return manager.get(spec).connect()
         except PoolExhaustedError:
             assert time.monotonic() < deadline, "no permit came"
+
+
+# -- Following the master ---------------------------------------------------------
+
+
+def test_a_sentinel_client_follows_the_master_after_a_failover(
+    sentinel_group: SentinelGroup,
+) -> None:
+    """The old master may take writes for seconds after a SENTINEL FAILOVER: a client that
+    asks the Sentinels (each round) drops its connections to it and writes to the new one."""
+    from enginehouse import fleet_clients
+
+    client = fleet_clients.connect(fleet_clients.parse(sentinel_group.url), 2.0)
+    try:
+        client.set("eh-follow", "before")  # a pooled connection to the old master
+        assert fleet_clients.follow_master(client) is False  # nothing moved yet
+        new = sentinel_group.failover()
+        poll_until(lambda: fleet_clients.follow_master(client))  # asks at most once a second
+        assert client.connection_pool.master_address == ("127.0.0.1", new)
+        client.set("eh-follow", "after")
+        on_new = redis.Redis(port=new)
+        try:
+            assert on_new.get("eh-follow") == b"after"
+        finally:
+            on_new.close()
+    finally:
+        client.close()
