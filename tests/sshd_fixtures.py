@@ -10,6 +10,7 @@ those children drops the sessions, as a bastion restart would.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -31,12 +32,11 @@ from enginehouse.actors.host_keys import HOST_KEY_PINS
 ROOT = Path(__file__).resolve().parent.parent
 # pin-first pins go to a known_hosts file of this run's own (inherited by the processes it
 # starts), never to the user's ~/.local/state: throwaway servers reuse ports with new keys.
-KNOWN_HOSTS = Path(
-    os.environ.setdefault(
-        "ENGINEHOUSE_SSH_KNOWN_HOSTS_FILE",
-        str(Path(tempfile.mkdtemp(prefix="enginehouse-known-hosts-")) / "known_hosts"),
-    )
-)
+if "ENGINEHOUSE_SSH_KNOWN_HOSTS_FILE" not in os.environ:
+    _own_dir = tempfile.mkdtemp(prefix="enginehouse-known-hosts-")
+    os.environ["ENGINEHOUSE_SSH_KNOWN_HOSTS_FILE"] = str(Path(_own_dir) / "known_hosts")
+    atexit.register(shutil.rmtree, _own_dir, ignore_errors=True)
+KNOWN_HOSTS = Path(os.environ["ENGINEHOUSE_SSH_KNOWN_HOSTS_FILE"])
 SSHD = "/usr/sbin/sshd"
 USER = "ehtunnel"
 PASSWORD = "tunnel-pass-0123"
