@@ -3,12 +3,18 @@
 A BI server runs dashboards and long SQL Lab queries on the same database; under
 a cap, first come first served lets eight long queries freeze every dashboard.
 With ``connection_shares`` (source -> weight, ``"*"`` for the sources not named)
-the pool's wait queue becomes one FIFO per source: a connection that comes back
-goes to the waiting source furthest below its weighted share of the connections
-checked out right now (checked out / weight, lowest first). Nobody waits while a
-connection is idle or the pool may open one, so a source alone may use the whole
-cap (work-conserving); under contention each source converges to at least its
-weighted share, because every hand-over goes to the least served waiting source.
+the pool's wait queue becomes one FIFO per source, and each *active* source is
+entitled to ``limit * weight / (sum of the active sources' weights)``
+connections. A source is active while it holds or waits for a connection, or
+asked for one in the last :data:`ACTIVE_FOR` seconds (a dashboard between two
+queries still counts). A source below its entitlement always may take a free
+connection; one at or above it only may take what the other active sources'
+unmet entitlements leave free. A connection that comes back goes to the waiting
+source furthest below its share (checked out / weight, lowest first) among
+those that may take it. So a source alone (the others idle) uses the whole cap
+(work-conserving); under contention every active source gets at least its
+weighted share as soon as connections come back, and a bursty source (dashboards
+with think time) finds its share free instead of held by 2-second SQL Lab queries.
 
 The source of a checkout is :data:`request_source`, which ``EngineManager.connect()``
 sets around ``engine.connect()``. No lock: waiters are per-source ``deque``s
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import queue
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -35,6 +42,12 @@ request_source: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 OTHERS = "*"
 """The share of every source the mapping does not name (weight 1 when not given)."""
+
+ACTIVE_FOR = 2.0
+"""Seconds a source stays active (keeps its share free) after its last checkout or check-in."""
+
+UNBOUNDED = -1
+"""A pool limit that is none (then nobody waits and shares do nothing)."""
 
 
 def pool_argument(database_id: Any, shares: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,6 +83,10 @@ class SharedPool(Protocol):
     def timeout(self) -> float:
         """The pool's own ``pool_timeout``."""
 
+    @property
+    def limit(self) -> int:
+        """How many connections the pool may hold now (UNBOUNDED: no limit)."""
+
 
 class _Waiter:
     """One thread waiting for a connection; a dispatcher puts its record in ``slot``."""
@@ -91,6 +108,7 @@ class FairQueue:
         self._waiting: dict[str, deque[_Waiter]] = {s: deque() for s in self.weights}
         self._held: dict[str, dict[int, None]] = {s: {} for s in self.weights}
         self._holder: dict[int, str] = {}  # id(record) -> the source holding it
+        self._seen: dict[str, float] = {}  # share -> monotonic time of its last checkout/checkin
 
     def share_of(self, source: str | None) -> str:
         """The share ``source`` draws on: its own, else ``"*"``."""
@@ -109,7 +127,8 @@ class FairQueue:
     def get(self, pool: SharedPool, source: str | None) -> Any:
         """A record for a checkout by ``source``: at once if nobody waits, else in turn."""
         share = self.share_of(source)
-        if not self._anyone_waiting():
+        self._seen[share] = now = time.monotonic()
+        if not self._anyone_waiting() and self._may_take(share, pool.limit, now):
             record = pool.take_idle_record() or pool.grow_record()
             if record is not None:
                 self._note_out(record, share)
@@ -118,9 +137,14 @@ class FairQueue:
         self._waiting[share].append(waiter)
         self.dispatch(pool)
         timeout = self.timeouts.get(share, pool.timeout())
-        try:
-            return waiter.slot.get(timeout=timeout)
-        except queue.Empty:
+        deadline = now + timeout
+        while True:
+            try:  # wake now and then: a share kept free for a source that went idle frees up
+                return waiter.slot.get(timeout=max(0.0, min(deadline - time.monotonic(), 0.5)))
+            except queue.Empty:
+                if time.monotonic() < deadline:
+                    self.dispatch(pool)
+                    continue
             try:
                 self._waiting[share].remove(waiter)
             except ValueError:  # a dispatcher took it just now: its record is on the way
@@ -136,17 +160,22 @@ class FairQueue:
         share = self._holder.pop(id(record), None)
         if share is not None:
             self._held[share].pop(id(record), None)
+            self._seen[share] = time.monotonic()
         pool.put_idle_record(record)
         self.dispatch(pool)
 
     def dispatch(self, pool: SharedPool) -> None:
         """Hand idle (or new, empty) records to waiters while both exist."""
         while self._anyone_waiting():
+            share = self._least_served(pool.limit)
+            if share is None:  # nobody waiting may take one: free ones stay for their shares
+                return
             record = pool.take_idle_record() or pool.grow_record()
             if record is None:
                 return
-            waiter = self._least_served()
-            if waiter is None:  # the waiters left (timed out or served) meanwhile
+            try:
+                waiter = self._waiting[share].popleft()
+            except IndexError:  # another dispatcher served it, or it timed out, meanwhile
                 pool.put_idle_record(record)
                 continue
             self._note_out(record, waiter.source)
@@ -157,20 +186,37 @@ class FairQueue:
     def _anyone_waiting(self) -> bool:
         return any(self._waiting.values())
 
-    def _least_served(self) -> _Waiter | None:
-        """Pop the first waiter of the waiting share with the fewest connections per weight."""
-        while True:
-            loads = [
-                (len(self._held[share]) / self.weights[share], -self.weights[share], share)
-                for share, waiters in self._waiting.items()
-                if waiters
-            ]
-            if not loads:
-                return None
-            try:
-                return self._waiting[min(loads)[2]].popleft()
-            except IndexError:  # another dispatcher served it first
-                continue
+    def _least_served(self, limit: int) -> str | None:
+        """The waiting share with the fewest connections per weight that may take one."""
+        now = time.monotonic()
+        loads = [
+            (len(self._held[share]) / self.weights[share], -self.weights[share], share)
+            for share, waiters in self._waiting.items()
+            if waiters and self._may_take(share, limit, now)
+        ]
+        return min(loads)[2] if loads else None
+
+    def _may_take(self, share: str, limit: int, now: float) -> bool:
+        """Whether ``share`` may have one more connection now (see the module docstring)."""
+        if limit == UNBOUNDED:
+            return True
+        active = [s for s in self.weights if self._active(s, now)]
+        if share not in active:
+            active.append(share)
+        total = sum(self.weights[s] for s in active)
+        held = {s: len(self._held[s]) for s in active}
+        if held[share] < limit * self.weights[share] / total:
+            return True
+        unmet = sum(
+            max(0.0, limit * self.weights[s] / total - held[s]) for s in active if s != share
+        )
+        free = limit - sum(len(h) for h in self._held.values())
+        return free > unmet
+
+    def _active(self, share: str, now: float) -> bool:
+        if self._held[share] or self._waiting[share]:
+            return True
+        return now - self._seen.get(share, float("-inf")) < ACTIVE_FOR
 
     def _note_out(self, record: Any, share: str) -> None:
         self._holder[id(record)] = share

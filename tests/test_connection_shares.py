@@ -166,6 +166,27 @@ def test_work_conserving_one_source_uses_the_whole_cap(
     assert fair.checked_out()["SQL_LAB"] == 4 and run.errors == []
 
 
+def test_an_active_sources_share_stays_free_for_it(
+    manager: EngineManager, holders: Callable[[DatabaseSpec], Holders]
+) -> None:
+    """Dashboards between two queries keep their share: SQL Lab does not fill the pool."""
+    database = spec(1509)
+    fair = fair_queue(manager, database)
+    run = holders(database)
+    run.start("DASHBOARD", 1)  # dashboards are active: they hold a connection
+    wait_until(lambda: fair.checked_out()["DASHBOARD"] == 1, what="a dashboard holds one")
+    run.start("SQL_LAB", 4)
+    wait_until(lambda: fair.waiting()["SQL_LAB"] == 3, what="SQL Lab waits beyond its share")
+    assert fair.checked_out()["SQL_LAB"] == 1  # two connections stay free for the dashboards
+    run.start("DASHBOARD", 2)
+    wait_until(lambda: fair.checked_out()["DASHBOARD"] == 3, what="dashboards get their share")
+    assert fair.waiting() == {"*": 0, "DASHBOARD": 0, "SQL_LAB": 3}
+    for index in (0, 5, 6):  # the dashboards go idle: SQL Lab may use the whole cap
+        run.release(index)
+    wait_until(lambda: fair.checked_out()["SQL_LAB"] == 4, what="SQL Lab takes the whole cap")
+    assert run.errors == []
+
+
 def test_unnamed_sources_share_the_star_entry(
     manager: EngineManager, holders: Callable[[DatabaseSpec], Holders]
 ) -> None:
