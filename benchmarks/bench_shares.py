@@ -24,6 +24,7 @@ import argparse
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,12 @@ WORKLOADS = {"closed loop": 0.0, "100 ms think time": 0.1}
 """Dashboard workloads: seconds a dashboard thread pauses between its queries."""
 
 
+RUN = uuid.uuid4().hex[:6]
+"""Names this run's connections in pg_stat_activity (two runs at once count apart)."""
+
+
 def spec(alternative: str) -> DatabaseSpec:
-    app = "bench-shares-fair" if alternative == FAIR else "bench-shares-fifo"
+    app = f"bench-shares-{'fair' if alternative == FAIR else 'fifo'}-{RUN}"
     extra: dict[str, Any] = {
         "max_connections": CAP,
         "engine_params": {"pool_timeout": 120, "connect_args": {"application_name": app}},

@@ -147,3 +147,22 @@ def test_budget_benchmark_runs_and_its_shared_cap_holds() -> None:
     shared = bench_budget.two_managers("shared process cap", seconds=0.3)
     assert shared["errors"] == 0 and shared["qps"] > 0
     assert 1 <= shared["peak"] <= bench_budget.CAP
+
+
+def test_shares_benchmark_runs_tiny_and_keeps_the_cap(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from benchmarks import bench_shares
+
+    monkeypatch.setattr(bench_shares, "SQL_LAB_QUERY", "SELECT pg_sleep(0.05)")
+    monkeypatch.setattr(bench_shares, "THREADS", 2)
+    data = bench_shares.run(seconds=0.4, repeats=1)
+    assert {(p["workload"], p["alternative"]) for p in data["phases"]} == {
+        (w, a) for w in bench_shares.WORKLOADS for a in (bench_shares.FIFO, bench_shares.FAIR)
+    }
+    for phase in data["phases"]:
+        assert phase["errors"] == [] and 1 <= phase["peak_connections"] <= bench_shares.CAP
+        assert phase["waits"]["DASHBOARD"] and phase["waits"]["SQL_LAB"]
+    assert "dashboard wait p99" in bench_shares.report(data)
+    if common.plotting_available():
+        assert bench_shares.plot(data, tmp_path / "shares.png").stat().st_size > 0
