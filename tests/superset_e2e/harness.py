@@ -206,19 +206,28 @@ class Process:
 
     def stop(self, timeout: float = 8.0) -> None:
         """SIGTERM the whole group, SIGKILL what is left after ``timeout``."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and _group_alive(self.popen.pid):
-                self.popen.poll()
-                time.sleep(0.05)
-            if not _group_alive(self.popen.pid):
-                break
-        self.popen.poll()
+        stop_all([self], timeout)
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, sig)
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stop_all(processes: list[Process], timeout: float = 8.0) -> None:
+    """SIGTERM every group at once, then SIGKILL those still alive after ``timeout``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for process in processes:
+            process.signal(sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.group_alive() for p in processes):
+            for process in processes:
+                process.popen.poll()
+            time.sleep(0.05)
+    for process in processes:
+        process.popen.poll()
 
 
 def _group_alive(pgid: int) -> bool:
@@ -402,8 +411,7 @@ CELERY_CONFIG = CeleryConfig
 
     def close(self) -> None:
         """Stop every process group; drop the metadata database; forget the Redis keys."""
-        for process in reversed(self.processes):
-            process.stop()
+        stop_all(self.processes)
         self.processes.clear()
         with contextlib.suppress(Exception):
             drop_database(self.meta_name)

@@ -8,12 +8,11 @@ import pytest
 import sqlalchemy as sa
 
 from .conftest import Target, shares_tunnels
-from .harness import PeakSampler, Server, SupersetClient, SupersetError, Variant
+from .harness import PeakSampler, Server, SupersetClient, Variant
 
 pytestmark = pytest.mark.services("postgres", "redis")
 
 CAP = 2
-STARVED = "no connection within pool_timeout"
 
 
 def test_chart_data_from_a_dataset(api: SupersetClient, target: Target, unique: str) -> None:
@@ -54,14 +53,6 @@ def test_a_cap_holds_across_both_workers(
     try:
         with PeakSampler(name) as sampler, ThreadPoolExecutor(len(clients)) as pool:
             results = list(pool.map(run, clients))
-    except SupersetError as exc:
-        if STARVED in exc.body and shares_tunnels(variant):
-            pytest.xfail(
-                "known defect (issue 12): a worker waited pool_timeout for a fleet permit "
-                f"while {CAP} permits sat in the other worker's idle pool or the validation "
-                "engine's"
-            )
-        raise
     finally:
         for client in clients:
             client.close()
@@ -70,10 +61,4 @@ def test_a_cap_holds_across_both_workers(
     if not shares_tunnels(variant):
         return  # stock Superset has no cap
     # enginehouse: the cap, fleet-wide through Redis (8 clients would open 8 without it).
-    assert sampler.peak <= CAP + 1, f"{sampler.peak} connections under a cap of {CAP}"
-    if sampler.peak > CAP:
-        pytest.xfail(
-            f"{sampler.peak} connections under a cap of {CAP}: known defect (issue 12): the "
-            "engine that validated the new database ('unsaved') keeps a pooled connection "
-            "outside the cap"
-        )
+    assert sampler.peak <= CAP, f"{sampler.peak} connections under a cap of {CAP}"

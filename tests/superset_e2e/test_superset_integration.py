@@ -10,15 +10,18 @@ from __future__ import annotations
 import pytest
 from sshd_fixtures import USER
 
-from .conftest import shares_tunnels
-from .harness import backends, wait_for
+from .bastion import LoggingSshd
+from .conftest import Target, shares_tunnels
+from .harness import Server, SupersetClient, Variant, backends, wait_for
 
 pytestmark = pytest.mark.services("postgres", "mariadb", "redis")
 
 QUERIES = 6
 
 
-def test_a_connection_test_leaves_no_connection_open(api, target, unique):
+def test_a_connection_test_leaves_no_connection_open(
+    api: SupersetClient, target: Target, unique: str
+) -> None:
     name, uri = target(f"conntest_{unique}")
     for _ in range(3):
         answer = api.test_connection(f"conntest-{unique}", uri)
@@ -27,8 +30,13 @@ def test_a_connection_test_leaves_no_connection_open(api, target, unique):
 
 
 def test_databases_behind_one_bastion_share_its_session(
-    api, server, variant, bastions, target, unique
-):
+    api: SupersetClient,
+    server: Server,
+    variant: Variant,
+    bastions: dict[str, LoggingSshd],
+    target: Target,
+    unique: str,
+) -> None:
     if not shares_tunnels(variant):
         pytest.skip("stock Superset opens an SSH session per query")
     bastion = bastions["ed25519"]
