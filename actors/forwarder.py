@@ -24,6 +24,7 @@ from collections.abc import Callable
 import paramiko
 
 from enginehouse import forking
+from enginehouse.actors.ssh import quick_acks_for_a_while
 
 log = logging.getLogger("enginehouse.tunnel")
 
@@ -253,5 +254,8 @@ def _copy(
     finally:
         with contextlib.suppress(OSError):
             client.shutdown(socket.SHUT_RDWR)
+        # sshd answers a close with small packets: ACK them at once, so the next
+        # channel's confirmation is not held behind them (issue 14).
+        quick_acks_for_a_while(getattr(channel, "get_transport", lambda: None)())
         with contextlib.suppress(Exception):  # paramiko raises EOFError on a dead link
             channel.close()

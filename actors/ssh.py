@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,21 +121,39 @@ def connect(
 
 
 class QuickAckSocket(socket.socket):
-    """A TCP socket that acknowledges every segment it reads at once (Linux ``TCP_QUICKACK``).
+    """A TCP socket that acknowledges what it reads at once (Linux ``TCP_QUICKACK``), while eager.
 
     Why: OpenSSH's sshd leaves Nagle on for a session without a terminal, so
     when it sends two small packets in a row (a channel's close, then the next
     channel's open confirmation) the second waits for our ACK of the first,
     which Linux delays up to 40 ms. That was the ~45 ms stall on 14% of new
     connections opened back to back (issue 14). The kernel clears the flag
-    after use, hence one ``setsockopt`` per read (about a microsecond).
+    after use, hence one ``setsockopt`` per read, but only for a short while
+    after a channel opens or closes (:meth:`eager`): re-arming it on every read
+    of a busy pooled connection cost ~20 us per round trip (extra ACK packets).
     """
+
+    eager_until = 0.0
+
+    def eager(self, seconds: float = 0.25) -> None:
+        """Acknowledge at once for the next ``seconds`` (a channel opens or closes)."""
+        self.eager_until = time.monotonic() + seconds
+        with contextlib.suppress(OSError):
+            self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = super().recv(bufsize, flags)
-        with contextlib.suppress(OSError):
-            self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        if self.eager_until and time.monotonic() < self.eager_until:
+            with contextlib.suppress(OSError):
+                self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         return data
+
+
+def quick_acks_for_a_while(transport: object) -> None:
+    """Before a channel opens or after one closed: see :class:`QuickAckSocket`."""
+    sock = getattr(transport, "sock", None)
+    if isinstance(sock, QuickAckSocket):
+        sock.eager()
 
 
 _QUICKACK: int = getattr(socket, "TCP_QUICKACK", 0)

@@ -30,7 +30,7 @@ from enginehouse.actors.counters import count_value
 from enginehouse.actors.forwarder import ChannelOpener, PortForward
 from enginehouse.actors.heartbeat import Heartbeat
 from enginehouse.actors.policy import RestartLedger, RestartPolicy
-from enginehouse.actors.ssh import connect, load_private_key
+from enginehouse.actors.ssh import connect, load_private_key, quick_acks_for_a_while
 from enginehouse.errors import EngineManagerError, PoolExhaustedError, TunnelError
 from enginehouse.messages.tunnel import (
     CheckHealth,
@@ -517,6 +517,7 @@ def channel_opener(
         transport = link.transport
         if transport is None or not transport.is_active():
             transport = ensure("a new connection found the transport dead")
+        quick_acks_for_a_while(transport)
         try:
             return transport.open_channel(
                 "direct-tcpip", (host, port), origin, timeout=channel_timeout
