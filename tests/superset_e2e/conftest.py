@@ -62,19 +62,36 @@ def integration_present() -> bool:
 
 
 @pytest.fixture(scope="session")
-def variant() -> Variant:
+def variant() -> Iterator[Variant]:
     mode = os.environ.get("ENGINEHOUSE_E2E_VARIANT") or (
         "singleton" if integration_present() else "stock"
     )
     if mode == "stock":
-        return Variant("stock")
-    fleet = f'ENGINEHOUSE_FLEET_URL = "redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"\n'
-    return Variant(f"enginehouse-{mode}", enginehouse_mode=mode, extra_config=fleet)
+        yield Variant("stock")
+        return
+    # Budgets are keyed by Superset's database ids, which every run numbers from 1: a prefix
+    # of the run's own keeps two runs (two helpers' suites) from sharing one cap.
+    prefix = f"enginehouse-e2e-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    fleet = (
+        f'ENGINEHOUSE_FLEET_URL = "redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"\n'
+        f'ENGINEHOUSE_FLEET_PREFIX = "{prefix}"\n'
+    )
+    yield Variant(f"enginehouse-{mode}", enginehouse_mode=mode, extra_config=fleet)
+    with contextlib.suppress(Exception):
+        import redis
+
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB)
+        for key in client.scan_iter(f"*{prefix}*"):
+            client.delete(key)
 
 
 @pytest.fixture(scope="session")
-def site() -> Iterator[SupersetSite]:
-    """Superset's venv, metadata database, admin user (one per session)."""
+def site(variant: Variant) -> Iterator[SupersetSite]:
+    """Superset's venv, metadata database, admin user (one per session).
+
+    Asks for ``variant`` so that the variant's Redis keys are removed after every process
+    stopped.
+    """
     try:
         with superset_site(Variant("stock"), redis_db=REDIS_DB) as prepared:
             yield prepared
