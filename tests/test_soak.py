@@ -5,8 +5,7 @@ No timing is asserted (recovery times are figures for docs/reliability.md);
 what must hold whatever the load: only our errors (or the database's own
 DBAPIError) reach callers, no secret in any captured log, every kind of
 traffic is served, every worker finishes and leaves no thread or server
-connection, every permit comes back, the fleet cap holds. A known open
-finding that shows in some runs is named apart and ``xfail(strict=False)``.
+connection, every permit comes back, the fleet cap holds.
 """
 
 from __future__ import annotations
@@ -35,27 +34,13 @@ def report() -> Iterator[dict[str, Any]]:
     yield json.loads(json.dumps(data, default=str))  # what the results file holds
 
 
-KNOWN_DEFECTS = {"ssh defect:paramiko.ssh_exception.SSHException"}
-"""Open finding (docs/reliability.md, Soak): reconnecting through a black-holed bastion,
-``actors/ssh.connect`` lets paramiko's ``SSHException("No existing session")`` (from
-``get_remote_server_key``) reach the caller. The full run's 15 s window shows it; the
-short run's 4 s window, shorter than the heartbeat's 10 s, rarely does."""
-
-
 def test_only_our_errors_or_the_databases_reach_callers(report: dict[str, Any]) -> None:
     """A failed checkout is ours (ConnectFailedError, even for a bare OSError such as EMFILE);
     a query on a connection the caller holds may fail with the database's DBAPIError."""
-    unknown = {name: d for name, d in report["defects"].items() if name not in KNOWN_DEFECTS}
-    assert unknown == {}
+    assert report["defects"] == {}
     for kind, failed in report["queries_failed"].items():
         for error in failed:
-            known = f"{kind} {error}" in KNOWN_DEFECTS
-            assert known or error.startswith(("ours:", "database:")), (kind, error)
-
-
-@pytest.mark.xfail(strict=False, reason="open finding: paramiko's SSHException reaches callers")
-def test_no_known_defect_either(report: dict[str, Any]) -> None:
-    assert report["defects"] == {}
+            assert error.startswith(("ours:", "database:")), (kind, error)
 
 
 def test_every_kind_of_traffic_is_served(report: dict[str, Any]) -> None:
