@@ -179,3 +179,22 @@ def test_patching_twice_wraps_once(hooked: Any) -> None:
     wrapped = core.Database._get_sqla_engine
     patch(core, EngineHook(lambda: manager))
     assert core.Database._get_sqla_engine is wrapped
+
+
+def test_a_pooled_connection_the_server_ended_is_replaced(hooked: Any, poll: Any) -> None:
+    core, manager = hooked
+    database = core.Database(36)
+    engine = database._get_sqla_engine()
+    ended = backend_pid(engine)
+    killer = create_engine(make_url(PG_URI), poolclass=pool.NullPool)
+    with killer.connect() as connection:
+        connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": ended})
+
+        def gone() -> bool:
+            query = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+            return connection.execute(query, {"pid": ended}).scalar_one() == 0
+
+        poll(gone, what="the backend to end")
+    killer.dispose()
+    again = database._get_sqla_engine()
+    assert backend_pid(again) != ended  # SINGLETON: pre-ping replaced the dead pooled connection

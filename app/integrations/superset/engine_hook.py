@@ -138,6 +138,10 @@ def _choose_pool(kwargs: dict[str, Any], wanted: str | None, nullpool: bool, poo
             del kwargs["poolclass"]  # the dialect's default: QueuePool for every server
         else:
             kwargs["poolclass"] = _pool_class(wanted, "extra.poolclass")
+        # Stock Superset never reuses a connection, so it never meets one the server or a
+        # proxy ended in between; a pool does: check each before use (engine_params may
+        # say otherwise).
+        kwargs.setdefault("pool_pre_ping", True)
     if kwargs.get("poolclass") in _SIZELESS:
         for option in _QUEUE_ONLY:
             kwargs.pop(option, None)
