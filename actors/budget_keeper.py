@@ -224,6 +224,11 @@ class BudgetKeeper(pykka.ThreadingActor):
 
     def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._stop_listener()  # the restarted keeper starts its own
+        for budget in self._budgets.values():  # and its own LeaseWaiters: ours would idle forever
+            if budget.waiter is not None:
+                with contextlib.suppress(pykka.ActorDeadError):
+                    budget.waiter.tell(StopWaiting())
+                    budget.waiter.stop(block=False)
         report_crash(self._supervisor, self._name, self.actor_urn, exc)
 
     def on_receive(self, message: Any) -> Any:

@@ -188,3 +188,20 @@ def test_a_crashed_keeper_keeps_the_cap(fleet_prefix: str, fleet: bool, poll: An
         left.get(database).dispose()  # left's connections close: their permits come back
         assert select_one(right, database) == 1
     assert 1 <= sampler.peak <= 2, sampler.peak
+
+
+def test_a_crashed_keeper_leaves_no_lease_waiter_behind(fleet_prefix: str, poll: Any) -> None:
+    settings = {"fleet_url": SHARED_REDIS, "fleet_prefix": fleet_prefix, "cleanup_interval": 60,
+                "ask_timeout": 10, "fleet_lease_ttl": 120}
+    with EngineManager(**settings) as holder, EngineManager(**settings) as waiter:
+        database = spec(unique("eh-waiter"), 1, pool_timeout=0.5)
+        with holder.get(database).connect():
+            with pytest.raises(PoolExhaustedError):  # it waited through a LeaseWaiter
+                select_one(waiter, database)
+        (lease_waiter,) = pykka.ActorRegistry.get_by_class(LeaseWaiter)
+        # Its blocking wait (5 s) ends; nobody waits any more: it idles, alive.
+        poll(lambda: budget_of(waiter, database).blocking_waits >= 1, what="the wait to end")
+        assert lease_waiter.is_alive()
+        keeper = waiter._budgets._keeper()  # private: the only way to reach the keeper
+        keeper.tell("crash")  # an unexpected message: on_failure, the supervisor restarts it
+        poll(lambda: not lease_waiter.is_alive(), what="the crashed keeper's LeaseWaiter to stop")
