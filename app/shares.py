@@ -128,7 +128,7 @@ class FairQueue:
         """A record for a checkout by ``source``: at once if nobody waits, else in turn."""
         share = self.share_of(source)
         self._seen[share] = now = time.monotonic()
-        if not self._anyone_waiting() and self._may_take(share, pool.limit, now):
+        if self._first_in_line(share, pool.limit, now):
             record = pool.take_idle_record() or pool.grow_record()
             if record is not None:
                 self._note_out(record, share)
@@ -185,6 +185,19 @@ class FairQueue:
 
     def _anyone_waiting(self) -> bool:
         return any(self._waiting.values())
+
+    def _first_in_line(self, share: str, limit: int, now: float) -> bool:
+        """Whether a checkout of ``share`` may take a free connection without queueing.
+
+        Yes if it may take one and no other source's waiter that may take one
+        comes first (a source less served). Within its own source it may pass
+        that source's waiters, as QueuePool's callers do: the thread that just
+        returned a connection takes the next one without a thread switch.
+        """
+        if not self._anyone_waiting():
+            return self._may_take(share, limit, now)
+        first = self._least_served(limit)
+        return (first is None or first == share) and self._may_take(share, limit, now)
 
     def _least_served(self, limit: int) -> str | None:
         """The waiting share with the fewest connections per weight that may take one."""
