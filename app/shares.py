@@ -12,7 +12,8 @@ connection; one at or above it only may take what the other active sources'
 unmet entitlements leave free. A connection that comes back goes to the waiting
 source furthest below its share (checked out / weight, lowest first) among
 those that may take it. So a source alone (the others idle) uses the whole cap
-(work-conserving); under contention every active source gets at least its
+(work-conserving); a new checkout passes only its own source's waiters (no
+thread switch per checkout); under contention every active source gets at least its
 weighted share as soon as connections come back, and a bursty source (dashboards
 with think time) finds its share free instead of held by 2-second SQL Lab queries.
 

@@ -13,9 +13,10 @@ Two dashboard workloads: a closed loop (each dashboard thread asks again as
 soon as its query is done) and one with 100 ms of think time between a
 thread's queries (a person reading the chart: the pool goes quiet for the
 dashboards often enough that SQL Lab fills it). Phases alternate (FIFO,
-shares, FIFO, shares...) so both see the same machine load. Reported: dashboard wait p50/p99, queries per second by
-source and in total, and the peak of the database's connections in
-``pg_stat_activity`` (the cap holds either way).
+shares, FIFO, shares...) so both see the same machine load. Reported:
+dashboard wait p50/p99, queries per second by source and in total, and the
+peak of the database's connections in ``pg_stat_activity`` (the cap holds
+either way).
 """
 
 from __future__ import annotations
