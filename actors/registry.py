@@ -50,7 +50,9 @@ UrlPreparer = Callable[[EnginePlan], EnginePlan]
 
 EngineHook = Callable[[Engine, EnginePlan], None]
 ENGINE_HOOKS: list[EngineHook] = []
-"""Called with every engine built (enginehouse.integrations.metrics instruments pools); a failing hook is logged."""
+"""Called with every engine built (the metrics integration instruments pools).
+
+A failing hook is logged, never raised."""
 
 
 class Snapshot:

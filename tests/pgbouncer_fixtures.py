@@ -38,7 +38,8 @@ def pgbouncer_binary() -> str:
     from service_rule import service_unavailable
 
     try:
-        subprocess.run(["sh", str(ROOT / "scripts" / "install-pgbouncer.sh")], check=True, timeout=600)
+        script = str(ROOT / "scripts" / "install-pgbouncer.sh")
+        subprocess.run(["sh", script], check=True, timeout=600)
     except (subprocess.SubprocessError, OSError) as exc:
         service_unavailable("pgbouncer", f"scripts/install-pgbouncer.sh failed ({exc})")
     for path in CANDIDATES:

@@ -40,7 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "services(*names): the test needs these running services (postgres, mariadb, redis); "
-        "skipped with the reason when one is down, failed instead under ENGINEHOUSE_REQUIRE_SERVICES=1",
+        "skipped with the reason when one is down, "
+        "failed instead under ENGINEHOUSE_REQUIRE_SERVICES=1",
     )
 
 

@@ -22,7 +22,10 @@ from enginehouse.errors import (
     ManagerShutDownError,
 )
 
-pytestmark = [pytest.mark.usefixtures("sqlite_files_allowed"), pytest.mark.services("postgres", "mariadb")]
+pytestmark = [
+    pytest.mark.usefixtures("sqlite_files_allowed"),
+    pytest.mark.services("postgres", "mariadb"),
+]
 
 SECRET = "s3cr3t-pw"
 PG = postgres_uri(f"postgres:{SECRET}@127.0.0.1:5432/test")

@@ -1,4 +1,4 @@
-"""``python -m enginehouse``: help everywhere, check against real PostgreSQL, stats over HTTP, bench."""
+"""``python -m enginehouse``: help everywhere, check against real PostgreSQL, stats, bench."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ class Holders:
                 connection.execute(text("SELECT pg_sleep(0.05)"))
                 self.got.append(source)
                 release.wait(60)
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
+        except BaseException as exc:
             self.errors.append(exc)
 
     def release(self, index: int) -> None:
@@ -208,9 +208,8 @@ def test_a_sources_own_pool_timeout_names_database_and_source(
     run = holders(database)
     run.start("SQL_LAB", 4)
     wait_until(lambda: fair.checked_out()["SQL_LAB"] == 4, what="SQL Lab holds all 4")
-    with pytest.raises(PoolExhaustedError) as info:
-        with manager.connect(database, source="DASHBOARD"):
-            pass
+    with pytest.raises(PoolExhaustedError) as info, manager.connect(database, source="DASHBOARD"):
+        pass
     message = str(info.value)
     assert "database 1508" in message and "source DASHBOARD" in message
     assert "pool_timeout=0.2s" in message

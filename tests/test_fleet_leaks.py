@@ -195,9 +195,9 @@ def test_a_crashed_keeper_leaves_no_lease_waiter_behind(fleet_prefix: str, poll:
                 "ask_timeout": 10, "fleet_lease_ttl": 120}
     with EngineManager(**settings) as holder, EngineManager(**settings) as waiter:
         database = spec(unique("eh-waiter"), 1, pool_timeout=0.5)
-        with holder.get(database).connect():
-            with pytest.raises(PoolExhaustedError):  # it waited through a LeaseWaiter
-                select_one(waiter, database)
+        # it waited through a LeaseWaiter:
+        with holder.get(database).connect(), pytest.raises(PoolExhaustedError):
+            select_one(waiter, database)
         (lease_waiter,) = pykka.ActorRegistry.get_by_class(LeaseWaiter)
         # Its blocking wait (5 s) ends; nobody waits any more: it idles, alive.
         poll(lambda: budget_of(waiter, database).blocking_waits >= 1, what="the wait to end")

@@ -58,11 +58,11 @@ def layer_of(module: str) -> str:
         return "facade"
     if head in CORE:
         return "core"
-    pytest.fail(f"{module}: classify it in tests/test_layering.py (CORE, FACADE or an edge package)")
+    pytest.fail(f"{module}: classify it in tests/test_layering.py (CORE, FACADE or an edge)")
 
 
 def imported_modules(path: Path, module: str) -> set[str]:
-    """Our modules that ``path`` imports (``from enginehouse import x`` resolves to x if it is one)."""
+    """Our modules that ``path`` imports (``from enginehouse import x``: x, if a module)."""
     found: set[str] = set()
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     for node in ast.walk(ast.parse(path.read_text())):

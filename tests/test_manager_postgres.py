@@ -190,10 +190,12 @@ def test_a_full_pool_times_out_with_our_error(manager: EngineManager) -> None:
 
     spec = DatabaseSpec(id=1703, uri=PG_URI, extra={"engine_params": {
         "pool_size": 1, "max_overflow": 0, "pool_timeout": 0.1}})
-    with manager.connect(spec):
-        with pytest.raises(PoolExhaustedError, match="database 1703: QueuePool limit"):
-            with manager.connect(spec):
-                pass
+    with (
+        manager.connect(spec),
+        pytest.raises(PoolExhaustedError, match="database 1703: QueuePool limit"),
+        manager.connect(spec),
+    ):
+        pass
 
 
 def test_a_refused_connect_is_our_error_without_the_password(manager: EngineManager) -> None:

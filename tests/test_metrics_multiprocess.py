@@ -1,4 +1,4 @@
-"""Metrics across worker processes (prometheus_client multiprocess mode), against real PostgreSQL."""
+"""Metrics across worker processes (prometheus_client multiprocess mode), real PostgreSQL."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def test_the_wheel_holds_only_the_enginehouse_package(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
-    top = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
+    heads = {name.split("/", 1)[0] for name in names}
+    top = {head for head in heads if not head.endswith(".dist-info")}
     assert top == {"enginehouse"}
     for module in ("py.typed", "__init__.py", "__main__.py", "errors.py", "actors/registry.py",
                    "messages/registry.py", "integrations/flask.py", "cli/main.py"):
@@ -59,12 +60,12 @@ def test_a_project_with_its_own_app_package_imports_both(wheel: Path, tmp_path: 
         "from enginehouse import engines, EngineManager, DatabaseSpec, SSHTunnelSpec, Mode\n"
         "from enginehouse.errors import EngineManagerError\n"
         "assert app.OWNER == 'myproject', app.__file__\n"
-        "assert enginehouse.__file__.startswith(%r), enginehouse.__file__\n"
+        "assert enginehouse.__file__.startswith({!r}), enginehouse.__file__\n"
         "with EngineManager(mode=Mode.SINGLETON, forbid_unsafe_uris=False) as m:\n"
-        "    db = DatabaseSpec(id=1, uri='sqlite:///' + %r)\n"
+        "    db = DatabaseSpec(id=1, uri='sqlite:///' + {!r})\n"
         "    with m.connect(db) as conn:\n"
         "        print(conn.exec_driver_sql('select 41 + 1').scalar())\n"
-    ) % (str(site), str(tmp_path / "db.sqlite"))
+    ).format(str(site), str(tmp_path / "db.sqlite"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(project), str(site)])}
     result = subprocess.run([sys.executable, "-c", script], cwd=project, env=env,
                             capture_output=True, text=True, timeout=120)

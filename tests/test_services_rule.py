@@ -31,7 +31,8 @@ def _run(tmp_path: Path, require: str) -> subprocess.CompletedProcess[str]:
     )
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "service_rule",
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+         "-p", "service_rule",
          str(tmp_path / "test_probe.py"), "--rootdir", str(tmp_path), "-c", os.devnull],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )

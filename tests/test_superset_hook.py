@@ -182,7 +182,7 @@ def test_patching_twice_wraps_once(hooked: Any) -> None:
 
 
 def test_a_pooled_connection_the_server_ended_is_replaced(hooked: Any, poll: Any) -> None:
-    core, manager = hooked
+    core, _manager = hooked
     database = core.Database(36)
     engine = database._get_sqla_engine()
     ended = backend_pid(engine)

@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser(
         "stats",
         help="summarise a running process's /metrics endpoint",
-        description="Fetch a Prometheus page served by enginehouse.integrations.metrics.start_metrics_server "
+        description="Fetch a Prometheus page served by "
+        "enginehouse.integrations.metrics.start_metrics_server "
         "and print engines, pools, actors, tunnels and budgets.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

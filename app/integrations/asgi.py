@@ -87,7 +87,10 @@ def engine_manager(request: HTTPConnection) -> EngineManager:
     if manager is None:
         manager = getattr(request.app.state, STATE_KEY, None)
     if not isinstance(manager, EngineManager):
-        raise RuntimeError("no engine manager: create the app with lifespan=enginehouse.integrations.asgi.lifespan")
+        raise RuntimeError(
+            "no engine manager: create the app with "
+            "lifespan=enginehouse.integrations.asgi.lifespan"
+        )
     return manager
 
 

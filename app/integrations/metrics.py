@@ -461,7 +461,7 @@ def _get(item: Any, name: str, default: Any = None) -> Any:
 
 def multiprocess_dir() -> str | None:
     """prometheus_client's shared directory when its multiprocess mode is on, else None."""
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")  # noqa: SIM112 (its legacy name)
 
 
 def registry_for(source: StatsSource, *, pool_events: bool = True) -> CollectorRegistry:

@@ -8,7 +8,8 @@ managers cleanly when the child exits.
 
 gunicorn.conf.py::
 
-    from enginehouse.integrations.workers import post_fork, worker_exit  # noqa: F401  (gunicorn finds them by name)
+    # gunicorn finds them by name:
+    from enginehouse.integrations.workers import child_exit, post_fork, worker_exit  # noqa: F401
 
 Celery (in the module that creates the Celery app)::
 
@@ -90,7 +91,7 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """gunicorn hook (runs in the master): ``child_exit = enginehouse.integrations.workers.child_exit``.
+    """gunicorn hook, run in the master: ``child_exit = ...workers.child_exit``.
 
     Under prometheus_client's multiprocess mode, drops the dead worker's live
     gauges from the shared directory; otherwise does nothing.
@@ -114,7 +115,8 @@ def celery_worker_process_shutdown(**_signal: Any) -> None:
 
 def _mark_dead(pid: int) -> None:
     """Forget ``pid``'s live metric gauges when metrics run in multiprocess mode."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"):
+    legacy = os.environ.get("prometheus_multiproc_dir")  # noqa: SIM112 (the legacy name)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or legacy:
         from enginehouse.integrations.metrics import mark_process_dead
 
         mark_process_dead(pid)
