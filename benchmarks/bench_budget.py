@@ -76,9 +76,9 @@ def physical(engine: Any) -> Callable[[], object]:
 def permit_cost(rounds: int, batch: int) -> dict[str, Any]:
     prefix = f"eh-bench-{uuid.uuid4().hex[:8]}"
     with ExitStack() as stack:
-        embedded = stack.enter_context(EngineManager(cleanup_interval=30))
+        embedded = stack.enter_context(EngineManager())
         fleet = stack.enter_context(
-            EngineManager(fleet_url=REDIS, fleet_prefix=prefix, cleanup_interval=30)
+            EngineManager(fleet_url=REDIS, fleet_prefix=prefix)
         )
         raw = create_engine(PG_URI)
         stack.callback(raw.dispose)
@@ -114,7 +114,7 @@ def two_managers(case: str, seconds: float) -> dict[str, Any]:
     with ExitStack() as stack:
         managers = [
             stack.enter_context(
-                EngineManager(fleet_prefix=f"eh-bench-{p}-{app}", cleanup_interval=30)
+                EngineManager(fleet_prefix=f"eh-bench-{p}-{app}")
             )
             for p in prefixes
         ]

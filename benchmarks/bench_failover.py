@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--cap", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=24.0)
+    # Not the default (30 s): keepers follow the Sentinel master on each Janitor round, so
+    # this bounds the window after a failover; 1 s shows it within a short run (docs/fleet.md).
     parser.add_argument("--cleanup-interval", type=float, default=1.0)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()

@@ -133,7 +133,7 @@ def phase(
 
 def run(seconds: float, repeats: int) -> dict[str, Any]:
     phases: list[dict[str, Any]] = []
-    with EngineManager(mode="singleton", cleanup_interval=60, ask_timeout=30) as manager:
+    with EngineManager(mode="singleton") as manager:  # defaults
         for index in range(repeats):
             for workload in WORKLOADS:
                 order = (FIFO, FAIR) if index % 2 == 0 else (FAIR, FIFO)
