@@ -162,12 +162,14 @@ def _engine_kwargs(params: dict[str, Any], mode: Mode) -> dict[str, Any]:
 def with_budgeted_pool(plan: EnginePlan, settings: ManagerSettings) -> EnginePlan:
     """``plan`` (built by an integration, not :func:`build_plan`) with the budget's pool class.
 
-    The same rule as :func:`build_plan`'s: a capped database's QueuePool
-    becomes a BudgetedQueuePool; the engine key stays (the rule is a function of it).
+    The same rule as :func:`build_plan`'s: a capped database's QueuePool, or one
+    with ``plan.connection_shares``, becomes a BudgetedQueuePool; the engine key
+    stays (the rule is a function of it).
     """
     cap = plan.max_connections or settings.default_max_connections
-    kwargs = _budgeted(plan.url, plan.kwargs, cap)
-    return plan if kwargs is plan.kwargs else dataclasses.replace(plan, kwargs=kwargs)
+    shares = dict(plan.connection_shares) if plan.connection_shares else None
+    kwargs = _budgeted(plan.url, dict(plan.kwargs), cap, shares)
+    return dataclasses.replace(plan, kwargs=kwargs)
 
 
 def _budgeted(

@@ -261,7 +261,7 @@ class DatabaseSpec(_Spec):
             raise ValueError("engine_params must be a JSON object")
         check_engine_params(params)
         _check_max_connections(value.get("max_connections"))
-        _check_connection_shares(value.get("connection_shares"))
+        check_connection_shares(value.get("connection_shares"))
         return value
 
     @property
@@ -354,7 +354,7 @@ MAX_SHARE_TIMEOUT = 86_400
 """Largest per-source ``pool_timeout`` in ``extra.connection_shares`` (seconds)."""
 
 
-def _check_connection_shares(shares: Any) -> None:
+def check_connection_shares(shares: Any) -> None:
     """``extra["connection_shares"]``: source -> weight, or -> {"weight", "pool_timeout"}.
 
     Weights are finite numbers > 0; ``pool_timeout`` (optional) a finite number >= 0.

@@ -57,6 +57,8 @@ class EnginePlan:
     """Texts from ``encrypted_extra`` to mask in any error about this plan."""
     max_connections: int | None = None
     """``extra["max_connections"]``: this database's connection budget (None: the default)."""
+    connection_shares: Mapping[str, Any] | None = None
+    """``extra["connection_shares"]`` as the pool's argument (enginehouse.shares), or None."""
 
     def __repr__(self) -> str:
         return (

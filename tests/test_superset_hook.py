@@ -8,6 +8,8 @@ engine_params, NullPool forced when ``nullpool``, then ``create_engine``).
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import json
 import types
 from collections.abc import Iterator
@@ -21,9 +23,18 @@ from sqlalchemy.engine import Engine, make_url
 from enginehouse import EngineManager
 from enginehouse.budgeted_pool import BudgetedQueuePool
 from enginehouse.errors import InvalidSpecError
-from enginehouse.integrations.superset.engine_hook import REQUEST, EngineHook, patch
+from enginehouse.integrations.superset.engine_hook import REQUEST, EngineHook, patch, source_name
+from enginehouse.shares import request_source
 
 PASSWORD = "hook-pw-5173"
+
+
+class QuerySource(enum.Enum):
+    """superset.utils.core.QuerySource (6.1)."""
+
+    CHART = 0
+    DASHBOARD = 1
+    SQL_LAB = 2
 
 
 def make_core() -> types.SimpleNamespace:
@@ -55,6 +66,16 @@ def make_core() -> types.SimpleNamespace:
             if schema:  # as PostgresEngineSpec.adjust_engine_params
                 connect_args["options"] = f"-csearch_path={schema}"
             return core.create_engine(url, **kwargs)
+
+        @contextlib.contextmanager
+        def get_sqla_engine(
+            self,
+            catalog: str | None = None,
+            schema: str | None = None,
+            nullpool: bool = True,
+            source: Any = None,
+        ) -> Iterator[Engine]:
+            yield self._get_sqla_engine(catalog, schema, nullpool, source)
 
     core.Database = Database
     return core
@@ -198,3 +219,35 @@ def test_a_pooled_connection_the_server_ended_is_replaced(hooked: Any, poll: Any
     killer.dispose()
     again = database._get_sqla_engine()
     assert backend_pid(again) != ended  # SINGLETON: pre-ping replaced the dead pooled connection
+
+
+def test_connection_shares_in_the_extra_shape_the_pool_and_see_the_source() -> None:
+    extra = {"max_connections": 2, "connection_shares": {"DASHBOARD": 3, "SQL_LAB": 1}}
+    with EngineManager(mode="singleton", cleanup_interval=60) as manager:
+        core = make_core()
+        patch(core, EngineHook(lambda: manager))
+        database = core.Database(37, extra)
+        with database.get_sqla_engine(source=QuerySource.SQL_LAB) as engine:
+            assert isinstance(engine.pool, BudgetedQueuePool)
+            assert engine.pool.fair is not None
+            assert engine.pool.fair.weights["DASHBOARD"] == 3
+            with engine.connect():
+                assert engine.pool.fair.checked_out()["SQL_LAB"] == 1
+        assert request_source.get() is None  # the source ends with the block
+        with database.get_sqla_engine() as engine, engine.connect():  # no source: the "*" share
+            assert engine.pool.fair.checked_out()["*"] == 1
+
+
+def test_source_names_follow_superset_query_source() -> None:
+    assert source_name(QuerySource.DASHBOARD) == "DASHBOARD"
+    assert source_name("CHART") == "CHART"
+    assert source_name(None) is None  # outside Superset: no referrer to guess from
+
+
+def test_bad_connection_shares_name_the_field() -> None:
+    with EngineManager(mode="singleton", cleanup_interval=60) as manager:
+        core = make_core()
+        patch(core, EngineHook(lambda: manager))
+        database = core.Database(38, {"connection_shares": {"DASHBOARD": -1}})
+        with pytest.raises(InvalidSpecError, match=r"extra\.connection_shares\.DASHBOARD"):
+            database._get_sqla_engine()

@@ -47,6 +47,9 @@ ENCRYPTED_PASSWORD = "e2e-enc-pw-5512"
 register_secret(PG_PASSWORD, ENCRYPTED_PASSWORD)
 
 
+LEAK_THRESHOLD = 1.0
+"""Seconds a checkout may last before enginehouse warns (set on the enginehouse variants)."""
+
 SESSION_TIMEOUT = 1200
 """Seconds for any one test here: the first one's setup builds the venv and starts Superset."""
 
@@ -75,6 +78,8 @@ def variant() -> Iterator[Variant]:
     fleet = (
         f'ENGINEHOUSE_FLEET_URL = "redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"\n'
         f'ENGINEHOUSE_FLEET_PREFIX = "{prefix}"\n'
+        # test_query_source_reaches_the_pool reads the source off a leak warning.
+        f"ENGINEHOUSE_LEAK_DETECTION_THRESHOLD = {LEAK_THRESHOLD}\n"
     )
     yield Variant(f"enginehouse-{mode}", enginehouse_mode=mode, extra_config=fleet)
     with contextlib.suppress(Exception):

@@ -1,4 +1,5 @@
-"""Chart data through a dataset and a chart; a per-database cap held across both workers."""
+"""Chart data through a dataset and a chart; a per-database cap held across both workers;
+Superset's query source reaching the pool (``extra.connection_shares``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
-from .conftest import Target, shares_tunnels
-from .harness import PeakSampler, Server, SupersetClient, Variant
+from .conftest import LEAK_THRESHOLD, Target, shares_tunnels
+from .harness import PeakSampler, Server, SupersetClient, Variant, wait_for
 
 pytestmark = pytest.mark.services("postgres", "redis")
 
@@ -62,3 +63,24 @@ def test_a_cap_holds_across_both_workers(
         return  # stock Superset has no cap
     # enginehouse: the cap, fleet-wide through Redis (8 clients would open 8 without it).
     assert sampler.peak <= CAP, f"{sampler.peak} connections under a cap of {CAP}"
+
+
+def test_query_source_reaches_the_pool(
+    api: SupersetClient, server: Server, variant: Variant, target: Target, unique: str
+) -> None:
+    """SQL Lab's checkouts carry ``QuerySource.SQL_LAB``: the pool's shares and leak detection
+    see it. Observed from outside: the leak warning for a query held past the threshold names
+    the database and the source."""
+    _name, uri = target("source")
+    shares = {"DASHBOARD": 3, "CHART": 2, "SQL_LAB": 1}
+    database = api.create_database(
+        f"pg-source-{unique}", uri, extra={"max_connections": 4, "connection_shares": shares}
+    )
+    held = LEAK_THRESHOLD * 2.5
+    rows = api.query_rows(database, f"SELECT 1 AS one FROM pg_sleep({held})")
+    assert rows == [{"one": 1}]
+    if not shares_tunnels(variant):
+        return  # stock Superset has neither shares nor leak detection
+    warning = f"connection leak suspected: database {database}, source SQL_LAB"
+    wait_for(lambda: warning in server.process.log.read_text(errors="replace"), 30,
+             "the leak warning naming SQL_LAB")

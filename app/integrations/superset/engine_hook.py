@@ -12,16 +12,23 @@ semantic stays Superset's; only where the engine comes from changes:
   user), with the pool the database's extra asks for instead of the NullPool
   Superset forces (default: the dialect's, QueuePool for servers).
 * NEW: Superset's engine (NullPool), built by the manager so caps apply.
+
+``get_sqla_engine`` (the context manager every caller enters) is wrapped too:
+inside it, :data:`enginehouse.shares.request_source` is the query's source
+(``QuerySource.SQL_LAB`` -> ``"SQL_LAB"``, else Superset's guess from the
+request's referrer), so ``extra.connection_shares`` and leak detection see
+which kind of work checks a connection out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +43,7 @@ from enginehouse.manager import EngineManager
 from enginehouse.messages.registry import EnginePlan
 from enginehouse.plan import POOL_CLASS_BY_NAME
 from enginehouse.settings import Mode
+from enginehouse.shares import request_source
 from enginehouse.specs import POOL_CLASSES, SSHTunnelSpec
 
 log = logging.getLogger("enginehouse.superset")
@@ -121,6 +129,7 @@ def plan_for(request: EngineRequest, url: Any, kwargs: dict[str, Any], mode: Mod
         tunnel=tunnel,
         redact=facts.redact,
         max_connections=facts.max_connections,
+        connection_shares=facts.shares if pooled else None,
     )
 
 
@@ -190,6 +199,52 @@ def patch(core: Any, hook: EngineHook) -> None:
     if getattr(original, "__enginehouse_wrapped__", False):
         return
     database._get_sqla_engine = _recording(original)
+    if hasattr(database, "get_sqla_engine"):
+        database.get_sqla_engine = _sourced(database.get_sqla_engine)
+
+
+def _sourced(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``get_sqla_engine`` with the query's source in :data:`request_source` while inside."""
+    signature = inspect.signature(original)
+
+    @contextlib.contextmanager
+    @functools.wraps(original)
+    def get_sqla_engine(self: Any, *args: Any, **kwargs: Any) -> Iterator[Engine]:
+        source = signature.bind(self, *args, **kwargs).arguments.get("source")
+        token = request_source.set(source_name(source))
+        try:
+            with original(self, *args, **kwargs) as engine:
+                yield engine
+        finally:
+            with contextlib.suppress(ValueError):  # left in another context: nothing to undo
+                request_source.reset(token)
+
+    get_sqla_engine.__enginehouse_wrapped__ = True  # type: ignore[attr-defined]
+    return get_sqla_engine
+
+
+def source_name(source: Any) -> str | None:
+    """A ``QuerySource`` (or its name) as a ``connection_shares`` key; None: ``"*"``.
+
+    With no source given, Superset's own guess from the request's referrer
+    (dashboard, explore, SQL Lab), as it does for ``DB_CONNECTION_MUTATOR``.
+    """
+    if source is None:
+        source = _source_from_request()
+    if source is None:
+        return None
+    return str(getattr(source, "name", source))
+
+
+def _source_from_request() -> Any:
+    try:
+        from superset.utils.core import get_query_source_from_request
+    except ImportError:  # not inside Superset (a stand-in in tests)
+        return None
+    try:
+        return get_query_source_from_request()
+    except RuntimeError:  # no request context (a Celery task, a CLI command)
+        return None
 
 
 def _recording(original: Callable[..., Engine]) -> Callable[..., Engine]:

@@ -14,7 +14,8 @@ from typing import Any
 from enginehouse.errors import InvalidSpecError
 from enginehouse.integrations.content_cache import ContentCache, digest
 from enginehouse.integrations.superset.config import TunnelOptions
-from enginehouse.specs import SSHTunnelSpec
+from enginehouse.shares import pool_argument
+from enginehouse.specs import SSHTunnelSpec, check_connection_shares
 
 UNSAVED = "unsaved"
 """The database id of a model not saved yet (Superset's test connection)."""
@@ -44,6 +45,8 @@ class DatabaseFacts:
     redact: tuple[str, ...]
     """Texts of ``encrypted_extra`` that errors must mask (longest first)."""
     impersonate_user: bool
+    shares: dict[str, Any] | None = None
+    """``extra.connection_shares`` as the pool's argument (enginehouse.shares), or None."""
 
 
 _facts: ContentCache[DatabaseFacts] = ContentCache()
@@ -80,7 +83,13 @@ def _read_facts(database: Any, key: str, extra: str | None, encrypted: str | Non
         max_connections=_cap(parsed.get("max_connections")),
         redact=_redactions(encrypted),
         impersonate_user=bool(getattr(database, "impersonate_user", False)),
+        shares=_shares(database_id, parsed.get("connection_shares")),
     )
+
+
+def _shares(database_id: Any, shares: Any) -> dict[str, Any] | None:
+    check_connection_shares(shares)
+    return pool_argument(database_id, shares) if shares else None
 
 
 def tunnel_spec(tunnel: Any, options: TunnelOptions) -> SSHTunnelSpec:
