@@ -251,3 +251,29 @@ def test_bad_connection_shares_name_the_field() -> None:
         database = core.Database(38, {"connection_shares": {"DASHBOARD": -1}})
         with pytest.raises(InvalidSpecError, match=r"extra\.connection_shares\.DASHBOARD"):
             database._get_sqla_engine()
+
+
+def test_the_flask_shim_takes_the_hooks_path_for_a_superset_model() -> None:
+    """``integrations.flask.get_sqla_engine(database)`` on a hooked Superset model: its own
+    ``get_sqla_engine`` (Superset's steps), the same cached engine as the model's call."""
+    from flask import Flask
+
+    from enginehouse.integrations.flask import EngineManagerExtension, get_sqla_engine
+    from enginehouse.integrations.superset.install import installed_state
+    from enginehouse.settings import ManagerSettings
+
+    app = Flask(__name__)
+    EngineManagerExtension().init_app(app, ManagerSettings(mode="singleton", cleanup_interval=60))
+    state = installed_state(app)
+    core = make_core()
+    patch(core, EngineHook(state.running))
+    database = core.Database(39)
+    try:
+        with app.app_context():
+            with get_sqla_engine(database, schema="sales") as engine:
+                assert engine is database._get_sqla_engine(schema="sales")
+                with engine.connect() as connection:
+                    assert connection.execute(text("show search_path")).scalar_one() == "sales"
+            assert state.running().stats().engine_count == 1
+    finally:
+        state.shutdown()

@@ -273,8 +273,16 @@ class EngineManagerExtension:
         mode decides (NEW: a NullPool engine per call; SINGLETON: cached pools).
 
         The engine is cached and shared, so nothing is disposed on exit (in
-        NEW mode each engine has a NullPool: there is nothing to keep).
+        NEW mode each engine has a NullPool: there is nothing to keep). A
+        Superset ``Database`` under ``enginehouse.superset.install`` is served by
+        its own ``get_sqla_engine`` (Superset's steps, then the same hook).
         """
+        if override_ssh_tunnel is None and served_by_superset_hook(database):
+            with database.get_sqla_engine(
+                catalog=catalog, schema=schema, nullpool=nullpool is not False, source=source
+            ) as engine:
+                yield engine
+            return
         yield self.get_engine(
             database, catalog=catalog, schema=schema, source=source, ssh_tunnel=override_ssh_tunnel
         )
@@ -293,10 +301,20 @@ def get_sqla_engine(
     source: Any = None,
     override_ssh_tunnel: Any = None,
 ) -> Iterator[Engine]:
-    """``with get_sqla_engine(database, schema=...) as engine``, via the current app's manager."""
+    """``with get_sqla_engine(database, schema=...) as engine``, via the current app's manager.
+
+    A Superset ``Database`` under ``enginehouse.superset.install`` goes through its
+    own ``get_sqla_engine`` instead: Superset's steps, then the same engine hook.
+    """
     state = current_app.extensions.get(EXTENSION_KEY)
     if state is None:
         raise RuntimeError("EngineManagerExtension.init_app(app) was not called")
+    if override_ssh_tunnel is None and served_by_superset_hook(database):
+        with database.get_sqla_engine(
+            catalog=catalog, schema=schema, nullpool=nullpool is not False, source=source
+        ) as engine:
+            yield engine
+        return
     yield state.get_engine(
         database,
         catalog=catalog,
@@ -305,6 +323,12 @@ def get_sqla_engine(
         user=None,
         ssh_tunnel=override_ssh_tunnel,
     )
+
+
+def served_by_superset_hook(database: Any) -> bool:
+    """Whether ``database`` is a Superset model whose ``get_sqla_engine`` enginehouse wraps."""
+    method = getattr(type(database), "get_sqla_engine", None)
+    return bool(getattr(method, "__enginehouse_wrapped__", False))
 
 
 def current_username() -> str | None:
