@@ -268,7 +268,7 @@ def _per_block_ratios(block_p50: dict[str, list[float]], case: str) -> dict[str,
     stock = block_p50.get(f"stock {case} sequential", [])
     if not ours or len(ours) != len(stock):
         return None
-    values = [o / s for o, s in zip(ours, stock)]
+    values = [o / s for o, s in zip(ours, stock, strict=True)]
     return {"ratios": values, "median": statistics.median(values)}
 
 
