@@ -77,8 +77,10 @@ class TunnelDirectory(pykka.ThreadingActor):
         keepalive_interval: float = 5.0,
         keepalive_timeout: float = 5.0,
         known_hosts: Path | None = None,
+        transport: str = "paramiko",
     ) -> None:
         super().__init__()
+        self._transport = transport  # ssh_transport: paramiko | openssh
         self._keepalive = (keepalive_interval, keepalive_timeout)
         self._known_hosts = known_hosts
         # Each supervisor publishes its TunnelView here: stats never wait on a tunnel.
@@ -128,6 +130,7 @@ class TunnelDirectory(pykka.ThreadingActor):
                 keepalive_timeout=self._keepalive[1],
                 known_hosts=self._known_hosts,
                 board=self._board,
+                transport=self._transport,
             )
             self._tunnels[spec.fingerprint] = ref
         return ref

@@ -15,22 +15,29 @@ this actor replaces them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import paramiko
 import pykka
 
 from enginehouse import forking
 from enginehouse.actors.counters import count_value
-from enginehouse.actors.forwarder import ChannelOpener, PortForward
-from enginehouse.actors.heartbeat import Heartbeat
+from enginehouse.actors.forwarder import ChannelOpener
 from enginehouse.actors.policy import RestartLedger, RestartPolicy
-from enginehouse.actors.ssh import connect, load_private_key, quick_acks_for_a_while
+from enginehouse.actors.ssh import quick_acks_for_a_while
+from enginehouse.actors.ssh_transport import (
+    Forward,
+    Session,
+    SSHTransport,
+    TransportSettings,
+    transport_for,
+)
 from enginehouse.errors import EngineManagerError, PoolExhaustedError, TunnelError
 from enginehouse.messages.tunnel import (
     CheckHealth,
@@ -48,8 +55,6 @@ from enginehouse.specs import SSHTunnelSpec
 
 log = logging.getLogger("enginehouse.tunnel")
 
-_JOIN_TIMEOUT = 5.0
-
 HoldSession = Callable[[str, float], Any]
 """``hold(bastion, timeout)``: wait up to ``timeout`` s for a permit to open one SSH
 session to ``bastion`` (``max_tunnels_per_bastion``); answers a lease for
@@ -65,7 +70,7 @@ class Link:
 
     def __init__(self, bastion: str) -> None:
         self.bastion = bastion
-        self.transport: paramiko.Transport | None = None
+        self.transport: Session | None = None  # paramiko's Transport, or an OpenSSH master
         self.generation = 0
         self.closed = False
         self.ports: frozenset[int] = frozenset()  # replaced whole, never mutated
@@ -100,7 +105,7 @@ class TunnelView:
     state: str
     connects: int
     restarts: int
-    forwards: tuple[tuple[PortForward, int], ...]  # (forward, owners)
+    forwards: tuple[tuple[Forward, int], ...]  # (forward, owners)
     last_error: str | None
     gave_up: str | None
     link: Link
@@ -120,8 +125,8 @@ class TunnelView:
                     local_port=forward.local_port,
                     owners=owners,
                     active_channels=forward.active_channels,
-                    channels_opened=count_value(forward.opened),
-                    channel_failures=count_value(forward.failures),
+                    channels_opened=count_value(getattr(forward, "opened", _NONE)),
+                    channel_failures=count_value(getattr(forward, "failures", _NONE)),
                 )
                 for forward, owners in self.forwards
             ),
@@ -129,6 +134,8 @@ class TunnelView:
             gave_up=self.gave_up,
         )
 
+
+_NONE = itertools.count()  # never advanced: a forward that does not count channels
 
 Board = dict[str, TunnelView]
 """Where supervisors publish their :class:`TunnelView`, by bastion fingerprint."""
@@ -153,14 +160,23 @@ class TunnelSupervisor(pykka.ThreadingActor):
         keepalive_timeout: float = 5.0,
         known_hosts: Path | None = None,
         board: Board | None = None,
+        transport: str = "paramiko",
     ) -> None:
         super().__init__()
         self._spec = spec
-        self._keepalive_interval = keepalive_interval
-        self._keepalive_timeout = keepalive_timeout
-        self._known_hosts = known_hosts
         self._board = board
-        self._heartbeat: Heartbeat | None = None
+        # The ssh_transport strategy: it opens, probes, forwards and closes (actors/ssh_transport).
+        self._transport: SSHTransport = transport_for(
+            transport,
+            TransportSettings(
+                spec,
+                connect_timeout=connect_timeout,
+                keepalive_interval=keepalive_interval,
+                keepalive_timeout=keepalive_timeout,
+                known_hosts=known_hosts,
+                on_death=self._tell_health_round,
+            ),
+        )
         self._stopping = False
         # The bastion's session budget (None: uncapped, nothing to do).
         self._hold_session = hold_session
@@ -171,8 +187,7 @@ class TunnelSupervisor(pykka.ThreadingActor):
         self._ask_timeout = ask_timeout
         self._idle_timeout = idle_timeout
         self.link = Link(spec.bastion)
-        self._key: paramiko.PKey | None = None
-        self._forwards: dict[tuple[str, int], PortForward] = {}
+        self._forwards: dict[tuple[str, int], Forward] = {}
         self._owners: dict[tuple[str, int], set[Owner]] = {}
         self._opened: dict[tuple[str, int], float] = {}  # last OpenForward per remote
         self._ledger = RestartLedger(policy)
@@ -190,6 +205,11 @@ class TunnelSupervisor(pykka.ThreadingActor):
             GetTunnelStats: self._stats,
             CloseTunnel: self._close_and_stop,
         }
+
+    def _tell_health_round(self) -> None:
+        """The strategy saw its session die: a health round (a tell that never raises)."""
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.actor_ref.tell(CheckHealth(time.monotonic()))
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -246,7 +266,7 @@ class TunnelSupervisor(pykka.ThreadingActor):
             self._close_and_stop(CloseTunnel())
         return len(self._forwards)
 
-    def _ensure_connected(self, message: EnsureConnected) -> paramiko.Transport:
+    def _ensure_connected(self, message: EnsureConnected) -> Session:
         transport = self.link.transport
         if transport is not None and transport.is_active():
             return transport
@@ -360,23 +380,15 @@ class TunnelSupervisor(pykka.ThreadingActor):
         self._publish()
         time.sleep(delay)
 
-    def _connect(self) -> paramiko.Transport:
+    def _connect(self) -> Session:
         self._drop_transport()
-        if self._key is None and self._spec.private_key is not None:
-            self._key = load_private_key(self._spec)
         previous, self._state = self._state, "connecting"
         self._publish()  # stats() shows "connecting" while this actor is busy here
         self._state = previous
         try:
             lease = self._hold_permit()
             try:
-                transport = connect(
-                    self._spec,
-                    self._key,
-                    self._connect_timeout,
-                    known_hosts=self._known_hosts,
-                    dead_after=self._keepalive_interval + self._keepalive_timeout,
-                )
+                transport = self._transport.open(list(self._forwards.values()))
             except BaseException:
                 self._give_back(lease)
                 raise
@@ -385,12 +397,6 @@ class TunnelSupervisor(pykka.ThreadingActor):
             self._state = "failed" if self._connects == 0 else "disconnected"
             self._deliberate = False
             raise
-        self._heartbeat = Heartbeat(
-            transport,
-            self._spec.bastion,
-            interval=self._keepalive_interval,
-            timeout=self._keepalive_timeout,
-        )
         self._lease = lease
         self.link.transport = transport
         self.link.generation += 1
@@ -398,7 +404,12 @@ class TunnelSupervisor(pykka.ThreadingActor):
         self._state = "connected"
         self._deliberate = False
         self._gave_up = None
-        log.info("SSH transport to %s open (connect #%d)", self._spec.bastion, self._connects)
+        log.info(
+            "SSH transport to %s open (%s, connect #%d)",
+            self._spec.bastion,
+            self._transport.name,
+            self._connects,
+        )
         return transport
 
     def _hold_permit(self) -> Any:
@@ -430,28 +441,18 @@ class TunnelSupervisor(pykka.ThreadingActor):
 
     def _probe(self, host: str, port: int) -> None:
         """Open and close one channel, so an unreachable remote fails now with its reason."""
-        transport = self._ensure_connected(EnsureConnected("probe"))
-        try:
-            channel = transport.open_channel(
-                "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=self._connect_timeout
-            )
-        except paramiko.ChannelException as exc:
-            raise TunnelError(
-                f"bastion {self._spec.bastion} cannot reach {host}:{port}: {exc.text}"
-            ) from None
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise TunnelError(
-                f"opening a channel to {host}:{port} via bastion {self._spec.bastion} failed: {exc}"
-            ) from None
-        channel.close()
+        self._transport.probe(self._ensure_connected(EnsureConnected("probe")), host, port)
 
-    def _listen(self, message: OpenForward) -> PortForward:
+    def _listen(self, message: OpenForward) -> Forward:
+        def opener() -> ChannelOpener:
+            return channel_opener(
+                self.link, self.actor_ref, self._ask_timeout, self._connect_timeout
+            )
+
+        session = self._ensure_connected(EnsureConnected("listen"))
         try:
-            return PortForward(
-                message.remote_host,
-                message.remote_port,
-                channel_opener(self.link, self.actor_ref, self._ask_timeout, self._connect_timeout),
-                local_port=message.local_port,
+            return self._transport.listen(
+                session, message.remote_host, message.remote_port, message.local_port, opener
             )
         except OSError as exc:
             raise TunnelError(
@@ -473,17 +474,8 @@ class TunnelSupervisor(pykka.ThreadingActor):
         self._deliberate = True
 
     def _drop_transport(self) -> None:
-        transport = self.link.transport
         self.link.transport = None
-        heartbeat, self._heartbeat = self._heartbeat, None
-        if heartbeat is not None:
-            heartbeat.stop()
-        if transport is not None:
-            transport.close()
-            if transport.is_alive():  # close() leaves its thread to notice within ~0.1 s
-                transport.join(_JOIN_TIMEOUT)
-        if heartbeat is not None:
-            heartbeat.join(_JOIN_TIMEOUT)  # its ping returns once the transport is closed
+        self._transport.close()
         lease, self._lease = self._lease, None
         self._give_back(lease)  # after the close: the session is gone when the permit is
 
@@ -514,7 +506,7 @@ def channel_opener(
         return transport
 
     def open_channel(host: str, port: int, origin: tuple[str, int]) -> paramiko.Channel:
-        transport = link.transport
+        transport = cast(paramiko.Transport | None, link.transport)
         if transport is None or not transport.is_active():
             transport = ensure("a new connection found the transport dead")
         quick_acks_for_a_while(transport)

@@ -378,6 +378,7 @@ class EngineManager:
                 keepalive_interval=settings.tunnel_keepalive_interval,
                 keepalive_timeout=settings.tunnel_keepalive_timeout,
                 known_hosts=settings.ssh_known_hosts_file or default_known_hosts_file(),
+                transport=settings.ssh_transport,
             ),
             policy,
         )

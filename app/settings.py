@@ -123,6 +123,14 @@ class ManagerSettings(BaseSettings):
             "(~/.local/state/enginehouse/known_hosts)"
         ),
     )
+    ssh_transport: Literal["paramiko", "openssh"] = Field(
+        default="paramiko",
+        description=(
+            "how tunnels speak SSH: paramiko (in-process, relays in Python) or openssh "
+            "(a supervised ssh -N -M per bastion, forwards by ssh -O forward; "
+            "needs the ssh client)"
+        ),
+    )
     # -- parity with Superset's manager (see docs/security.md, docs/adapters.md) --
     uri_validator: ImportString[UriValidator] | None = Field(
         default=None, description="(url, database) -> None; raise InvalidSpecError to refuse"

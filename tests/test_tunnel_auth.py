@@ -1,4 +1,5 @@
-"""Credentials, host key policies and bad input, each against a real sshd."""
+"""Credentials, host key policies and bad input, each against a real sshd, on both transports
+(``ssh_transport``: paramiko, and openssh's supervised ``ssh -N -M``)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,15 @@ from enginehouse.errors import InvalidSpecError, TunnelError
 pytestmark = pytest.mark.services("postgres")
 
 
+@pytest.fixture(params=["paramiko", "openssh"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """The ``ssh_transport`` setting every test of this module runs with."""
+    return str(request.param)
+
+
 @pytest.fixture
-def manager() -> Iterator[EngineManager]:
-    with make_manager("new") as m:
+def manager(transport: str) -> Iterator[EngineManager]:
+    with make_manager("new", ssh_transport=transport) as m:
         yield m
 
 
@@ -154,9 +161,11 @@ def test_strict_accepts_a_known_hosts_file(
     )
 
 
-def test_strict_refuses_an_unknown_key(sshd: ThrowawaySshd, tmp_path: Any) -> None:
+def test_strict_refuses_an_unknown_key(sshd: ThrowawaySshd, tmp_path: Any, transport: str) -> None:
     # A known_hosts file of its own: the shared one may hold a pin-first pin of this server.
-    with make_manager("new", ssh_known_hosts_file=tmp_path / "known_hosts") as manager:
+    with make_manager(
+        "new", ssh_known_hosts_file=tmp_path / "known_hosts", ssh_transport=transport
+    ) as manager:
         with pytest.raises(TunnelError, match=r"unknown .* host_key_policy is strict"):
             select_one(manager, server=sshd, host_key_policy="strict")
         assert_nothing_left(manager, sshd, len(sshd.sessions()))
@@ -193,11 +202,13 @@ def test_pin_first_refuses_a_changed_key(
 
 
 def test_accept_connects_and_warns(
-    sshd: ThrowawaySshd, caplog: pytest.LogCaptureFixture, tmp_path: Any
+    sshd: ThrowawaySshd, caplog: pytest.LogCaptureFixture, tmp_path: Any, transport: str
 ) -> None:
     # A known_hosts file of its own: a key listed there would be verified, not warned about.
     with (
-        make_manager("new", ssh_known_hosts_file=tmp_path / "known_hosts") as manager,
+        make_manager(
+            "new", ssh_known_hosts_file=tmp_path / "known_hosts", ssh_transport=transport
+        ) as manager,
         caplog.at_level(logging.WARNING, logger="enginehouse.tunnel"),
     ):
         assert select_one(manager, server=sshd, host_key_policy="accept") == 1
