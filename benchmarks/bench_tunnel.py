@@ -492,16 +492,27 @@ def notes(results: dict[str, Any]) -> str:
 def write_doc(table: str, when: str, tries: int, note: str) -> None:
     section = f"""## SSH tunnels
 
-Issues 4 and 14. `python -m benchmarks.bench_tunnel` (sqla2 stack; needs the test
-PostgreSQL; starts its own sshd through `scripts/install-sshd.sh`, a few minutes;
-`--quick` for a smoke run). Last full run: {when}, on the 2-core container.
+Issues 4 and 14. Rerun (sqla2 stack, needs the test PostgreSQL and the `bench` extras,
+`pip install -e '.[bench]'`; starts its own sshd through `scripts/install-sshd.sh`;
+about 5 minutes; `--quick` for a smoke run that writes no docs):
 
-Settings: every side on its defaults. Our tunnel is `EngineManager()` with no setting
-changed and `DatabaseSpec(uri, ssh_tunnel=...)` with no `engine_params` (default
-QueuePool, keepalives every 5 s, quick ACKs on); `ssh -L` is OpenSSH's
-client with its defaults (`ssh -N -L`, key auth); sshtunnel 0.5.1 is
-`SSHTunnelForwarder` as Superset uses it. All over the same local sshd, to the
-same PostgreSQL. Ratios are against direct, measured in the same run.
+    flock /tmp/enginehouse-bench.lock .venv/sqla2/bin/python -m benchmarks.bench_tunnel
+
+Last full run: {when}, on the 2-core container.
+
+Settings: every side on its defaults. *enginehouse (paramiko, default)* is
+`EngineManager()` with no setting changed and `DatabaseSpec(uri, ssh_tunnel=...)` with
+no `engine_params` (default QueuePool, keepalives every 5 s, quick ACKs on).
+*enginehouse (openssh)* is the same with the one setting `ssh_transport="openssh"`
+(the OpenSSH transport: a supervised `ssh -N -M` per bastion, forwards by
+`ssh -O forward`; changed because that transport is what the column measures).
+`ssh -L` is OpenSSH's client with its defaults (`ssh -N -L`, key auth); sshtunnel
+0.5.1 is `SSHTunnelForwarder` as Superset uses it. All over the same local sshd, to
+the same PostgreSQL, key authentication everywhere. Ratios are against direct,
+measured in the same run. The start/restart/stop rows start a `TunnelSupervisor`
+with the timeouts `EngineManager()` passes on its defaults, and a restart policy
+without backoff (the default waits 50 ms before a first restart: the row measures
+the reconnect itself).
 
 {table}
 
@@ -518,6 +529,14 @@ trips. Restart = time for `EnsureConnected` after sshd's session processes were
 killed (the local port stays). The second-database row is `EngineManager.get()` for
 a database not seen before behind the already-open bastion, against the same miss
 without a tunnel (the handshake count is from `stats()`).
+
+The OpenSSH transport relays in OpenSSH's C client, like `ssh -L`: no Python thread per
+connection, no GIL hand-off between our relay threads, paramiko's transport thread and
+the application's threads. That is where the paramiko transport loses most, in bursts
+of concurrent opens (the application's threads, two relay threads per connection and
+paramiko's transport thread all take turns on one GIL). Its own costs: a session start
+runs `ssh` (and, for the first forward, two short `ssh -S` requests: `-W` to probe the
+database host, `-O forward`), so it starts slower; it stops faster.
 
 Where the ~45 ms stall came from (issue 14): sshd leaves Nagle's algorithm on for a
 session without a terminal, so when it sends two small packets in a row (the
