@@ -166,3 +166,15 @@ def test_shares_benchmark_runs_tiny_and_keeps_the_cap(
     assert "dashboard wait p99" in bench_shares.report(data)
     if common.plotting_available():
         assert bench_shares.plot(data, tmp_path / "shares.png").stat().st_size > 0
+
+
+def test_observe_leaks_scenario_reports_the_held_connection(tmp_path: Path) -> None:
+    from benchmarks import observe
+
+    leaks = observe.run_leaks(duration=4.0, threshold=0.5, hold=60.0)  # held until the end
+    assert len(leaks["warnings_at"]) == 1  # one warning for the one long holder
+    assert leaks["samples"][-1]["leaks_total"] == 1
+    sources = {h["source"] for s in leaks["samples"] for h in s["holders"]}
+    assert sources == {"SQL_LAB"}  # the DASHBOARD threads' short checkouts never show
+    if common.plotting_available():
+        assert observe.plot_leaks(leaks, tmp_path / "leaks.png").stat().st_size > 0
