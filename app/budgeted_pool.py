@@ -19,11 +19,13 @@ The pool receives its permit source after creation (:meth:`~BudgetedQueuePool.at
 so the pool that replaces a disposed one keeps the budget. QueuePool's own
 counters do the counting (through :mod:`enginehouse.compat`); our code takes no lock.
 
-With a ``connection_shares`` argument (the plan passes a database's
-``extra.connection_shares``, see :mod:`enginehouse.shares`) checkouts that
-find the pool at its bound wait in a :class:`~enginehouse.shares.FairQueue`
-(one FIFO per request source, served by weighted share) instead of
-QueuePool's single FIFO queue.
+Checkouts that find the pool at its bound wait in a
+:class:`~enginehouse.shares.FairQueue`, never in QueuePool's queue: a
+connection that comes back goes to the longest waiter (QueuePool lets
+whoever asks next take it, so the thread that just returned one takes it
+right back). With a ``connection_shares`` argument (the plan passes a
+database's ``extra.connection_shares``) the queue is one FIFO per request
+source, served by weighted share.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ class ShedBoard(Protocol):
 class PermitSource(Protocol):
     """What a budgeted pool draws on (the manager's Budgets)."""
 
-    board: ShedBoard
+    @property
+    def board(self) -> ShedBoard:
+        """Where the keeper publishes shed tokens."""
 
     def acquire(self, key: str, cap: int, timeout: float) -> Any:
         """Wait up to ``timeout`` s for a permit of budget ``key``; a lease."""
@@ -83,8 +87,8 @@ class BudgetedQueuePool(QueuePool):
         super().__init__(creator, pool_size=pool_size, max_overflow=max_overflow, **kw)
         self.connection_shares = connection_shares
         """The database's shares by source (:func:`enginehouse.shares.pool_argument`), or None."""
-        self.fair = FairQueue(connection_shares) if connection_shares else None
-        """The per-source wait queue when shares are set (None: QueuePool's FIFO queue)."""
+        self.fair = FairQueue(connection_shares)
+        """The wait queue: FIFO, or by source and weighted share when shares are set."""
         unbounded = pool_size == 0 or max_overflow == compat.UNBOUNDED
         self.own_limit = compat.UNBOUNDED if unbounded else pool_size + max_overflow
         """The bound the engine's own pool arguments give (UNBOUNDED: none)."""
@@ -122,23 +126,18 @@ class BudgetedQueuePool(QueuePool):
     def resize(self, limit: int, *, wake: bool = True) -> None:
         """Hold at most ``limit`` (>= 1) connections from now on (the keeper's share).
 
-        Threads already waiting in the queue never look at the bound again:
-        growing puts an empty record in the queue when none is idle (the
-        thread that takes it connects, through the budget); shrinking drops
-        empty records (connections the budget closed) beyond the bound.
-        Checked-out connections over the bound go when they come back empty.
+        Growing hands empty records to threads waiting in the queue (each
+        connects, through the budget); shrinking drops empty records
+        (connections the budget closed) beyond the bound. Checked-out
+        connections over the bound go when they come back empty.
+        ``wake=False``: grow without serving the waiters now.
         """
         if limit <= 0 or self._permits is None:
             return
         grew = limit > self.limit
         compat.set_connection_limit(self, limit)
-        nothing_idle = compat.idle_count(self) == 0 and self.connections < limit
-        if wake and grew and nothing_idle and compat.reserve_connection(self):
-            # Threads may be blocked in the queue. One empty record wakes one of
-            # them; it connects, and the next grant grows the pool again.
-            compat.put_idle(self, compat.empty_record(self))
-        if grew and self.fair is not None:
-            self.fair.dispatch(self)  # waiters of a fair queue are not in QueuePool's queue
+        if wake and grew:
+            self.fair.dispatch(self)
         for _ in range(compat.idle_count(self)):
             if self.connections <= limit:
                 return
@@ -169,27 +168,14 @@ class BudgetedQueuePool(QueuePool):
                     closed += 1
             finally:
                 compat.put_idle(self, record)
+        self.fair.dispatch(self)  # a waiter may have missed a record we held meanwhile
         return closed
 
     # -- QueuePool's template methods ------------------------------------------
 
     def _do_get(self) -> Any:
-        """A record to check out; timeouts name the budget; surplus empty records go."""
-        if self.fair is not None:
-            return self.fair.get(self, request_source.get())
-        while True:
-            try:
-                record = super()._do_get()
-            except sa_exc.TimeoutError:
-                if self._permits is None:
-                    raise
-                raise PoolExhaustedError(
-                    f"budget {self.budget_key}: no connection within "
-                    f"pool_timeout={self.timeout():g}s "
-                    f"(max_connections={self.cap}; all of this pool's share in use)"
-                ) from None
-            if record.dbapi_connection is not None or not self._drop_if_surplus(record):
-                return record
+        """A record to check out, in turn (see FairQueue); surplus empty records go."""
+        return self.fair.get(self, request_source.get())
 
     def _do_return_conn(self, record: Any) -> None:
         """Check-in: a connection the keeper wants back (a shed token) is closed first."""
@@ -198,10 +184,7 @@ class BudgetedQueuePool(QueuePool):
             live = record.dbapi_connection is not None
             if tokens is not None and live and next(tokens, None) is not None:
                 record.invalidate()  # closes it: _close_connection frees the permit
-        if self.fair is not None:
-            self.fair.checkin(self, record)
-        else:
-            super()._do_return_conn(record)
+        self.fair.checkin(self, record)
 
     def _close_connection(self, connection: Any, *args: Any, **kwargs: Any) -> None:
         """Every physical close of this pool's connections passes here: free the permit."""
@@ -218,7 +201,7 @@ class BudgetedQueuePool(QueuePool):
         assert isinstance(pool, BudgetedQueuePool)
         pool.own_limit = self.own_limit
         pool.connection_shares = self.connection_shares
-        pool.fair = FairQueue(self.connection_shares) if self.connection_shares else None
+        pool.fair = FairQueue(self.connection_shares)
         compat.set_connection_limit(pool, self.own_limit)
         if self._permits is not None and self.budget_key is not None:
             pool.attach(self._permits, self.budget_key, self.cap, limit=self.limit)
@@ -255,8 +238,27 @@ class BudgetedQueuePool(QueuePool):
         return compat.empty_record(self) if compat.reserve_connection(self) else None
 
     def put_idle_record(self, record: Any) -> None:
-        """Put ``record`` (back) among the idle ones."""
-        compat.put_idle(self, record)
+        """Put ``record`` (back) among the idle ones; an empty one leaves the pool.
+
+        Empty: its connect failed (QueuePool uncounts it too) or its connection
+        was invalidated; the next checkout that needs one grows a new record.
+        """
+        if record.dbapi_connection is None:
+            compat.forget_connection(self)
+        else:
+            compat.put_idle(self, record)
+
+    def exhausted(self, timeout: float) -> Exception:
+        """The error of a checkout that waited ``timeout`` s: named after the budget."""
+        if self._permits is None:  # (QueuePool's own, before the budget is attached)
+            return sa_exc.TimeoutError(
+                f"QueuePool limit of size {self.limit} reached, connection timed out, "
+                f"timeout {timeout:g}"
+            )
+        return PoolExhaustedError(
+            f"budget {self.budget_key}: no connection within pool_timeout={timeout:g}s "
+            f"(max_connections={self.cap}; all of this pool's share in use)"
+        )
 
     # -- internals ---------------------------------------------------------------
 

@@ -1,9 +1,17 @@
-"""Fair sharing of one pool's connections by request source (``extra.connection_shares``).
+"""A capped pool's wait queue: first come, first served, or fair by request source.
+
+Every BudgetedQueuePool waits here (one waiting mechanism). Without
+``connection_shares`` there is one source (``"*"``) and the queue is plain
+FIFO with a hand-off: a connection that comes back goes to the longest
+waiter, and a new checkout never overtakes a thread already waiting
+(SQLAlchemy's QueuePool lets the thread that just returned a connection take it
+right back, so under a closed loop whoever holds the pool keeps it). Nobody
+waiting, a checkout takes a free connection at once, with no thread hand-off.
 
 A BI server runs dashboards and long SQL Lab queries on the same database; under
 a cap, first come first served lets eight long queries freeze every dashboard.
 With ``connection_shares`` (source -> weight, ``"*"`` for the sources not named)
-the pool's wait queue becomes one FIFO per source, and each *active* source is
+the wait queue becomes one FIFO per source, and each *active* source is
 entitled to ``limit * weight / (sum of the active sources' weights)``
 connections. A source is active while it holds or waits for a connection, or
 asked for one in the last :data:`ACTIVE_FOR` seconds (a dashboard between two
@@ -11,18 +19,19 @@ queries still counts). A source below its entitlement always may take a free
 connection; one at or above it only may take what the other active sources'
 unmet entitlements leave free. A connection that comes back goes to the waiting
 source furthest below its share (checked out / weight, lowest first) among
-those that may take it. So a source alone (the others idle) uses the whole cap
-(work-conserving); a new checkout passes only its own source's waiters (no
-thread switch per checkout); under contention every active source gets at least its
-weighted share as soon as connections come back, and a bursty source (dashboards
-with think time) finds its share free instead of held by 2-second SQL Lab queries.
+those that may take it, and within a source to its longest waiter. So a
+source alone (the others idle) uses the whole cap (work-conserving); under
+contention every active source gets at least its weighted share as soon as
+connections come back, and a bursty source (dashboards with think time) finds
+its share free instead of held by 2-second SQL Lab queries.
 
 The source of a checkout is :data:`request_source`, which ``EngineManager.connect()``
 sets around ``engine.connect()``. No lock: waiters are per-source ``deque``s
 (append/popleft/remove are atomic in CPython), each waiter gets its connection
 through its own ``queue.SimpleQueue``, and every party publishes first (a waiter
 enqueues, a returner puts the connection back) and dispatches second, so a
-connection and a waiter never miss each other.
+connection and a waiter never miss each other. (A checkout that finds nobody
+waiting may still pass a thread that starts waiting at that very moment.)
 """
 
 from __future__ import annotations
@@ -84,6 +93,9 @@ class SharedPool(Protocol):
     def timeout(self) -> float:
         """The pool's own ``pool_timeout``."""
 
+    def exhausted(self, timeout: float) -> Exception:
+        """The pool's own error for a checkout that waited ``timeout`` s (no shares)."""
+
     @property
     def limit(self) -> int:
         """How many connections the pool may hold now (UNBOUNDED: no limit)."""
@@ -100,9 +112,15 @@ class _Waiter:
 
 
 class FairQueue:
-    """A pool's wait queue, one FIFO per source, served by weighted share; see the module."""
+    """A pool's wait queue, one FIFO per source, served by weighted share; see the module.
 
-    def __init__(self, argument: Mapping[str, Any]) -> None:
+    ``argument`` None: no shares, one FIFO for every checkout.
+    """
+
+    def __init__(self, argument: Mapping[str, Any] | None = None) -> None:
+        argument = argument or {"database": "", "weights": {}}
+        self.shared = bool(argument["weights"])
+        """Whether ``connection_shares`` are set (else one source, plain FIFO)."""
         self.database: str = argument["database"]
         self.weights: dict[str, float] = {OTHERS: 1.0, **argument["weights"]}
         self.timeouts: dict[str, float] = dict(argument.get("timeouts") or {})
@@ -113,7 +131,7 @@ class FairQueue:
 
     def share_of(self, source: str | None) -> str:
         """The share ``source`` draws on: its own, else ``"*"``."""
-        return source if source in self.weights else OTHERS  # type: ignore[return-value]
+        return source if source is not None and source in self.weights else OTHERS
 
     def checked_out(self) -> dict[str, int]:
         """Connections checked out now, by share."""
@@ -123,13 +141,18 @@ class FairQueue:
         """Threads waiting now, by share."""
         return {source: len(waiters) for source, waiters in self._waiting.items()}
 
+    def demand(self) -> dict[str, float]:
+        """The active shares and their weights (what the fleet weighs this pool's demand by)."""
+        now = time.monotonic()
+        return {s: w for s, w in self.weights.items() if self._active(s, now)}
+
     # -- checkout and check-in --------------------------------------------------
 
     def get(self, pool: SharedPool, source: str | None) -> Any:
         """A record for a checkout by ``source``: at once if nobody waits, else in turn."""
         share = self.share_of(source)
         self._seen[share] = now = time.monotonic()
-        if self._first_in_line(share, pool.limit, now):
+        if not self._anyone_waiting() and self._may_take(share, pool.limit, now):
             record = pool.take_idle_record() or pool.grow_record()
             if record is not None:
                 self._note_out(record, share)
@@ -150,6 +173,8 @@ class FairQueue:
                 self._waiting[share].remove(waiter)
             except ValueError:  # a dispatcher took it just now: its record is on the way
                 return waiter.slot.get()
+            if not self.shared:
+                raise pool.exhausted(timeout) from None
             raise PoolExhaustedError(
                 f"database {self.database}, source {source or OTHERS}: no connection within "
                 f"pool_timeout={timeout:g}s (connection_shares: share {share!r}, "
@@ -187,19 +212,6 @@ class FairQueue:
     def _anyone_waiting(self) -> bool:
         return any(self._waiting.values())
 
-    def _first_in_line(self, share: str, limit: int, now: float) -> bool:
-        """Whether a checkout of ``share`` may take a free connection without queueing.
-
-        Yes if it may take one and no other source's waiter that may take one
-        comes first (a source less served). Within its own source it may pass
-        that source's waiters, as QueuePool's callers do: the thread that just
-        returned a connection takes the next one without a thread switch.
-        """
-        if not self._anyone_waiting():
-            return self._may_take(share, limit, now)
-        first = self._least_served(limit)
-        return (first is None or first == share) and self._may_take(share, limit, now)
-
     def _least_served(self, limit: int) -> str | None:
         """The waiting share with the fewest connections per weight that may take one."""
         now = time.monotonic()
@@ -212,7 +224,7 @@ class FairQueue:
 
     def _may_take(self, share: str, limit: int, now: float) -> bool:
         """Whether ``share`` may have one more connection now (see the module docstring)."""
-        if limit == UNBOUNDED:
+        if limit == UNBOUNDED or not self.shared:
             return True
         active = [s for s in self.weights if self._active(s, now)]
         if share not in active:

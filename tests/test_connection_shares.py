@@ -83,7 +83,7 @@ def holders(manager: EngineManager) -> Iterator[Callable[[DatabaseSpec], Holders
 
 def fair_queue(manager: EngineManager, database: DatabaseSpec) -> FairQueue:
     pool = manager.get(database).pool
-    assert isinstance(pool, BudgetedQueuePool) and pool.fair is not None
+    assert isinstance(pool, BudgetedQueuePool) and pool.fair.shared
     return pool.fair
 
 
@@ -94,7 +94,7 @@ def test_shares_select_the_fair_pool_and_keep_it_after_dispose(manager: EngineMa
     engine.dispose()
     assert isinstance(engine.pool, BudgetedQueuePool) and engine.pool.fair is not None
     plain = manager.get(spec(1502, shares=None))
-    assert isinstance(plain.pool, BudgetedQueuePool) and plain.pool.fair is None
+    assert isinstance(plain.pool, BudgetedQueuePool) and not plain.pool.fair.shared
 
 
 def test_without_a_cap_the_pools_own_size_is_the_cap(manager: EngineManager) -> None:
@@ -133,22 +133,63 @@ def test_without_shares_the_queue_is_first_come_first_served(
     """The control: the same scenario without shares gives every connection to SQL Lab."""
     database = spec(1505, shares=None)
     pool = manager.get(database).pool
+    assert isinstance(pool, BudgetedQueuePool)
     run = holders(database)
     run.start("SQL_LAB", 4)
     wait_until(lambda: pool.checkedout() == 4, what="SQL Lab holds all 4")
     run.start("SQL_LAB", 4)
-    wait_until(lambda: len(run.got) == 4 and _waiting_in_queue(pool) == 4, what="SQL Lab waits")
+    wait_until(lambda: len(run.got) == 4 and pool.fair.waiting()["*"] == 4, what="SQL Lab waits")
     run.start("DASHBOARD", 4)
-    wait_until(lambda: _waiting_in_queue(pool) == 8, what="dashboards wait")
+    wait_until(lambda: pool.fair.waiting()["*"] == 8, what="dashboards wait")
     for index in range(4):
         run.release(index)
         wait_until(lambda n=index: len(run.got) == 5 + n, what=f"hand-over {index + 1}")
     assert run.got[4:] == ["SQL_LAB"] * 4
 
 
-def _waiting_in_queue(pool: Any) -> int:
-    waiters: int = pool._pool.not_empty._waiters.__len__()  # SQLAlchemy's queue's condition
-    return waiters
+@pytest.mark.parametrize("shares", [None, SHARES], ids=["fifo", "shares"])
+def test_a_returned_connection_goes_to_the_longest_waiter_not_back_to_its_holder(
+    manager: EngineManager, shares: dict[str, Any] | None
+) -> None:
+    """Closed loop on a cap of 1: the thread that returns a connection and asks again queues.
+
+    (SQLAlchemy's QueuePool lets it take the connection right back: whoever holds the
+    pool keeps it, and the waiter starves until its pool_timeout.)
+    """
+    database = spec(1510, shares=shares, max_connections=1)
+    pool = manager.get(database).pool
+    assert isinstance(pool, BudgetedQueuePool)
+    got: list[str] = []
+    errors: list[BaseException] = []
+    release = {name: threading.Event() for name in ("first", "waiter", "again")}
+
+    def hold(name: str, then: str | None = None) -> None:
+        try:
+            for step in (name, then):
+                if step is None:
+                    return
+                with manager.connect(database, source="SQL_LAB") as connection:
+                    connection.execute(text("SELECT 1"))
+                    got.append(step)
+                    release[step].wait(60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hold, args=("first", "again"), daemon=True)]
+    threads[0].start()
+    wait_until(lambda: got == ["first"], what="the first holds the only connection")
+    threads.append(threading.Thread(target=hold, args=("waiter",), daemon=True))
+    threads[1].start()
+    wait_until(lambda: sum(pool.fair.waiting().values()) == 1, what="a second thread waits")
+    release["first"].set()  # the first returns it and asks again at once
+    wait_until(lambda: len(got) == 2, what="the connection changes hands")
+    assert got == ["first", "waiter"]
+    wait_until(lambda: sum(pool.fair.waiting().values()) == 1, what="the first queues")
+    release["waiter"].set()
+    release["again"].set()
+    for thread in threads:
+        thread.join(60)
+    assert got == ["first", "waiter", "again"] and errors == []
 
 
 def test_work_conserving_one_source_uses_the_whole_cap(
