@@ -62,6 +62,8 @@ log = logging.getLogger("enginehouse.budget")
 
 _RETRY_DOWN = 0.5
 """Seconds between reconnect attempts while Redis is away."""
+_LISTENER_STOP = 2.0
+"""Seconds shutdown waits for the DemandListener to stop (interrupted, it takes milliseconds)."""
 _PROBE_PAUSE = 1.0
 """Embedded: after the ledger refused us, this long before a pool may ask for more again."""
 
@@ -150,6 +152,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         self._name = name
         self._store: fleet.LeaseStore | None = None
         self._listener: pykka.ActorRef[Any] | None = None  # fleet: demand news from Redis
+        self._news: fleet.DemandChannel | None = None  # its subscription (we interrupt it)
         self._ledger: LocalLedger | None = None  # embedded: the process's shared tokens
         self._outage: tuple[type[BaseException], ...] = ()
         self._slow: tuple[type[BaseException], ...] = ()
@@ -173,9 +176,8 @@ class BudgetKeeper(pykka.ThreadingActor):
             self._outage = fleet.outage_errors()
             self._slow = fleet.slow_reply_errors()
             self._refusal = fleet.refusal_errors()
-            self._listener = DemandListener.start(
-                self.actor_ref, self._store.demand_channel(), self._process
-            )
+            self._news = self._store.demand_channel()
+            self._listener = DemandListener.start(self.actor_ref, self._news, self._process)
         else:
             self._ledger = LocalLedger(self._prefix, self._process, self.actor_ref, self._holdings)
         self._board.shed.clear()
@@ -213,14 +215,17 @@ class BudgetKeeper(pykka.ThreadingActor):
             if self._ledger is not None:
                 self._ledger.leave(budget.key)
                 self._nudge(budget)
-        self._stop_listener()
+        self._stop_listener(wait=True)
         if self._store is not None:
             self._store.close()
 
-    def _stop_listener(self) -> None:
+    def _stop_listener(self, *, wait: bool = False) -> None:
+        """Stop our DemandListener now (interrupting its blocked read); ``wait``: until it has."""
+        if self._news is not None:
+            self._news.interrupt()
         if self._listener is not None:
-            with contextlib.suppress(pykka.ActorDeadError):
-                self._listener.stop(block=False)
+            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+                self._listener.stop(block=wait, timeout=_LISTENER_STOP if wait else None)
 
     def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._stop_listener()  # the restarted keeper starts its own

@@ -13,6 +13,10 @@ News that arrives together is told once per budget. No polling: a blocked
 Losing the subscription (Redis away) costs nothing but speed: the keeper's
 renewals on the Janitor's rounds still reconcile the shares, and the
 listener subscribes again on its next wait.
+
+Shutdown does not wait out a blocked read: the keeper interrupts the channel
+(its socket is shut down from the keeper's thread), and the listener stops
+at once instead of after up to ``block`` seconds.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ class Subscription(Protocol):
     """What the listener blocks on (:class:`enginehouse.fleet.DemandChannel`)."""
 
     outage_errors: tuple[type[BaseException], ...]
+    interrupted: bool
 
     def news(self, block: float) -> list[tuple[str, str]]: ...
 
     def reset(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def interrupt(self) -> None: ...
 
 
 class _Listen:
@@ -81,6 +88,8 @@ class DemandListener(pykka.ThreadingActor):
         try:
             news = self._channel.news(self._block)
         except Exception as exc:  # Redis away or refusing: renewals still keep shares right
+            if self._channel.interrupted:  # shutdown woke us: the stop is next in our inbox
+                return
             log.info("fleet: demand news interrupted (%s); listening again", type(exc).__name__)
             self._channel.reset()
             time.sleep(self._retry)  # Redis is away: a pause, not a tight reconnect loop
@@ -92,4 +101,5 @@ class DemandListener(pykka.ThreadingActor):
             except pykka.ActorDeadError:
                 self.stop()
                 return
-        self.actor_ref.tell(_Listen())
+        if not self._channel.interrupted:
+            self.actor_ref.tell(_Listen())

@@ -390,9 +390,16 @@ class DemandChannel:
         self._pattern = f"{_glob_escape(prefix)}:{{*}}:want"
         self._head = len(prefix) + 2  # "<prefix>:{"
         self._pubsub: Any = None
+        self.interrupted = False
+        """Set by :meth:`interrupt` (shutdown): no more news, ever."""
 
     def news(self, block: float) -> list[tuple[str, str]]:
-        """Block up to ``block`` s for news; then take whatever else is already there."""
+        """Block up to ``block`` s for news; then take whatever else is already there.
+
+        After :meth:`interrupt`, nothing (at once).
+        """
+        if self.interrupted:
+            return []
         if self._pubsub is None:
             self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             self._pubsub.psubscribe(self._pattern)
@@ -404,6 +411,18 @@ class DemandChannel:
                 out.append((channel[self._head : -len("}:want")], sender))
             message = self._pubsub.get_message(timeout=0)
         return out
+
+    def interrupt(self) -> None:
+        """From another thread (shutdown): end a blocked :meth:`news` now, and every later one.
+
+        Shutting the subscription's socket down wakes the read blocked on it
+        (which then fails: the listener sees ``interrupted`` and stops).
+        """
+        self.interrupted = True
+        connection = getattr(self._pubsub, "connection", None)
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.disconnect()
 
     def reset(self) -> None:
         """Drop the subscription (after an error); the next :meth:`news` subscribes again."""
