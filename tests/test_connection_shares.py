@@ -81,6 +81,11 @@ def holders(manager: EngineManager) -> Iterator[Callable[[DatabaseSpec], Holders
         yield make
 
 
+def got_count(run: Holders, count: int) -> Callable[[], bool]:
+    """Whether ``count`` holders got a connection so far."""
+    return lambda: len(run.got) == count
+
+
 def fair_queue(manager: EngineManager, database: DatabaseSpec) -> FairQueue:
     pool = manager.get(database).pool
     assert isinstance(pool, BudgetedQueuePool) and pool.fair.shared
@@ -118,7 +123,7 @@ def test_long_sql_lab_holders_cannot_starve_dashboards(
     wait_until(lambda: fair.waiting()["DASHBOARD"] == 4, what="4 dashboard waiters")
     for index in range(4):  # the first SQL Lab holders finish, one at a time
         run.release(index)
-        wait_until(lambda n=index: len(run.got) == 5 + n, what=f"hand-over {index + 1}")
+        wait_until(got_count(run, 5 + index), what=f"hand-over {index + 1}")
     assert run.errors == []
     # Each returned connection went to the source furthest below its share: 3 to the
     # dashboards, then 1 to SQL Lab: exactly the 3:1 weights, although SQL Lab queued first.
@@ -143,7 +148,7 @@ def test_without_shares_the_queue_is_first_come_first_served(
     wait_until(lambda: pool.fair.waiting()["*"] == 8, what="dashboards wait")
     for index in range(4):
         run.release(index)
-        wait_until(lambda n=index: len(run.got) == 5 + n, what=f"hand-over {index + 1}")
+        wait_until(got_count(run, 5 + index), what=f"hand-over {index + 1}")
     assert run.got[4:] == ["SQL_LAB"] * 4
 
 
