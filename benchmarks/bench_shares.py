@@ -16,12 +16,28 @@ dashboards often enough that SQL Lab fills it). Phases alternate (FIFO,
 shares, FIFO, shares...) so both see the same machine load. Reported:
 dashboard wait p50/p99, queries per second by source and in total, and the
 peak of the database's connections in ``pg_stat_activity`` (the cap holds
-either way).
+either way). The pool's wait queue is FIFO with a hand-off in both
+alternatives (a returned connection goes to the longest waiter): the
+baseline is honest first come, first served, not QueuePool's "whoever asks
+next".
+
+    python -m benchmarks.bench_shares --fleet    # fleet-wide: two processes (~2 min)
+
+``--fleet``: the same load split over two processes of one fleet (Redis at
+``ENGINEHOUSE_BENCH_REDIS``, default ``redis://127.0.0.1:6379/0``; a
+``fleet_prefix`` of the run's own, every other setting the default): one
+runs the 8 SQL Lab threads, the other the 8 dashboard threads, on one fleet
+cap of 4. Without shares the fleet splits the cap by process (2 + 2 while
+both wait); with shares by the weighted demand of the sources each process
+serves (dashboards 3, SQL Lab 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -38,6 +54,7 @@ from benchmarks.common import (
     PG_DSN,
     PG_URI,
     PLOTS_DIR,
+    ROOT,
     ConnectionSampler,
     machine_info,
     percentile,
@@ -61,6 +78,11 @@ WORKLOADS = {"closed loop": 0.0, "100 ms think time": 0.1}
 RUN = uuid.uuid4().hex[:6]
 """Names this run's connections in pg_stat_activity (two runs at once count apart)."""
 
+REDIS = os.environ.get("ENGINEHOUSE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+"""The fleet's Redis (``--fleet``)."""
+FLEET_PREFIX = f"bench-shares-{RUN}"
+"""The run's own ``fleet_prefix`` (runs do not share budgets)."""
+
 
 def spec(alternative: str) -> DatabaseSpec:
     app = f"bench-shares-{'fair' if alternative == FAIR else 'fifo'}-{RUN}"
@@ -76,17 +98,31 @@ def spec(alternative: str) -> DatabaseSpec:
 def phase(
     manager: EngineManager, alternative: str, seconds: float, workload: str
 ) -> dict[str, Any]:
-    """Run the mixed load for ``seconds``; waits (s) and completed queries by source."""
+    """Run the mixed load for ``seconds`` in this process; waits (s) and queries by source."""
     database = spec(alternative)
+    with manager.connect(database, source="DASHBOARD"):  # the engine exists before timing
+        pass
+    with ConnectionSampler(str(database.id), PG_DSN, every=0.05) as sampler:
+        load = _load(manager, database, SOURCES, seconds, WORKLOADS[workload])
+    manager.dispose(database.id)
+    return {"alternative": alternative, "workload": workload, "seconds": seconds, **load,
+            "peak_connections": sampler.peak}
+
+
+def _load(
+    manager: EngineManager, database: DatabaseSpec, sources: tuple[str, ...], seconds: float,
+    think: float,
+) -> dict[str, Any]:
+    """THREADS threads per source, each in a loop: check out (timed), query, check in."""
+    queries = {"SQL_LAB": SQL_LAB_QUERY, "DASHBOARD": DASHBOARD_QUERY}
     waits: dict[str, list[float]] = {source: [] for source in SOURCES}
     done: dict[str, list[float]] = {source: [] for source in SOURCES}  # completion times
     errors: list[str] = []
     start = threading.Event()
     deadline = 0.0
-    think = WORKLOADS[workload]
 
-    def loop(source: str, query: str) -> None:
-        statement = text(query)
+    def loop(source: str) -> None:
+        statement = text(queries[source])
         start.wait()
         clock = time.perf_counter
         while clock() < deadline:
@@ -104,45 +140,93 @@ def phase(
             if think and source == "DASHBOARD":
                 time.sleep(think)
 
-    with manager.connect(database, source="DASHBOARD"):  # the engine exists before timing
-        pass
     threads = [
-        threading.Thread(target=loop, args=(source, query), daemon=True)
-        for source, query in (("SQL_LAB", SQL_LAB_QUERY), ("DASHBOARD", DASHBOARD_QUERY))
+        threading.Thread(target=loop, args=(source,), daemon=True)
+        for source in ("SQL_LAB", "DASHBOARD")  # SQL Lab's threads start first
+        if source in sources
         for _ in range(THREADS)
     ]
     for thread in threads:
         thread.start()
-    app = str(database.id)
-    with ConnectionSampler(app, PG_DSN, every=0.05) as sampler:
-        deadline = time.perf_counter() + seconds
-        start.set()
-        for thread in threads:
-            thread.join(seconds + 180)
-    manager.dispose(database.id)
-    return {
-        "alternative": alternative,
-        "workload": workload,
-        "seconds": seconds,
-        "waits": waits,
-        "done": {source: len(times) for source, times in done.items()},
-        "errors": errors,
-        "peak_connections": sampler.peak,
+    deadline = time.perf_counter() + seconds
+    start.set()
+    for thread in threads:
+        thread.join(seconds + 180)
+    return {"waits": waits, "done": {s: len(t) for s, t in done.items()}, "errors": errors}
+
+
+def fleet_phase(alternative: str, seconds: float, workload: str) -> dict[str, Any]:
+    """The mixed load over two processes of one fleet: SQL Lab in one, dashboards in the other."""
+    database = spec(alternative)
+    config = {
+        "spec": {"id": database.id, "uri": PG_URI, "extra": database.extra},
+        "fleet_url": REDIS, "fleet_prefix": FLEET_PREFIX, "seconds": seconds,
+        "think": WORKLOADS[workload], "threads": THREADS, "sql_lab_query": SQL_LAB_QUERY,
+        "dashboard_query": DASHBOARD_QUERY,
     }
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.bench_shares", "--worker",
+             json.dumps({**config, "source": source})],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        for source in SOURCES
+    ]
+    try:
+        for worker in workers:  # each has its manager, its engine and one connection made
+            assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+        with ConnectionSampler(str(database.id), PG_DSN, every=0.05) as sampler:
+            for worker in workers:
+                assert worker.stdin is not None
+                worker.stdin.write("go\n")
+                worker.stdin.flush()
+            loads = [json.loads(worker.communicate(timeout=seconds + 240)[0]) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    merged: dict[str, Any] = {"waits": {}, "done": {}, "errors": []}
+    for source, load in zip(SOURCES, loads, strict=True):
+        merged["waits"][source] = load["waits"][source]
+        merged["done"][source] = load["done"][source]
+        merged["errors"] += load["errors"]
+    return {"alternative": alternative, "workload": workload, "seconds": seconds, **merged,
+            "peak_connections": sampler.peak}
 
 
-def run(seconds: float, repeats: int) -> dict[str, Any]:
+def worker(config: dict[str, Any]) -> int:
+    """One process of ``--fleet``: its source's threads, on a fleet manager (defaults)."""
+    global THREADS, SQL_LAB_QUERY, DASHBOARD_QUERY
+    THREADS, SQL_LAB_QUERY = config["threads"], config["sql_lab_query"]
+    DASHBOARD_QUERY = config["dashboard_query"]
+    database = DatabaseSpec(**config["spec"])
+    settings = {"fleet_url": config["fleet_url"], "fleet_prefix": config["fleet_prefix"]}
+    with EngineManager(mode="singleton", **settings) as manager:
+        with manager.connect(database, source=config["source"]):
+            pass
+        print("ready", flush=True)
+        sys.stdin.readline()
+        load = _load(manager, database, (config["source"],), config["seconds"], config["think"])
+    print(json.dumps(load), flush=True)
+    return 0
+
+
+def run(seconds: float, repeats: int, *, fleet: bool = False) -> dict[str, Any]:
     phases: list[dict[str, Any]] = []
     with EngineManager(mode="singleton") as manager:  # defaults
         for index in range(repeats):
             for workload in WORKLOADS:
                 order = (FIFO, FAIR) if index % 2 == 0 else (FAIR, FIFO)
                 for alternative in order:
-                    result = phase(manager, alternative, seconds, workload)
+                    if fleet:
+                        result = fleet_phase(alternative, seconds, workload)
+                    else:
+                        result = phase(manager, alternative, seconds, workload)
                     print(f"  {workload}, {alternative}: {_line(result)}", flush=True)
                     phases.append(result)
     summaries = {w: summarize([p for p in phases if p["workload"] == w]) for w in WORKLOADS}
-    return {"params": _params(seconds, repeats), "phases": phases, "summary": summaries}
+    params = {**_params(seconds, repeats), "fleet": fleet}
+    return {"params": params, "phases": phases, "summary": summaries}
 
 
 def summarize(phases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -188,12 +272,14 @@ def _line(result: dict[str, Any]) -> str:
 
 
 def report(data: dict[str, Any]) -> str:
+    fleet = bool(data["params"].get("fleet"))
     return "\n\n".join(
-        f"Dashboards: {workload}\n\n" + _table(data["summary"][workload]) for workload in WORKLOADS
+        f"Dashboards: {workload}\n\n" + _table(data["summary"][workload], fleet=fleet)
+        for workload in WORKLOADS
     )
 
 
-def _table(summary: dict[str, Any]) -> str:
+def _table(summary: dict[str, Any], *, fleet: bool = False) -> str:
     lines = [
         "| measure | " + " | ".join((FIFO, FAIR)) + " |",
         "|---|---|---|",
@@ -212,6 +298,12 @@ def _table(summary: dict[str, Any]) -> str:
     for label, cell in rows:
         lines.append(f"| {label} | {cell(summary[FIFO])} | {cell(summary[FAIR])} |")
     ratio, throughput = summary["dashboard_p99_wait_ratio"], summary["total_throughput_ratio"]
+    if fleet:  # (issue 15's goals are for one process: across processes FIFO splits by process)
+        return "\n".join([
+            *lines, "",
+            f"dashboard p99 wait, by process / by source: {ratio:.1f}x",
+            f"total throughput, by source / by process: {throughput:.2f}x",
+        ])
     lines += [
         "",
         f"dashboard p99 wait, FIFO / shares: {ratio:.1f}x (goal >= 10x: "
@@ -259,8 +351,10 @@ def plot(data: dict[str, Any], path: Path) -> Path:
         right.legend(fontsize=8, frameon=False)
         right.grid(alpha=0.3, axis="y")
     params = data["params"]
+    where = "fleet cap" if params.get("fleet") else "Cap"
+    split = " (SQL Lab and dashboards in two processes)" if params.get("fleet") else ""
     fig.suptitle(
-        f"Cap {params['cap']}: {params['threads_per_source']} threads of SQL Lab "
+        f"{where} {params['cap']}{split}: {params['threads_per_source']} threads of SQL Lab "
         f"(pg_sleep(2)) + {params['threads_per_source']} of dashboards (10 ms queries), "
         f"{params['repeats']} x {params['seconds']:g} s per alternative and workload",
         fontsize=10,
@@ -275,19 +369,25 @@ def plot(data: dict[str, Any], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short phase each")
+    parser.add_argument("--fleet", action="store_true",
+                        help="two processes of one fleet (SQL Lab in one, dashboards in the other)")
     parser.add_argument("--seconds", type=float, default=None, help="length of one phase")
     parser.add_argument("--repeats", type=int, default=None, help="phases per alternative")
-    parser.add_argument("--plots", type=Path, default=PLOTS_DIR, help="where shares.png goes")
+    parser.add_argument("--plots", type=Path, default=PLOTS_DIR, help="where the plot goes")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # a --fleet process (JSON config)
     args = parser.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
     seconds = args.seconds or (8.0 if args.quick else 20.0)
     repeats = args.repeats or (1 if args.quick else 3)
-    print(f"bench_shares: {utc_now()}", flush=True)
-    data = run(seconds, repeats)
+    print(f"bench_shares{' --fleet' if args.fleet else ''}: {utc_now()}", flush=True)
+    data = run(seconds, repeats, fleet=args.fleet)
     data.update(machine=machine_info(), when=utc_now())
     print(report(data))
-    print(f"results: {write_results('shares', data)}")
+    name = "shares-fleet" if args.fleet else "shares"
+    print(f"results: {write_results(name, data)}")
     if plotting_available():
-        print(f"plot: {plot(data, args.plots / 'shares.png')}")
+        print(f"plot: {plot(data, args.plots / f'{name}.png')}")
     return 0
 
 

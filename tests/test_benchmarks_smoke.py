@@ -178,3 +178,19 @@ def test_observe_leaks_scenario_reports_the_held_connection(tmp_path: Path) -> N
     assert sources == {"SQL_LAB"}  # the DASHBOARD threads' short checkouts never show
     if common.plotting_available():
         assert observe.plot_leaks(leaks, tmp_path / "leaks.png").stat().st_size > 0
+
+
+def test_fleet_shares_benchmark_runs_tiny_and_keeps_the_cap(
+    monkeypatch: pytest.MonkeyPatch, fleet_prefix: str
+) -> None:
+    from benchmarks import bench_shares
+
+    monkeypatch.setattr(bench_shares, "SQL_LAB_QUERY", "SELECT pg_sleep(0.05)")
+    monkeypatch.setattr(bench_shares, "THREADS", 2)
+    monkeypatch.setattr(bench_shares, "FLEET_PREFIX", fleet_prefix)  # keys go with the test
+    data = bench_shares.run(seconds=0.4, repeats=1, fleet=True)
+    assert data["params"]["fleet"] is True
+    for phase in data["phases"]:
+        assert phase["errors"] == [] and 1 <= phase["peak_connections"] <= bench_shares.CAP
+        assert phase["waits"]["DASHBOARD"] and phase["waits"]["SQL_LAB"]
+    assert "by process / by source" in bench_shares.report(data)
