@@ -208,6 +208,7 @@ def test_tunnel_and_budget_fields_when_present() -> None:
                 empty_waits=1,
                 refusals=2,
                 handovers=1,
+                demand_news=3,
             )
         ],
     )
@@ -234,6 +235,7 @@ def test_tunnel_and_budget_fields_when_present() -> None:
     assert registry.get_sample_value("enginehouse_budget_blocking_waits_total", budget) == 4
     assert registry.get_sample_value("enginehouse_budget_handovers_total", budget) == 1
     assert registry.get_sample_value("enginehouse_budget_refusals_total", budget) == 2
+    assert registry.get_sample_value("enginehouse_budget_demand_news_total", budget) == 3
 
 
 def test_tunnel_series_from_a_real_bastion(sshd: Any) -> None:

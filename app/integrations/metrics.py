@@ -415,6 +415,8 @@ _BUDGET_FIELDS = (
      "First asks for a permit that the fleet (or the process's ledger) refused"),
     ("budget_handovers", "handovers", "counter",
      "Permits a closing connection passed to a waiter of this process"),
+    ("budget_demand_news", "demand_news", "counter",
+     "Renewals made at once because another process started or stopped waiting (pub/sub)"),
     ("budget_fleet_held", "fleet_held", "gauge", "Leases held fleet-wide (last renewal)"),
     ("budget_fleet_waiting", "fleet_waiting", "gauge", "Waiters fleet-wide (last renewal)"),
     ("budget_fleet_processes", "fleet_processes", "gauge", "Processes sharing the budget"),
