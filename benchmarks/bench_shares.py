@@ -320,6 +320,9 @@ def plot(data: dict[str, Any], path: Path) -> Path:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.4), width_ratios=(3, 2))
     colors = {FIFO: "tab:red", FAIR: "tab:blue"}
+    fleet = bool(data["params"].get("fleet"))
+    names = {FIFO: "split by process" if fleet else FIFO,
+             FAIR: f"{FAIR} fleet-wide" if fleet else FAIR}
     for (left, right), workload in zip(axes, WORKLOADS, strict=True):
         summary = data["summary"][workload]
         for alternative in (FIFO, FAIR):
@@ -331,7 +334,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
             xs = [100 * (i + 1) / len(waits) for i in range(len(waits))]
             p99 = summary[alternative]["dashboard_wait_p99"] * 1000
             left.plot(xs, [max(w, 0.01) for w in waits], color=colors[alternative], lw=1.5,
-                      label=f"{alternative} (p99 {p99:,.1f} ms)")
+                      label=f"{names[alternative]} (p99 {p99:,.1f} ms)")
         left.set_yscale("log")
         left.set_xlabel("percentile of dashboard checkouts")
         left.set_ylabel("wait for a connection (ms, log)")
@@ -343,7 +346,8 @@ def plot(data: dict[str, Any], path: Path) -> Path:
             qps = summary[alternative]["qps"]
             values = [qps["DASHBOARD"], qps["SQL_LAB"], sum(qps.values())]
             bars = right.bar([i + offset for i in range(3)], values, width,
-                             color=colors[alternative], label=alternative.split(" DASHBOARD")[0])
+                             color=colors[alternative],
+                             label=names[alternative].split(" DASHBOARD")[0])
             right.bar_label(bars, fmt="%.1f", fontsize=7)
         right.set_xticks(range(3), ["dashboard", "SQL Lab", "total"])
         right.set_ylabel("queries per second")
@@ -351,8 +355,8 @@ def plot(data: dict[str, Any], path: Path) -> Path:
         right.legend(fontsize=8, frameon=False)
         right.grid(alpha=0.3, axis="y")
     params = data["params"]
-    where = "fleet cap" if params.get("fleet") else "Cap"
-    split = " (SQL Lab and dashboards in two processes)" if params.get("fleet") else ""
+    where = "Fleet cap" if fleet else "Cap"
+    split = " (two processes)" if fleet else ""
     fig.suptitle(
         f"{where} {params['cap']}{split}: {params['threads_per_source']} threads of SQL Lab "
         f"(pg_sleep(2)) + {params['threads_per_source']} of dashboards (10 ms queries), "
