@@ -118,6 +118,7 @@ def _load(
     waits: dict[str, list[float]] = {source: [] for source in SOURCES}
     done: dict[str, list[float]] = {source: [] for source in SOURCES}  # completion times
     errors: list[str] = []
+    slow: list[tuple[str, float, float]] = []  # (source, seconds into the phase, wait)
     start = threading.Event()
     deadline = 0.0
 
@@ -130,6 +131,8 @@ def _load(
             try:
                 with manager.connect(database, source=source) as connection:
                     waits[source].append(clock() - asked)
+                    if waits[source][-1] > 1.0:  # (when in the phase a long wait began)
+                        slow.append((source, asked - deadline + seconds, waits[source][-1]))
                     connection.execute(statement)
             except Exception as exc:
                 errors.append(type(exc).__name__)
@@ -152,7 +155,8 @@ def _load(
     start.set()
     for thread in threads:
         thread.join(seconds + 180)
-    return {"waits": waits, "done": {s: len(t) for s, t in done.items()}, "errors": errors}
+    return {"waits": waits, "done": {s: len(t) for s, t in done.items()}, "errors": errors,
+            "slow": slow}
 
 
 def fleet_phase(alternative: str, seconds: float, workload: str) -> dict[str, Any]:
@@ -190,6 +194,8 @@ def fleet_phase(alternative: str, seconds: float, workload: str) -> dict[str, An
         merged["waits"][source] = load["waits"][source]
         merged["done"][source] = load["done"][source]
         merged["errors"] += load["errors"]
+        merged.setdefault("slow", []).extend(load["slow"])
+        merged.setdefault("budgets", {})[source] = load.get("budgets")
     return {"alternative": alternative, "workload": workload, "seconds": seconds, **merged,
             "peak_connections": sampler.peak}
 
@@ -207,7 +213,8 @@ def worker(config: dict[str, Any]) -> int:
         print("ready", flush=True)
         sys.stdin.readline()
         load = _load(manager, database, (config["source"],), config["seconds"], config["think"])
-    print(json.dumps(load), flush=True)
+        load["budgets"] = [b.model_dump() for b in manager.stats().budgets]
+    print(json.dumps(load, default=str), flush=True)
     return 0
 
 
