@@ -194,3 +194,16 @@ def test_fleet_shares_benchmark_runs_tiny_and_keeps_the_cap(
         assert phase["errors"] == [] and 1 <= phase["peak_connections"] <= bench_shares.CAP
         assert phase["waits"]["DASHBOARD"] and phase["waits"]["SQL_LAB"]
     assert "by process / by source" in bench_shares.report(data)
+
+
+def test_handoff_benchmark_runs_tiny() -> None:
+    from benchmarks import bench_handoff
+
+    data = bench_handoff.run(seconds=0.3, repeats=1)
+    assert {(r["alternative"], r["query"]) for r in data["results"]} == {
+        (a, q) for a in (bench_handoff.HANDOFF, bench_handoff.QUEUEPOOL)
+        for q in bench_handoff.QUERIES
+    }
+    handoff = [r for r in data["results"] if r["alternative"] == bench_handoff.HANDOFF]
+    assert all(len(r["per_thread"]) == bench_handoff.THREADS for r in handoff)
+    assert "longest wait" in bench_handoff.report(data)
