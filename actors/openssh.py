@@ -351,21 +351,27 @@ class OpenSSHForward:
     def active_channels(self) -> int:
         """Connections open on the local port now (the kernel's table; the master relays them)."""
         count = established_on(self.local_port)
-        if count:
+        if count is None or count:
+            # None: no kernel table to read (not Linux): never close this session as idle.
             self.last_activity = time.monotonic()
-        return count
+        return count or 0
 
     def close(self) -> None:
         self._owner.cancel(self)
 
 
-def established_on(port: int) -> int:
-    """How many established TCP connections have local port ``port`` (Linux ``/proc/net``)."""
+def established_on(port: int) -> int | None:
+    """How many established TCP connections have local port ``port`` (Linux ``/proc/net``).
+
+    ``None`` when no table can be read.
+    """
     wanted = f":{port:04X}"
     count = 0
+    read = False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as rows:
+                read = True
                 next(rows, None)
                 for row in rows:
                     fields = row.split()
@@ -373,7 +379,7 @@ def established_on(port: int) -> int:
                         count += 1
         except OSError:
             continue
-    return count
+    return count if read else None
 
 
 def free_local_port() -> int:

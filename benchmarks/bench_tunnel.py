@@ -179,10 +179,21 @@ def new_connection(port: int) -> Callable[[], object]:
     return call
 
 
+CpuMeter = Callable[[str], tuple[float, float]]
+"""``meter(side)``: CPU seconds used so far (this process, the side's ssh process)."""
+
+
 def interleaved(
-    calls: dict[str, Callable[[], object]], rounds: int, batch: int
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    batch: int,
+    cpu: dict[str, list[tuple[float, float]]] | None = None,
+    meter: CpuMeter | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per call, per alternative; ``batch`` calls per side per turn, order rotated."""
+    """Seconds per call, per alternative; ``batch`` calls per side per turn, order rotated.
+
+    With ``cpu`` and ``meter``: CPU seconds per call of each turn, (ours, ssh's), in ``cpu``.
+    """
     names = list(calls)
     for name in names:  # warm up
         for _ in range(batch):
@@ -192,11 +203,48 @@ def interleaved(
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
             call = calls[name]
+            before = meter(name) if meter is not None else (0.0, 0.0)
             for _ in range(batch):
                 start = time.perf_counter()
                 call()
                 samples[name].append(time.perf_counter() - start)
+            if cpu is not None and meter is not None:
+                after = meter(name)
+                cpu.setdefault(name, []).append(
+                    ((after[0] - before[0]) / batch, (after[1] - before[1]) / batch)
+                )
     return samples
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` used so far (Linux ``/proc``)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
+def ssh_masters() -> list[int]:
+    """Our ``ssh -N -M`` children: the OpenSSH transport's masters."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and b"ControlMaster=yes" in argv:
+            found.append(int(entry.name))
+    return found
 
 
 def bursts(port: int, count: int, pool: Any) -> list[float]:
@@ -224,10 +272,23 @@ def bench_pooled(sides: Sides, rounds: int) -> dict[str, list[float]]:
     return interleaved(calls, rounds=rounds, batch=50)
 
 
-def bench_back_to_back(sides: Sides, tries: int) -> dict[str, list[float]]:
-    """New connections opened one right after another on the same side (blocks of BLOCK)."""
+def bench_back_to_back(
+    sides: Sides, tries: int, cpu: dict[str, list[tuple[float, float]]]
+) -> dict[str, list[float]]:
+    """New connections opened one right after another on the same side (blocks of BLOCK).
+
+    ``cpu`` gets, per block, the CPU each connection cost in this process (the client,
+    plus our relay threads or sshtunnel's) and in the side's ssh process.
+    """
     calls = {name: new_connection(port) for name, port in sides.raw_ports.items()}
-    return interleaved(calls, rounds=max(tries // BLOCK, 1), batch=min(BLOCK, tries))
+    helpers = {"ssh -L": [sides.openssh.pid], "enginehouse openssh": ssh_masters()}
+
+    def meter(name: str) -> tuple[float, float]:
+        return time.process_time(), process_cpu(helpers.get(name, []))
+
+    return interleaved(
+        calls, rounds=max(tries // BLOCK, 1), batch=min(BLOCK, tries), cpu=cpu, meter=meter
+    )
 
 
 def bench_concurrent(sides: Sides, tries: int) -> dict[str, list[float]]:
@@ -397,6 +458,7 @@ def report(results: dict[str, Any], tries: int) -> str:
     ours = {
         phase: [ms(start[f"{n} {phase}"]) for n in OURS] for phase in ("start", "restart", "stop")
     }
+    lines.append(cpu_row(results["cpu"]))
     lines += [
         "| tunnel start (SSH handshake, auth, first forward), median | "
         f"| {' | '.join(ours['start'])} | | {ms(start['sshtunnel start'])} | |",
@@ -409,6 +471,23 @@ def report(results: dict[str, Any], tries: int) -> str:
         f"| first get() through a cold bastion | | {ms(second['first'])} | | | | |",
     ]
     return "\n".join(lines)
+
+
+def cpu_row(cpu: dict[str, list[tuple[float, float]]]) -> str:
+    """Median CPU per new connection over the back-to-back blocks: ours + the ssh process's."""
+    cells = []
+    for name in SIDES:
+        ours = statistics.median(c[0] for c in cpu[name]) * 1000
+        ssh = statistics.median(c[1] for c in cpu[name]) * 1000
+        cells.append(f"{ours:.2f} ms" + (f" + ssh {ssh:.2f} ms" if name in SSH_PROCESS else ""))
+    return (
+        "| CPU per new connection, back to back, median (this process + the ssh process) | "
+        + " | ".join(cells)
+        + " |  |"
+    )
+
+
+SSH_PROCESS = ("enginehouse openssh", "ssh -L")
 
 
 def plot(results: dict[str, Any]) -> list[Path]:
@@ -485,7 +564,24 @@ def notes(results: dict[str, Any]) -> str:
         + ". Cost a tunnel adds to one round trip: "
         + ", ".join(f"{n} {us:.0f} us" for n, us in extra.items())
         + " (ssh -L and our openssh transport relay in OpenSSH's C client, the floor for any "
-        "tunnel; our default transport and sshtunnel both relay through paramiko in Python)."
+        "tunnel; our default transport and sshtunnel both relay through paramiko in Python). "
+        + cpu_note(results["cpu"])
+    )
+
+
+def cpu_note(cpu: dict[str, list[tuple[float, float]]]) -> str:
+    """What the relay costs in CPU per new connection, from the back-to-back blocks."""
+    ours = {n: statistics.median(c[0] for c in v) * 1000 for n, v in cpu.items()}
+    ssh = {n: statistics.median(c[1] for c in v) * 1000 for n, v in cpu.items()}
+    relay = ours["enginehouse"] - ours["direct"]
+    return (
+        f"CPU per new connection in the application's process: direct {ours['direct']:.2f} ms "
+        f"(the client itself), through the paramiko transport {ours['enginehouse']:.2f} ms, "
+        f"so the Python relay costs {relay:.2f} ms of CPU per connection under the GIL the "
+        "application's threads share (in bursts, that work is serialized); through the "
+        f"openssh transport {ours['enginehouse openssh']:.2f} ms here plus "
+        f"{ssh['enginehouse openssh']:.2f} ms in the ssh process. CPU times hardly depend on "
+        "the machine's load, unlike the latencies."
     )
 
 
@@ -529,6 +625,10 @@ trips. Restart = time for `EnsureConnected` after sshd's session processes were
 killed (the local port stays). The second-database row is `EngineManager.get()` for
 a database not seen before behind the already-open bastion, against the same miss
 without a tunnel (the handshake count is from `stats()`).
+
+The CPU row is `time.process_time()` of this process (every thread: the client, our
+relay threads, paramiko's or sshtunnel's) and `/proc/<pid>/stat` of the side's ssh
+process, per back-to-back block, divided by the connections of the block.
 
 The OpenSSH transport relays in OpenSSH's C client, like `ssh -L`: no Python thread per
 connection, no GIL hand-off between our relay threads, paramiko's transport thread and
@@ -575,7 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sides = Sides(server)
         try:
             results["pooled"] = bench_pooled(sides, rounds=4 if args.quick else 40)
-            results["back_to_back"] = bench_back_to_back(sides, tries)
+            results["cpu"] = {}
+            results["back_to_back"] = bench_back_to_back(sides, tries, results["cpu"])
             results["concurrent"] = bench_concurrent(sides, tries)
             results["round_trips"] = bench_round_trips(sides, rounds=4 if args.quick else 20)
             results["load_end"] = os.getloadavg()[0]

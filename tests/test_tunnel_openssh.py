@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,14 @@ from enginehouse.actors.openssh import OpenSSHMaster
 from enginehouse.actors.policy import RestartPolicy
 from enginehouse.actors.tunnel_supervisor import TunnelSupervisor
 from enginehouse.errors import TunnelError
-from enginehouse.messages.tunnel import CloseTunnel, Forwarded, OpenForward, ReleaseForwards
+from enginehouse.messages.tunnel import (
+    CheckHealth,
+    CloseTunnel,
+    EnsureConnected,
+    Forwarded,
+    OpenForward,
+    ReleaseForwards,
+)
 
 pytestmark = pytest.mark.services("postgres")
 
@@ -248,3 +256,21 @@ def test_a_bastion_that_stops_answering_ends_the_master(sshd: ThrowawaySshd) -> 
             wait_until(answers, timeout=60, what="a new session once the bastion answers")
     finally:
         relay.close()
+
+
+def test_an_idle_session_closes_and_reopens_on_the_same_port(sshd: ThrowawaySshd) -> None:
+    ref = start(bastion(sshd), idle_timeout=0.001)
+    try:
+        forwarded: Forwarded = ref.ask(OpenForward("127.0.0.1", 5432, owner=1), timeout=ASK)
+        master = master_of(forwarded)
+        ref.tell(CheckHealth(time.monotonic() + 60))
+        wait_until(lambda: stats(ref).state == "idle", what="the idle session to close")
+        assert master.process.returncode is not None and not forwarded.link.active()
+        # A deliberate close: no restart was started behind our back.
+        assert stats(ref).connects == 1
+        ref.ask(EnsureConnected("test"), timeout=ASK)  # what an engine's checkout does
+        assert select_one(forwarded.local_port) == 1
+        state = stats(ref)
+        assert (state.state, state.connects, state.restarts) == ("connected", 2, 0)
+    finally:
+        ref.ask(CloseTunnel(), timeout=ASK)
