@@ -31,6 +31,7 @@ from sshd_fixtures import (
     ThrowawaySshd,
     tunnel_threads,
 )
+from test_fork import in_child
 from test_tunnel_actor import select_one, stats
 from test_tunnel_manager import bastion, database, make_manager, only_tunnel, scalar
 
@@ -274,3 +275,23 @@ def test_an_idle_session_closes_and_reopens_on_the_same_port(sshd: ThrowawaySshd
         assert (state.state, state.connects, state.restarts) == ("connected", 2, 0)
     finally:
         ref.ask(CloseTunnel(), timeout=ASK)
+
+
+def test_a_forked_child_never_ends_the_parents_master(sshd: ThrowawaySshd) -> None:
+    with make_manager("singleton", ssh_transport="openssh") as manager:
+        db = database(1, bastion(sshd))
+        assert scalar(manager.get(db), "SELECT 1") == 1
+        masters = _ssh_masters()
+
+        def child() -> dict[str, Any]:
+            # The child's manager starts a master of its own, used and shut down here.
+            value = scalar(manager.get(db), "SELECT 2")
+            connects = only_tunnel(manager).connects
+            manager.shutdown()
+            return {"value": value, "connects": connects}
+
+        assert in_child(child) == {"value": 2, "connects": 1}
+        assert _ssh_masters() == masters  # the parent's master lives on
+        assert scalar(manager.get(db), "SELECT 3") == 3
+        tunnel = only_tunnel(manager)
+        assert (tunnel.connects, tunnel.restarts) == (1, 0)
