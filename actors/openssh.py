@@ -123,11 +123,22 @@ def _load_key(text: bytes, password: bytes | None) -> Any:
     return serialization.load_pem_private_key(text, password)
 
 
+def _short_temp_dir() -> str | None:
+    """Where the folder goes: a control socket's path must fit in 104 bytes (``sun_path``).
+
+    macOS's per-user ``$TMPDIR`` is long; ``/tmp`` then (the folder itself is 0700).
+    """
+    default = tempfile.gettempdir()
+    if len(default) > 60 and os.path.isdir("/tmp"):
+        return "/tmp"
+    return None
+
+
 class SecretFiles:
     """A 0700 temporary folder: the session's control socket, known_hosts, log and secrets."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="enginehouse-ssh-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="enginehouse-ssh-", dir=_short_temp_dir()))
         self.control = self.dir / "control"
         self.known_hosts = self.dir / "known_hosts"
         self.log = self.dir / "ssh.log"
