@@ -277,6 +277,7 @@ class OpenSSHMaster:
         self.bastion = bastion
         self._pid = os.getpid()
         self._closing = False
+        self.up = False  # set once authenticated: only a master that was up reports its death
         self._on_death = on_death
         forking.track(self)
         self._watcher = threading.Thread(
@@ -287,8 +288,8 @@ class OpenSSHMaster:
     def _watch(self) -> None:
         """Wait for the process to end; unless it was closed, say so."""
         code = self.process.wait()
-        if self._closing or self._pid != os.getpid():
-            return
+        if self._closing or not self.up or self._pid != os.getpid():
+            return  # closed by us, or failed while starting (its opener raises the error)
         log.warning(
             "ssh master for bastion %s exited (%s): %s",
             self.bastion,
@@ -433,6 +434,7 @@ class OpenSSHTransport(SSHTransport):
         except BaseException:
             master.close()
             raise
+        master.up = True
         self._master = master
         return master
 
