@@ -606,7 +606,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         in_flight = 1 if budget.waiter is not None else 0
         renewal = self._call(
             self._store.renew, budget, "renew", budget.cap, self._ttl,
-            len(vouched), bool(budget.waiters), in_flight, _demand_of(budget.engines),
+            len(vouched), bool(budget.waiters), in_flight,
         )
         if renewal is None:
             return
@@ -621,8 +621,7 @@ class BudgetKeeper(pykka.ThreadingActor):
                 renewal.lost,
             )
         budget.lost.update(vouched[: renewal.lost])
-        # Contended (others wait, or we do while the fleet is full): each process its share,
-        # by the weighted demand of the sources it serves (connection_shares), fleet-wide.
+        # Contended (others wait, or we do while the fleet is full): each process its share.
         contended = renewal.others_waiting > 0 or bool(budget.waiters)
         budget.target = renewal.share(budget.cap) if contended else budget.cap
         # Give back what we hold beyond our share once per round: between rounds
@@ -820,22 +819,6 @@ class BudgetKeeper(pykka.ThreadingActor):
             handovers=budget.handovers,
             demand_news=budget.demand_news,
         )
-
-
-def _demand_of(engines: list[tuple[weakref.ref[Any], int]]) -> dict[str, float]:
-    """The request sources our pools of a budget serve now, and their weights.
-
-    Read from each pool's FairQueue (from our thread: plain reads of its
-    counters); empty when no pool has an active source (the fleet counts us
-    as serving ``"*"``).
-    """
-    demand: dict[str, float] = {}
-    for ref, _ in engines:
-        fair = getattr(getattr(ref(), "pool", None), "fair", None)
-        if fair is not None:
-            for source, weight in fair.demand().items():
-                demand[source] = max(weight, demand.get(source, 0.0))
-    return demand
 
 
 def _fail(waiter: _Waiter, exc: BaseException) -> None:
