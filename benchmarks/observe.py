@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs; no plots")
     args = parser.parse_args(argv)
     duration = 8.0 if args.quick else 24.0
-    result = {"name": "observe", "when": utc_now(), "machine": machine_info(),
+    result: dict[str, Any] = {"name": "observe", "when": utc_now(), "machine": machine_info(),
               "leaks": run_leaks(duration), "workers": run_workers(duration)}
     print(f"results: {write_results('observe', result)}")
     print(summarize(result))

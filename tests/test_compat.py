@@ -23,7 +23,7 @@ from enginehouse import compat
 from enginehouse.budgeted_pool import BudgetedQueuePool
 
 
-def sqlite_creator() -> sqlite3.Connection:
+def sqlite_creator() -> Any:  # a DBAPI connection (typed Any, as SQLAlchemy's creator wants)
     return sqlite3.connect(":memory:", check_same_thread=False)
 
 
