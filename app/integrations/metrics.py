@@ -8,7 +8,8 @@ Two sources feed one :class:`~prometheus_client.CollectorRegistry`:
   nothing is counted twice and a scrape never races the actors.
 - :data:`POOL_EVENTS` times every connection checkout of every engine the
   registry builds (wait histogram, pending gauge, timeouts, usage, physical connections),
-  through :data:`enginehouse.actors.registry.ENGINE_HOOKS`. It is process-wide.
+  through :data:`enginehouse.actors.registry.ENGINE_HOOKS` and the pool-timing
+  helper (:mod:`enginehouse.integrations.pool_timing`). It is process-wide.
 
 Labels carry a database id, an actor name or a bastion (``user@host:port``),
 never a URL with a password. Every name is listed in docs/metrics.md.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -33,12 +33,11 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from enginehouse.actors.registry import ENGINE_HOOKS, pool_max_connections
-from enginehouse.errors import PoolExhaustedError
+from enginehouse.integrations import pool_timing
+from enginehouse.integrations.pool_timing import PoolSink
 from enginehouse.messages.registry import EnginePlan
 
 log = logging.getLogger("enginehouse.metrics")
@@ -118,7 +117,6 @@ class PoolEvents(Collector):
             ["database"], registry=None, multiprocess_mode="livesum",
         )
         self._engines: dict[str, weakref.WeakSet[Engine]] = {}
-        self._connecting: dict[int, float] = {}  # thread id -> when its connect started
 
     def metrics(self) -> tuple[Any, ...]:
         return (self.wait, self.usage, self.creation, self.timeouts, self.invalidations,
@@ -148,81 +146,54 @@ class PoolEvents(Collector):
             most = self.max.labels(label)
             most.inc(bound)
             weakref.finalize(engine, most.dec, bound).atexit = False
-        engine.raw_connection = _timed(  # type: ignore[method-assign]
-            weakref.WeakMethod(engine.raw_connection), self, label
-        )
-        # Pool-level listeners on the engine: they move with its pool across
-        # dispose()/recreate() and keep the statement path free of engine events.
-        for name, listener in self._listeners(label).items():
-            event.listen(engine, name, listener)
-
-    def _listeners(self, label: str) -> dict[str, Callable[..., None]]:
-        connections = self.connections.labels(label)
-        creation = self.creation.labels(label)
-        usage = self.usage.labels(label)
-        invalidations = self.invalidations.labels(label)
-        active = self.active.labels(label)
-        opened = self.open.labels(label)
-        connecting = self._connecting
-
-        def on_do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
-            connecting[threading.get_ident()] = time.perf_counter()
-
-        def on_connect(dbapi_connection: Any, record: Any) -> None:
-            connections.inc()
-            opened.inc()
-            started = connecting.pop(threading.get_ident(), None)
-            if started is not None:
-                creation.observe(time.perf_counter() - started)
-
-        def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-            record.info["enginehouse.checkout"] = time.perf_counter()
-            active.inc()
-
-        def on_checkin(dbapi_connection: Any, record: Any) -> None:
-            started = record.info.pop("enginehouse.checkout", None)
-            if started is not None:
-                active.dec()
-                usage.observe(time.perf_counter() - started)
-
-        def on_close(dbapi_connection: Any, record: Any = None) -> None:
-            opened.dec()
-
-        def on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
-            invalidations.inc()
-
-        return {"do_connect": on_do_connect, "connect": on_connect, "checkout": on_checkout,
-                "checkin": on_checkin, "invalidate": on_invalidate,
-                "soft_invalidate": on_invalidate, "close": on_close, "close_detached": on_close}
+        pool_timing.instrument(engine, _PrometheusSink(self, label))
 
 
-def _timed(acquire: weakref.WeakMethod[Callable[[], Any]], events: PoolEvents,
-           label: str) -> Callable[[], Any]:
-    """``engine.raw_connection`` timed: no pool event fires *before* a checkout.
+class _PrometheusSink(PoolSink):
+    """One database's pool telemetry as :class:`PoolEvents`' series (children bound once)."""
 
-    Holds the engine weakly, so instrumenting it makes no reference cycle and
-    a forgotten engine is freed at once (its series then go at the next scrape).
-    """
-    wait = events.wait.labels(label)
-    timeouts = events.timeouts.labels(label)
-    pending = events.pending.labels(label)
+    def __init__(self, events: PoolEvents, label: str) -> None:
+        self._wait = events.wait.labels(label)
+        self._timeouts = events.timeouts.labels(label)
+        self._pending = events.pending.labels(label)
+        self._connections = events.connections.labels(label)
+        self._creation = events.creation.labels(label)
+        self._usage = events.usage.labels(label)
+        self._invalidations = events.invalidations.labels(label)
+        self._active = events.active.labels(label)
+        self._open = events.open.labels(label)
 
-    def timed_raw_connection() -> Any:
-        method = acquire()
-        if method is None:
-            raise ReferenceError("engine already collected")
-        start = time.perf_counter()
-        pending.inc()
-        try:
-            return method()
-        except (sa_exc.TimeoutError, PoolExhaustedError):  # the budget raises the latter
-            timeouts.inc()
-            raise
-        finally:
-            pending.dec()
-            wait.observe(time.perf_counter() - start)
+    def waiting(self) -> None:
+        self._pending.inc()
 
-    return timed_raw_connection
+    def acquired(self, seconds: float) -> None:
+        self._pending.dec()
+        self._wait.observe(seconds)
+
+    def timed_out(self) -> None:
+        self._timeouts.inc()
+
+    def opened(self, seconds: float | None) -> None:
+        self._connections.inc()
+        self._open.inc()
+        if seconds is not None:
+            self._creation.observe(seconds)
+
+    def checked_out(self) -> None:
+        self._active.inc()
+
+    def checked_in(self, seconds: float) -> None:
+        self._active.dec()
+        self._usage.observe(seconds)
+
+    def invalidated(self) -> None:
+        self._invalidations.inc()
+
+    def soft_invalidated(self) -> None:
+        self._invalidations.inc()
+
+    def closed(self) -> None:
+        self._open.dec()
 
 
 POOL_EVENTS = PoolEvents()

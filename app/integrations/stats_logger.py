@@ -5,7 +5,8 @@ object with ``incr(key)``, ``decr(key)``, ``timing(key, seconds)`` and
 ``gauge(key, value)`` (``superset.stats_logger.BaseStatsLogger``; the StatsD
 one sends them on). :func:`feed_stats_logger` sends enginehouse's pool
 telemetry there too, for every engine built from then on, without
-prometheus_client. Keys carry the database id, never a URL or a user:
+prometheus_client (timed by :mod:`enginehouse.integrations.pool_timing`, as the
+Prometheus series are). Keys carry the database id, never a URL or a user:
 
 - ``enginehouse.pool.<db>.acquire`` (timing): getting a connection from the pool
 - ``enginehouse.pool.<db>.usage`` (timing): how long it stayed checked out
@@ -18,18 +19,14 @@ prometheus_client. Keys carry the database id, never a URL or a user:
 from __future__ import annotations
 
 import logging
-import threading
-import time
-import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from enginehouse.actors.registry import ENGINE_HOOKS
-from enginehouse.errors import PoolExhaustedError
+from enginehouse.integrations import pool_timing
+from enginehouse.integrations.pool_timing import PoolSink
 from enginehouse.messages.registry import EnginePlan
 
 log = logging.getLogger("enginehouse.stats_logger")
@@ -53,38 +50,41 @@ class StatsLoggerFeed:
         self.prefix = prefix
 
     def instrument(self, engine: Engine, plan: EnginePlan) -> None:
-        key = f"{self.prefix}.{plan.database_id}"
-        send = _Safe(self.logger)
-        engine.raw_connection = _timed_acquire(  # type: ignore[method-assign]
-            weakref.WeakMethod(engine.raw_connection), send, key
+        pool_timing.instrument(
+            engine, _StatsLoggerSink(_Safe(self.logger), f"{self.prefix}.{plan.database_id}")
         )
-        connecting: dict[int, float] = {}
 
-        def on_do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
-            connecting[threading.get_ident()] = time.perf_counter()
 
-        def on_connect(dbapi_connection: Any, record: Any) -> None:
-            started = connecting.pop(threading.get_ident(), None)
-            if started is not None:
-                send.timing(f"{key}.creation", time.perf_counter() - started)
+class _StatsLoggerSink(PoolSink):
+    """One database's pool telemetry as ``STATS_LOGGER`` keys under ``key``."""
 
-        def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-            record.info["enginehouse.stats_logger"] = time.perf_counter()
-            send.incr(f"{key}.active")
+    stamp = "enginehouse.stats_logger"
 
-        def on_checkin(dbapi_connection: Any, record: Any) -> None:
-            started = record.info.pop("enginehouse.stats_logger", None)
-            if started is not None:
-                send.decr(f"{key}.active")
-                send.timing(f"{key}.usage", time.perf_counter() - started)
+    def __init__(self, send: _Safe, key: str) -> None:
+        self._send = send
+        self._acquire, self._timeout = f"{key}.acquire", f"{key}.timeout"
+        self._creation, self._active = f"{key}.creation", f"{key}.active"
+        self._usage, self._invalidated = f"{key}.usage", f"{key}.invalidated"
 
-        def on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
-            send.incr(f"{key}.invalidated")
+    def acquired(self, seconds: float) -> None:
+        self._send.timing(self._acquire, seconds)
 
-        for name, listener in (("do_connect", on_do_connect), ("connect", on_connect),
-                               ("checkout", on_checkout), ("checkin", on_checkin),
-                               ("invalidate", on_invalidate)):
-            event.listen(engine, name, listener)
+    def timed_out(self) -> None:
+        self._send.incr(self._timeout)
+
+    def opened(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self._send.timing(self._creation, seconds)
+
+    def checked_out(self) -> None:
+        self._send.incr(self._active)
+
+    def checked_in(self, seconds: float) -> None:
+        self._send.decr(self._active)
+        self._send.timing(self._usage, seconds)
+
+    def invalidated(self) -> None:
+        self._send.incr(self._invalidated)
 
 
 class _Safe:
@@ -111,24 +111,6 @@ class _Safe:
                 self._warned = True
                 log.warning("STATS_LOGGER failed (%s); later failures are not logged",
                             type(exc).__name__)
-
-
-def _timed_acquire(acquire: weakref.WeakMethod[Callable[[], Any]], send: _Safe,
-                   key: str) -> Callable[[], Any]:
-    def timed_raw_connection() -> Any:
-        method = acquire()
-        if method is None:
-            raise ReferenceError("engine already collected")
-        start = time.perf_counter()
-        try:
-            return method()
-        except (sa_exc.TimeoutError, PoolExhaustedError):
-            send.incr(f"{key}.timeout")
-            raise
-        finally:
-            send.timing(f"{key}.acquire", time.perf_counter() - start)
-
-    return timed_raw_connection
 
 
 def feed_stats_logger(logger: StatsLogger, prefix: str = "enginehouse.pool") -> StatsLoggerFeed:
