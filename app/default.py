@@ -6,8 +6,8 @@ shut down and the next call starts one with the new settings.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -66,12 +66,17 @@ class DefaultEngines:
             return call(self.manager())
 
     def get(self, database: DatabaseSpec, **request: Any) -> Engine:
+        manager = self._manager
+        if manager is not None:  # the hot path: no closure, no retry wrapper
+            try:
+                return manager.get(database, **request)
+            except ManagerShutDownError:
+                pass  # shut down or retired: _call starts (or finds) the next one
         return self._call(lambda manager: manager.get(database, **request))
 
-    @contextmanager
-    def connect(self, database: DatabaseSpec, **request: Any) -> Iterator[Connection]:
-        with self.manager().connect(database, **request) as connection:
-            yield connection
+    def connect(self, database: DatabaseSpec, **request: Any) -> AbstractContextManager[Connection]:
+        """The running manager's ``connect()``, that manager chosen when the block is entered."""
+        return _DefaultCheckout(self, database, request)
 
     def dispose(self, database_id: int | str) -> int:
         return self._call(lambda manager: manager.dispose(database_id))
@@ -97,6 +102,29 @@ class DefaultEngines:
         self._version += 1
         if old is not None:
             old.shutdown()
+
+
+class _DefaultCheckout:
+    """What ``engines.connect()`` returns: the manager's checkout, taken at ``__enter__``.
+
+    A class rather than a ``@contextmanager`` generator: it runs once per query.
+    """
+
+    __slots__ = ("_database", "_default", "_inner", "_request")
+
+    def __init__(
+        self, default: DefaultEngines, database: DatabaseSpec, request: dict[str, Any]
+    ) -> None:
+        self._default = default
+        self._database = database
+        self._request = request
+
+    def __enter__(self) -> Connection:
+        self._inner = self._default.manager().connect(self._database, **self._request)
+        return self._inner.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._inner.__exit__(*exc_info)
 
 
 engines = DefaultEngines()

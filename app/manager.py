@@ -82,6 +82,7 @@ from enginehouse.specs import DatabaseSpec, SSHTunnelSpec
 from enginehouse.stats import ActorStats, BudgetStats, EngineStats, LongHolderStats, ManagerStats
 
 log = logging.getLogger("enginehouse.manager")
+_monotonic = time.monotonic
 
 
 @dataclass
@@ -107,6 +108,7 @@ class EngineManager:
             raise InvalidSpecError("settings", "give a settings object or keywords, not both")
         self.settings = settings if settings is not None else ManagerSettings.build(**values)
         self._new_mode = self.settings.mode is Mode.NEW
+        self._mutated = self.settings.connection_mutator is not None  # user, source in keys
         self._hits = itertools.count()
         self._closed = False
         self._starts: SingleFlight[_System] = SingleFlight()
@@ -137,32 +139,7 @@ class EngineManager:
         places it in each new connection; a refreshed token updates that
         user's engine rather than building another.
         """
-        system = self._live()
-        if not isinstance(database, DatabaseSpec):
-            raise InvalidSpecError("database", "must be a DatabaseSpec")
-        key = request_key(
-            database,
-            self.settings,
-            catalog=catalog,
-            schema=schema,
-            user=user,
-            source=source,
-            access_token=access_token,
-        )
-        if self._new_mode:
-            plan = self._plan(database, key, access_token)
-            engine: Engine = self._ask(system, "registry", BuildUncached(plan))
-            return engine
-        entry = system.snapshot.entries.get(key)
-        if entry is None:
-            entry = self._miss(system, database, key, access_token)
-        else:
-            next(self._hits)
-            next(entry.hits)
-            entry.last_used = time.monotonic()
-        if access_token is not None:
-            _refresh_token(entry, access_token)
-        return entry.engine
+        return self._engine(database, catalog, schema, source, user, access_token)
 
     def get_planned(self, plan: EnginePlan) -> Engine:
         """The engine for a plan an integration built itself, its URL and arguments final.
@@ -190,7 +167,7 @@ class EngineManager:
         else:
             next(self._hits)
             next(entry.hits)
-            entry.last_used = time.monotonic()
+            entry.last_used = _monotonic()
         return entry.engine
 
     def open_forward(self, tunnel: SSHTunnelSpec, host: str, port: int, *, owner: int | str) -> int:
@@ -218,6 +195,8 @@ class EngineManager:
         around all of it (engine lookup included); what it raises reaches the
         caller unchanged. Nothing runs before the ``with`` block is entered.
         """
+        if self.settings.engine_context is None:
+            return _Checkout(self, database, (catalog, schema, source, user, access_token))
         request: dict[str, Any] = {
             "catalog": catalog,
             "schema": schema,
@@ -225,8 +204,6 @@ class EngineManager:
             "user": user,
             "access_token": access_token,
         }
-        if self.settings.engine_context is None:
-            return _Checkout(self, database, request)
         return self._connect_in_context(database, request)
 
     @contextmanager
@@ -464,6 +441,61 @@ class EngineManager:
         entry: CachedEngine = self._ask(system, "registry", GetEngine(key, plan))
         return entry
 
+    def _engine(
+        self,
+        database: DatabaseSpec,
+        catalog: str | None,
+        schema: str | None,
+        source: str | None,
+        user: str | None,
+        access_token: str | SecretStr | None,
+    ) -> Engine:
+        """:meth:`get` with positional arguments (``connect()`` calls it once per query)."""
+        system = self._live()
+        if not isinstance(database, DatabaseSpec):
+            raise InvalidSpecError("database", "must be a DatabaseSpec")
+        if access_token is None and not self._new_mode and not database.impersonate_user:
+            # The hit path: request_key's rule for this case, as a plain tuple (a
+            # NamedTuple equals and hashes as its tuple); no call, no keywords.
+            mutated = self._mutated
+            hit = (
+                database.id,
+                database.fingerprint,
+                catalog,
+                schema,
+                user if mutated else None,
+                source if mutated else None,
+            )
+            entry = system.snapshot.entries.get(hit)  # type: ignore[call-overload]
+            if entry is not None:
+                next(self._hits)
+                next(entry.hits)
+                entry.last_used = _monotonic()
+                return entry.engine
+        key = request_key(
+            database,
+            self.settings,
+            catalog=catalog,
+            schema=schema,
+            user=user,
+            source=source,
+            access_token=access_token,
+        )
+        if self._new_mode:
+            plan = self._plan(database, key, access_token)
+            engine: Engine = self._ask(system, "registry", BuildUncached(plan))
+            return engine
+        entry = system.snapshot.entries.get(key)
+        if entry is None:
+            entry = self._miss(system, database, key, access_token)
+        else:
+            next(self._hits)
+            next(entry.hits)
+            entry.last_used = _monotonic()
+        if access_token is not None:
+            _refresh_token(entry, access_token)
+        return entry.engine
+
     def _plan(
         self, database: DatabaseSpec, key: RequestKey, access_token: str | SecretStr | None
     ) -> EnginePlan:
@@ -550,13 +582,17 @@ class _Checkout:
     The same steps as the generator of ``_connect_in_context`` without a
     scope, written out as a class: ``connect()`` runs once per query, and the
     generator machinery cost a few percent of a pooled SELECT 1
-    (docs/benchmarks.md, Core).
+    (docs/benchmarks.md, Core). The request stays a tuple (catalog, schema,
+    source, user, access_token) passed on positionally: no dict, no keywords.
     """
 
     __slots__ = ("_connection", "_database", "_engine", "_manager", "_request")
 
     def __init__(
-        self, manager: EngineManager, database: DatabaseSpec, request: dict[str, Any]
+        self,
+        manager: EngineManager,
+        database: DatabaseSpec,
+        request: tuple[str | None, str | None, str | None, str | None, str | SecretStr | None],
     ) -> None:
         self._manager = manager
         self._database = database
@@ -564,30 +600,29 @@ class _Checkout:
 
     def __enter__(self) -> Connection:
         manager = self._manager
-        engine = manager.get(self._database, **self._request)
+        engine = manager._engine(self._database, *self._request)
         try:
             if manager._leaks is None and "connection_shares" not in self._database.extra:
                 connection = engine.connect()
             else:  # the leak detector and the pool's shares by source read the request's source
-                token = request_source.set(self._request["source"])
+                token = request_source.set(self._request[2])
                 try:
                     connection = engine.connect()
                 finally:
                     request_source.reset(token)
-            entered = connection.__enter__()
         except BaseException as exc:
-            if self._manager._new_mode:
+            if manager._new_mode:
                 engine.dispose()
             ours = _checkout_error(self._database, exc)
             if ours is not None:
                 raise ours from None
             raise
         self._engine, self._connection = engine, connection
-        return entered
+        return connection  # Connection.__enter__ returns the connection itself
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
-            self._connection.__exit__(*exc_info)
+            self._connection.close()  # what Connection.__exit__ does
         finally:
             if self._manager._new_mode:
                 self._engine.dispose()

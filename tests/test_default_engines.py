@@ -179,3 +179,16 @@ def test_manager_shut_down_directly_is_replaced(
     first.shutdown()
     assert default_engines.get(spec) is not None
     assert default_engines.manager() is not first
+
+
+def test_connect_takes_the_manager_running_when_the_block_is_entered(
+    default_engines: DefaultEngines, spec: DatabaseSpec
+) -> None:
+    checkout = default_engines.connect(spec)  # nothing runs before the block
+    default_engines.configure(mode="singleton")
+    with checkout as connection:
+        assert connection.execute(text("select 1")).scalar() == 1
+        assert default_engines.manager().stats().misses == 1
+    with default_engines.connect(spec) as connection:
+        assert connection.execute(text("select 2")).scalar() == 2
+    assert default_engines.manager().stats().hits == 1

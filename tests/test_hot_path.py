@@ -9,6 +9,7 @@ callers add later must still fire and disposal must still reach the registry.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from sqlalchemy import event, text
@@ -108,3 +109,44 @@ def test_connect_lookup_error_surfaces_at_entry(manager: EngineManager) -> None:
     checkout = manager.connect(sqlite, schema="main")  # SQLite has no schemas
     with pytest.raises(InvalidSpecError, match="schema"), checkout:
         raise AssertionError("entered without an engine")
+
+
+# -- the hit key: request_key's rule as a plain tuple ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [{}, {"schema": "public"}, {"catalog": "test"}, {"source": "SQL_LAB"}, {"user": "ann"}],
+)
+def test_a_second_get_of_any_request_is_a_hit(
+    manager: EngineManager, pg_spec: DatabaseSpec, request_: dict[str, str]
+) -> None:
+    first = manager.get(pg_spec, **request_)
+    before = manager.stats()
+    assert manager.get(pg_spec, **request_) is first
+    with manager.connect(pg_spec, **request_) as connection:
+        assert connection.engine is first
+    after = manager.stats()
+    assert (after.misses, after.hits) == (before.misses, before.hits + 2)
+
+
+def test_source_and_user_reach_the_key_only_under_a_mutator(pg_spec: DatabaseSpec) -> None:
+    seen: list[tuple[str | None, str | None]] = []
+
+    def mutator(url: Any, kwargs: dict[str, Any], *, user: Any, source: Any) -> Any:
+        seen.append((user, source))
+        return url, kwargs
+
+    with EngineManager(connection_mutator=mutator, cleanup_interval=60) as manager:
+        # Three keys (the mutator may read user and source), then a hit on the first;
+        # the engines are shared, since this mutator leaves URL and arguments alone.
+        dashboards = manager.get(pg_spec, source="DASHBOARD", user="ann")
+        manager.get(pg_spec, source="SQL_LAB", user="ann")
+        manager.get(pg_spec, source="DASHBOARD", user="bob")
+        assert manager.get(pg_spec, source="DASHBOARD", user="ann") is dashboards
+        assert manager.stats().hits == 1  # the mutator ran once per new key (below)
+    assert seen == [("ann", "DASHBOARD"), ("ann", "SQL_LAB"), ("bob", "DASHBOARD")]
+    with EngineManager(cleanup_interval=60) as plain:  # no mutator: one engine for all
+        engine = plain.get(pg_spec, source="DASHBOARD", user="ann")
+        assert plain.get(pg_spec, source="SQL_LAB", user="bob") is engine
+        assert (plain.stats().misses, plain.stats().hits) == (1, 1)
