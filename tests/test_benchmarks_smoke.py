@@ -21,7 +21,8 @@ from tests.conftest import PG_URI
 pytestmark = pytest.mark.services("postgres", "redis")
 
 TINY = bench_core.Scale(
-    hit_rounds=3, facade_rounds=3, miss_rounds=2, miss_batch=2, mode_seconds=0.2, mode_repeats=1
+    hit_rounds=3, facade_rounds=3, miss_rounds=2, miss_batch=2, mode_seconds=0.2, mode_repeats=1,
+    facade_batch=2,
 )
 
 
@@ -72,16 +73,35 @@ def test_modes(spec: DatabaseSpec) -> None:
 
 def test_facade(spec: DatabaseSpec) -> None:
     result = bench_core.bench_facade(spec, rounds=4, batch=2, reconnect_every=2)
-    check(result, "facade", 3)
+    check(result, "facade", 5)
     assert list(result.samples) == [
         bench_core.FACADE,
+        bench_core.DEFAULT,
+        bench_core.GET_CONNECT,
         bench_core.SAME_ENGINE,
+        bench_core.DEFAULT_ENGINE,
         bench_core.BARE,
         bench_core.TWIN,
     ]
     assert all(len(v) == 4 for v in result.samples.values())
-    assert [r.goal is not None for r in result.ratios] == [True, False, False]
+    assert [r.goal is not None for r in result.ratios] == [True, True, True, False, False]
     assert math.isfinite(result.params["overhead"])
+    for key in ("overhead_ci95", "default_overhead_ci95", "get_connect_overhead_ci95"):
+        low, high = result.params[key]
+        assert low <= high
+    assert "95% CI" in bench_core.facade_summary(result)
+
+
+def test_overhead_interval_brackets_the_median() -> None:
+    candidate = [1.0 + i / 100 for i in range(100)]
+    low, high = bench_core._overhead_interval(candidate, [1.0] * 100)
+    assert low < 0.495 < high  # the median overhead lies inside
+    assert high - low < 0.25  # and the interval is narrower than the spread
+
+
+def test_instruction_child_counts_only_when_asked() -> None:
+    assert bench_core.QUICK.instruction_queries == 0  # --quick never starts valgrind
+    assert bench_core.FULL.instruction_queries > 0
 
 
 def test_miss(spec: DatabaseSpec) -> None:
