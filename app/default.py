@@ -120,7 +120,10 @@ class _DefaultCheckout:
         self._request = request
 
     def __enter__(self) -> Connection:
-        self._inner = self._default.manager().connect(self._database, **self._request)
+        manager = self._default._manager
+        if manager is None or manager._closed:
+            manager = self._default.manager()  # starts (or finds) the running one
+        self._inner = manager.connect(self._database, **self._request)
         return self._inner.__enter__()
 
     def __exit__(self, *exc_info: Any) -> None:

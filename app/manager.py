@@ -83,6 +83,7 @@ from enginehouse.stats import ActorStats, BudgetStats, EngineStats, LongHolderSt
 
 log = logging.getLogger("enginehouse.manager")
 _monotonic = time.monotonic
+_fork_state = forking.state
 
 
 @dataclass
@@ -109,6 +110,8 @@ class EngineManager:
         self.settings = settings if settings is not None else ManagerSettings.build(**values)
         self._new_mode = self.settings.mode is Mode.NEW
         self._mutated = self.settings.connection_mutator is not None  # user, source in keys
+        self._hit_path = not self._new_mode  # SINGLETON: look up the snapshot first
+        self._plain_connect = self.settings.engine_context is None  # connect(): no scope
         self._hits = itertools.count()
         self._closed = False
         self._starts: SingleFlight[_System] = SingleFlight()
@@ -195,7 +198,7 @@ class EngineManager:
         around all of it (engine lookup included); what it raises reaches the
         caller unchanged. Nothing runs before the ``with`` block is entered.
         """
-        if self.settings.engine_context is None:
+        if self._plain_connect:
             return _Checkout(self, database, (catalog, schema, source, user, access_token))
         request: dict[str, Any] = {
             "catalog": catalog,
@@ -451,10 +454,12 @@ class EngineManager:
         access_token: str | SecretStr | None,
     ) -> Engine:
         """:meth:`get` with positional arguments (``connect()`` calls it once per query)."""
-        system = self._live()
+        system = self._system
+        if self._closed or system.generation != _fork_state.generation:
+            system = self._live()
         if not isinstance(database, DatabaseSpec):
             raise InvalidSpecError("database", "must be a DatabaseSpec")
-        if access_token is None and not self._new_mode and not database.impersonate_user:
+        if access_token is None and self._hit_path and not database.impersonate_user:
             # The hit path: request_key's rule for this case, as a plain tuple (a
             # NamedTuple equals and hashes as its tuple); no call, no keywords.
             mutated = self._mutated
