@@ -75,7 +75,10 @@ class DefaultEngines:
         return self._call(lambda manager: manager.get(database, **request))
 
     def connect(self, database: DatabaseSpec, **request: Any) -> AbstractContextManager[Connection]:
-        """The running manager's ``connect()``, that manager chosen when the block is entered."""
+        """The running manager's ``connect()``; with none running, one starts at ``__enter__``."""
+        manager = self._manager
+        if manager is not None and not manager._closed:  # the hot path: its checkout itself
+            return manager.connect(database, **request) if request else manager.connect(database)
         return _DefaultCheckout(self, database, request)
 
     def dispose(self, database_id: int | str) -> int:
@@ -105,10 +108,7 @@ class DefaultEngines:
 
 
 class _DefaultCheckout:
-    """What ``engines.connect()`` returns: the manager's checkout, taken at ``__enter__``.
-
-    A class rather than a ``@contextmanager`` generator: it runs once per query.
-    """
+    """What ``engines.connect()`` returns before any manager runs: one starts at ``__enter__``."""
 
     __slots__ = ("_database", "_default", "_inner", "_request")
 
@@ -120,10 +120,7 @@ class _DefaultCheckout:
         self._request = request
 
     def __enter__(self) -> Connection:
-        manager = self._default._manager
-        if manager is None or manager._closed:
-            manager = self._default.manager()  # starts (or finds) the running one
-        self._inner = manager.connect(self._database, **self._request)
+        self._inner = self._default.manager().connect(self._database, **self._request)
         return self._inner.__enter__()
 
     def __exit__(self, *exc_info: Any) -> None:

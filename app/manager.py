@@ -199,7 +199,7 @@ class EngineManager:
         caller unchanged. Nothing runs before the ``with`` block is entered.
         """
         if self._plain_connect:
-            return _Checkout(self, database, (catalog, schema, source, user, access_token))
+            return _Checkout(self, database, catalog, schema, source, user, access_token)
         request: dict[str, Any] = {
             "catalog": catalog,
             "schema": schema,
@@ -587,30 +587,43 @@ class _Checkout:
     The same steps as the generator of ``_connect_in_context`` without a
     scope, written out as a class: ``connect()`` runs once per query, and the
     generator machinery cost a few percent of a pooled SELECT 1
-    (docs/benchmarks.md, Core). The request stays a tuple (catalog, schema,
-    source, user, access_token) passed on positionally: no dict, no keywords.
+    (docs/benchmarks.md, Core). The request is kept field by field and
+    passed on positionally: no dict, no keywords, no argument unpacking.
     """
 
-    __slots__ = ("_connection", "_database", "_engine", "_manager", "_request")
+    __slots__ = (
+        "_catalog", "_connection", "_database", "_engine", "_manager", "_schema", "_source",
+        "_token", "_user",
+    )  # fmt: skip
 
     def __init__(
         self,
         manager: EngineManager,
         database: DatabaseSpec,
-        request: tuple[str | None, str | None, str | None, str | None, str | SecretStr | None],
+        catalog: str | None,
+        schema: str | None,
+        source: str | None,
+        user: str | None,
+        token: str | SecretStr | None,
     ) -> None:
         self._manager = manager
         self._database = database
-        self._request = request
+        self._catalog = catalog
+        self._schema = schema
+        self._source = source
+        self._user = user
+        self._token = token
 
     def __enter__(self) -> Connection:
-        manager = self._manager
-        engine = manager._engine(self._database, *self._request)
+        manager, database = self._manager, self._database
+        engine = manager._engine(
+            database, self._catalog, self._schema, self._source, self._user, self._token
+        )
         try:
-            if manager._leaks is None and "connection_shares" not in self._database.extra:
+            if manager._leaks is None and "connection_shares" not in database.extra:
                 connection = engine.connect()
             else:  # the leak detector and the pool's shares by source read the request's source
-                token = request_source.set(self._request[2])
+                token = request_source.set(self._source)
                 try:
                     connection = engine.connect()
                 finally:
@@ -618,7 +631,7 @@ class _Checkout:
         except BaseException as exc:
             if manager._new_mode:
                 engine.dispose()
-            ours = _checkout_error(self._database, exc)
+            ours = _checkout_error(database, exc)
             if ours is not None:
                 raise ours from None
             raise
