@@ -340,8 +340,17 @@ class BlackHoleRelay:
         self.dropping.clear()
 
     def close(self) -> None:
+        """Close every socket; shut each down first, which ends it on the wire at once.
+
+        A bare close() while a pump thread is blocked in recv() on the same socket
+        leaves the connection open (the blocked call holds the file): sshd then kept
+        a pre-auth session of a black-holed handshake for its LoginGraceTime, and the
+        next test's ``sshd`` fixture timed out waiting for it to end.
+        """
         self._closed = True
         for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
 
@@ -353,6 +362,9 @@ class BlackHoleRelay:
             except OSError:
                 return
             self._sockets += [client, upstream]
+            if self._closed:  # close() ran while this pair was being made: end it too
+                self.close()
+                return
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(
                     target=self._pump, args=(source, sink), name="test-blackhole", daemon=True
