@@ -277,15 +277,9 @@ class EngineManagerExtension:
         Superset ``Database`` under ``enginehouse.superset.install`` is served by
         its own ``get_sqla_engine`` (Superset's steps, then the same hook).
         """
-        if override_ssh_tunnel is None and served_by_superset_hook(database):
-            with database.get_sqla_engine(
-                catalog=catalog, schema=schema, nullpool=nullpool is not False, source=source
-            ) as engine:
-                yield engine
-            return
-        yield self.get_engine(
-            database, catalog=catalog, schema=schema, source=source, ssh_tunnel=override_ssh_tunnel
-        )
+        with _served(self._state, database, catalog, schema, nullpool, source,
+                     override_ssh_tunnel) as engine:
+            yield engine
 
     def shutdown(self) -> None:
         """Stop this app's manager (and metrics endpoint); a later use starts a new one."""
@@ -309,19 +303,30 @@ def get_sqla_engine(
     state = current_app.extensions.get(EXTENSION_KEY)
     if state is None:
         raise RuntimeError("EngineManagerExtension.init_app(app) was not called")
-    if override_ssh_tunnel is None and served_by_superset_hook(database):
+    with _served(lambda: state, database, catalog, schema, nullpool, source,
+                 override_ssh_tunnel) as engine:
+        yield engine
+
+
+@contextmanager
+def _served(
+    state: Callable[[], _State],
+    database: Any,
+    catalog: str | None,
+    schema: str | None,
+    nullpool: bool | None,
+    source: Any,
+    ssh_tunnel: Any,
+) -> Iterator[Engine]:
+    """Both ``get_sqla_engine``s: a hooked Superset model's own path, else the app's manager."""
+    if ssh_tunnel is None and served_by_superset_hook(database):
         with database.get_sqla_engine(
             catalog=catalog, schema=schema, nullpool=nullpool is not False, source=source
         ) as engine:
             yield engine
         return
-    yield state.get_engine(
-        database,
-        catalog=catalog,
-        schema=schema,
-        source=source,
-        user=None,
-        ssh_tunnel=override_ssh_tunnel,
+    yield state().get_engine(
+        database, catalog=catalog, schema=schema, source=source, user=None, ssh_tunnel=ssh_tunnel
     )
 
 
