@@ -58,7 +58,14 @@ from enginehouse.messages.tunnel import CloseTunnel, EnsureConnected, Forwarded,
 from enginehouse.settings import ManagerSettings
 
 sys.path.insert(0, str(ROOT / "tests"))
-from sshd_fixtures import USER, ThrowawaySshd, free_port, remove_sshd, start_sshd
+from sshd_fixtures import (
+    USER,
+    ThrowawaySshd,
+    free_port,
+    remove_sshd,
+    ssh_masters,
+    start_sshd,
+)
 
 PG = PG_URI
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -229,22 +236,6 @@ def process_cpu(pids: Sequence[int]) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / _TICK
     return total
-
-
-def ssh_masters() -> list[int]:
-    """Our ``ssh -N -M`` children: the OpenSSH transport's masters."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == os.getpid() and b"ControlMaster=yes" in argv:
-            found.append(int(entry.name))
-    return found
 
 
 def bursts(port: int, count: int, pool: Any) -> list[float]:

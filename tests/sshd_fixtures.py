@@ -380,3 +380,19 @@ class BlackHoleRelay:
         finally:
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
+
+
+def ssh_masters() -> list[int]:
+    """This process's ``ssh -N -M`` children: the OpenSSH transport's masters."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and b"ControlMaster=yes" in argv:
+            found.append(int(entry.name))
+    return found

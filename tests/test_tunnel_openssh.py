@@ -29,6 +29,7 @@ from sshd_fixtures import (
     PASSWORD,
     BlackHoleRelay,
     ThrowawaySshd,
+    ssh_masters,
     tunnel_threads,
 )
 from test_fork import in_child
@@ -152,29 +153,13 @@ def test_an_engine_survives_a_dead_master(sshd: ThrowawaySshd) -> None:
         db = database(1, bastion(sshd))
         engine = manager.get(db)
         assert scalar(engine, "SELECT 1") == 1
-        masters = _ssh_masters()
+        masters = ssh_masters()
         assert len(masters) == 1
         os.kill(masters[0], signal.SIGKILL)
         wait_until(lambda: only_tunnel(manager).connects == 2, what="a new master")
         # The pooled connection went through the dead master: retired, a new one made.
         assert scalar(engine, "SELECT 2") == 2
         assert only_tunnel(manager).state == "connected"
-
-
-def _ssh_masters() -> list[int]:
-    """Our ``ssh -N`` children (this process started them)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == os.getpid() and argv[0].endswith(b"ssh") and b"-N" in argv:
-            found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.parametrize(
@@ -197,7 +182,7 @@ def test_no_secret_on_a_command_line_in_a_log_or_on_disk(
     secrets += [line for key in sshd.keys.values() for line in key.splitlines() if len(line) > 20]
     with caplog.at_level(logging.DEBUG), make_manager("new", ssh_transport="openssh") as manager:
         assert scalar(manager.get(database(1, bastion(sshd, **values))), "SELECT 1") == 1
-        masters = _ssh_masters()
+        masters = ssh_masters()
         assert masters
         for pid in masters:
             argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode()
@@ -213,7 +198,7 @@ def test_no_secret_on_a_command_line_in_a_log_or_on_disk(
         stats_text = repr(manager.stats())
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert not any(secret in logged or secret in stats_text for secret in secrets)
-    assert not _ssh_masters()  # shut down with the manager
+    assert not ssh_masters()  # shut down with the manager
 
 
 def test_a_bastion_that_stops_answering_ends_the_master(sshd: ThrowawaySshd) -> None:
@@ -230,7 +215,7 @@ def test_a_bastion_that_stops_answering_ends_the_master(sshd: ThrowawaySshd) -> 
             engine = manager.get(db)
             with engine.connect() as conn:
                 assert conn.execute(text("SELECT 1")).scalar() == 1
-                first = _ssh_masters()
+                first = ssh_masters()
                 relay.black_hole()
                 outcome: list[BaseException] = []
 
@@ -244,7 +229,7 @@ def test_a_bastion_that_stops_answering_ends_the_master(sshd: ThrowawaySshd) -> 
                 worker.start()
                 wait_until(lambda: outcome, timeout=60, what="the stuck query to fail")
                 assert isinstance(outcome[0], sa_exc.DBAPIError)
-            assert not set(first) & set(_ssh_masters())  # that master is gone
+            assert not set(first) & set(ssh_masters())  # that master is gone
             relay.restore()
 
             def answers() -> bool:
@@ -281,7 +266,7 @@ def test_a_forked_child_never_ends_the_parents_master(sshd: ThrowawaySshd) -> No
     with make_manager("singleton", ssh_transport="openssh") as manager:
         db = database(1, bastion(sshd))
         assert scalar(manager.get(db), "SELECT 1") == 1
-        masters = _ssh_masters()
+        masters = ssh_masters()
 
         def child() -> dict[str, Any]:
             # The child's manager starts a master of its own, used and shut down here.
@@ -291,7 +276,7 @@ def test_a_forked_child_never_ends_the_parents_master(sshd: ThrowawaySshd) -> No
             return {"value": value, "connects": connects}
 
         assert in_child(child) == {"value": 2, "connects": 1}
-        assert _ssh_masters() == masters  # the parent's master lives on
+        assert ssh_masters() == masters  # the parent's master lives on
         assert scalar(manager.get(db), "SELECT 3") == 3
         tunnel = only_tunnel(manager)
         assert (tunnel.connects, tunnel.restarts) == (1, 0)
