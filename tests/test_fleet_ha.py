@@ -37,12 +37,12 @@ FAST = {"cleanup_interval": 0.5, "fleet_lease_ttl": 10.0, "ask_timeout": 10}
 @pytest.mark.parametrize(
     ("url", "where"),
     [
-        ("redis://:pw@h:6380/2", "h:6380"),
-        ("redis+sentinel://:pw@s1:26379,s2:26380,s3/mymaster/1",
+        ("redis://:Pw-9f3kq@h:6380/2", "h:6380"),
+        ("redis+sentinel://:Pw-9f3kq@s1:26379,s2:26380,s3/mymaster/1",
          "sentinel mymaster via s1:26379,s2:26380,s3:26379"),
-        ("rediss+sentinel://u:pw@s1/mymaster?sentinel_password=sp",
+        ("rediss+sentinel://u:Pw-9f3kq@s1/mymaster?sentinel_password=Sp-7x2mz",
          "sentinel mymaster via s1:26379"),
-        ("redis+cluster://:pw@n1:7000,n2:7001", "cluster n1:7000,n2:7001"),
+        ("redis+cluster://:Pw-9f3kq@n1:7000,n2:7001", "cluster n1:7000,n2:7001"),
         ("rediss+cluster://n1", "cluster n1:6379"),
     ],
 )
@@ -50,7 +50,9 @@ def test_fleet_url_kinds_are_accepted_and_described_without_secrets(url: str, wh
     from enginehouse import fleet
 
     settings = ManagerSettings.build(fleet_url=url)
-    assert settings.fleet_url is not None and "pw" not in repr(settings)
+    # Secrets long and odd enough that no temporary path or default can contain them by chance.
+    assert settings.fleet_url is not None
+    assert "Pw-9f3kq" not in repr(settings) and "Sp-7x2mz" not in repr(settings)
     assert fleet.describe(url) == where
 
 
