@@ -102,6 +102,9 @@ class _Budget:
         self.refused = False  # Redis said "full" to our last acquire
         self.waiter: pykka.ActorRef[Any] | None = None  # our LeaseWaiter, once needed
         self.wanting = False  # the LeaseWaiter blocks in Redis for us
+        # StartWaitings our LeaseWaiter has not answered yet: each may bring one permit that
+        # is ours in Redis before we have heard of it (a renewal must not take it back).
+        self.in_flight = 0
         self.announced = False  # Redis lists us as waiting (until a renewal says otherwise)
         self.others_waiting = 0  # embedded: callers of the process's other managers waiting
         self.probe_after = 0.0  # embedded: no pool grows past its permits before this
@@ -305,6 +308,9 @@ class BudgetKeeper(pykka.ThreadingActor):
         budget = self._budgets.get(message.key)
         if budget is None:
             return
+        budget.in_flight = max(0, budget.in_flight - message.answered)
+        if message.stopped:
+            return  # it read our StopWaiting before catching anything
         budget.trips["acquire"] += 1 if self._store is not None else 0
         budget.waits += 1
         if message.refused is not None:
@@ -322,9 +328,13 @@ class BudgetKeeper(pykka.ThreadingActor):
         if not message.got:
             budget.empty_waits += 1
             budget.refused = True  # nothing was free for a whole wait: the fleet is full
-        elif not self._grant(budget, self._holdings.new_id()):
-            self._give_back(budget, 1)  # the caller gave up or got a permit of ours meanwhile
-        self._settle(budget)
+            self._settle(budget)
+        else:
+            if not self._grant(budget, self._holdings.new_id()):
+                self._give_back(budget, 1)  # the caller gave up or got a permit of ours meanwhile
+            self._settle(budget)  # nobody waits any more: we stop waiting (it already has)
+            if budget.wanting:  # callers still wait: it caught the permit asked for, ask again
+                self._want(budget)
         self._rebalance(budget)
 
     def _squeezed(self, message: RecomputeShare) -> None:
@@ -492,6 +502,8 @@ class BudgetKeeper(pykka.ThreadingActor):
             budget.waiter.tell(StartWaiting())
         except pykka.ActorDeadError:  # it died just now: the next need starts another
             budget.wanting = False
+        else:
+            budget.in_flight += 1
 
     def _settle(self, budget: _Budget) -> None:
         """Nobody waits any more: stop waiting (and, embedded, tell the other managers)."""
@@ -602,11 +614,10 @@ class BudgetKeeper(pykka.ThreadingActor):
         if not budget.held and not budget.waiters and not budget.announced:
             return
         vouched = sorted(budget.held - budget.lost)
-        # One permit may be on its way to us from the LeaseWaiter: Redis must keep it.
-        in_flight = 1 if budget.waiter is not None else 0
+        # Permits on their way to us from the LeaseWaiter: Redis must keep them.
         renewal = self._call(
             self._store.renew, budget, "renew", budget.cap, self._ttl,
-            len(vouched), bool(budget.waiters), in_flight,
+            len(vouched), bool(budget.waiters), budget.in_flight,
         )
         if renewal is None:
             return
@@ -640,7 +651,12 @@ class BudgetKeeper(pykka.ThreadingActor):
         if self._down_since is not None:
             budget.orphans += count
             return
-        answer = self._call(self._store.give, budget, "release", budget.cap, self._ttl, count)
+        # An id of its own: asked again after a late reply (the script may have run),
+        # the give frees nothing more (else a live connection's permit, one over the cap).
+        once = self._holdings.new_id()
+        answer = self._call(
+            self._store.give, budget, "release", budget.cap, self._ttl, count, once
+        )
         if answer is None:
             budget.orphans += count
         else:

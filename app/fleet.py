@@ -75,6 +75,7 @@ end
 local rejoining = now < rejoin_until
 for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
   redis.call('DEL', base .. p)
+  redis.call('HDEL', KEYS[5], 'gave:' .. p)
   redis.call('ZREM', KEYS[2], p)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -135,11 +136,18 @@ return {granted, taken(), others_waiting(), epoch}
 """
 )
 
-# ARGV[5]: how many -> {permits taken fleet-wide, other processes waiting, epoch}
+# ARGV[5]: how many, ARGV[6]: this give's id ('' for none)
+#   -> {permits taken fleet-wide, other processes waiting, epoch}
+# A give whose id is the last one we gave did run already: the keeper asked again after a
+# late reply. Giving twice would free a permit a live connection holds (one over the cap).
 GIVE = (
     _PRELUDE
     + """
 local n = math.min(tonumber(ARGV[5]), redis.call('LLEN', KEYS[4]))
+if ARGV[6] ~= '' then
+  if redis.call('HGET', KEYS[5], 'gave:' .. me) == ARGV[6] then n = 0 end
+  redis.call('HSET', KEYS[5], 'gave:' .. me, ARGV[6])
+end
 if n > 0 then
   redis.call('LPOP', KEYS[4], n)
   -- Rejoining, nothing is minted: the permit itself moves on (it was vouched for).
@@ -193,6 +201,7 @@ LEAVE = (
     _PRELUDE
     + """
 redis.call('DEL', KEYS[4])
+redis.call('HDEL', KEYS[5], 'gave:' .. me)
 redis.call('ZREM', KEYS[2], me)
 want(false)
 fit()
@@ -314,9 +323,15 @@ class LeaseStore:
         # The socket waits longer than the block, with room for a loaded machine.
         return WaitChannel(self, _client(self._url, WAIT_BLOCK + 2 * self._timeout))
 
-    def give(self, budget: str, cap: int, ttl: float, count: int) -> tuple[int, int]:
-        """Give ``count`` permits back: ``(permits taken fleet-wide, other processes waiting)``."""
-        args = self._args(budget, cap, ttl, count)
+    def give(
+        self, budget: str, cap: int, ttl: float, count: int, once: str = ""
+    ) -> tuple[int, int]:
+        """Give ``count`` permits back: ``(permits taken fleet-wide, other processes waiting)``.
+
+        ``once``: an id of this give; the same give asked again (after a late reply,
+        when the script may have run) then gives nothing more.
+        """
+        args = self._args(budget, cap, ttl, count, once)
         held, waiting, epoch = self._give(keys=self.keys(budget), args=args)
         self._saw(budget, epoch)
         return int(held), int(waiting)

@@ -92,7 +92,14 @@ class Release:
 
 @dataclass(frozen=True)
 class StartWaiting:
-    """Tell (keeper to its LeaseWaiter): block in Redis for permits of ``key`` until StopWaiting."""
+    """Tell (keeper to its LeaseWaiter): block in Redis for ONE more permit of ``key``.
+
+    The waiter blocks until it has caught as many permits as it was asked for
+    (each StartWaiting asks for one), or until :class:`StopWaiting`. So the
+    permits that are ours in Redis before the keeper has heard of them never
+    outnumber the StartWaitings the keeper has not seen answered: it counts
+    them, and a renewal never takes back a permit on its way to it.
+    """
 
 
 @dataclass(frozen=True)
@@ -108,13 +115,19 @@ class WaitEnded:
     its oldest waiter, or gives it back). ``failed``: Redis did not answer,
     or the waiter crashed (the keeper starts another one when it needs to).
     ``refused``: Redis answered the wait with an error (its code, e.g.
-    ``WRONGTYPE``): the keeper fails its waiters with our error.
+    ``WRONGTYPE``): the keeper fails its waiters with our error. ``stopped``:
+    the waiter read StopWaiting (nothing caught). ``answered``: how many
+    StartWaitings this report answers (1 for a permit caught; every one still
+    open after a failure or a stop; 0 for an empty wait, after which the
+    waiter blocks again).
     """
 
     key: str
     got: bool
     failed: bool = False
     refused: str | None = None
+    stopped: bool = False
+    answered: int = 0
 
 
 @dataclass(frozen=True)
