@@ -8,12 +8,13 @@ embedded; at most ``block`` seconds at a time) until a permit given back
 anywhere becomes this keeper's, and tells the keeper :class:`WaitEnded`. Each
 StartWaiting asks for one permit: the waiter blocks until it caught as many as
 it was asked for (the keeper asks again after handing one on), or until
-:class:`StopWaiting`. A waiter that kept catching permits before its keeper had read the first (a busy
-keeper, a loaded machine) left more permits on their way than the keeper's
-renewal allowed for; the renewal took one back from Redis while its connection
-opened, and the fleet went one over the cap (measured: 7 connections under a
-cap of 6, ``tests/test_fleet_redis.py``). There is no polling: a freed permit
-reaches the longest waiter at once (in Redis, in one round trip).
+:class:`StopWaiting`. A waiter that kept catching permits before its
+keeper had read the first (a busy keeper, a loaded machine) left more
+permits on their way than the keeper's renewal allowed for; the renewal
+took one back from Redis while its connection opened, and the fleet went
+one over the cap (measured: 7 connections under a cap of 6,
+``tests/test_fleet_redis.py``). There is no polling: a freed permit reaches
+the longest waiter at once (in Redis, in one round trip).
 
 Redis answering the wait with an error (``OOM``, ``READONLY``, ``WRONGTYPE``)
 is reported, not raised: the keeper fails its callers with our error. If the
