@@ -41,8 +41,9 @@ MYSQL_URI = "mysql+pymysql://root@127.0.0.1:3306/test"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-e2e-pw-4821"
 ENGINEHOUSE_LINES = "from enginehouse.superset import install\nFLASK_APP_MUTATOR = install\n"
-ACCESS_FORMAT = 'access pid=%(p)s "%(r)s" %(s)s'
-"""gunicorn's access log line: which worker served which request (see Server.warm_up)."""
+ACCESS_FORMAT = 'access pid=%(p)s "%(r)s" %(s)s %(D)sus'
+"""gunicorn's access log line: which worker served which request (see Server.warm_up), and
+how long the server took (microseconds; bench_superset compares it with the client's time)."""
 START_TIMEOUT = 180.0  # gunicorn imports all of Superset: 20-40 s idle, much more on a busy box
 
 
@@ -294,7 +295,7 @@ SECRET_KEY = {self.secret_key!r}
 SQLALCHEMY_DATABASE_URI = {self.meta_uri!r}
 SQLALCHEMY_ENGINE_OPTIONS = {{"pool_size": 2, "max_overflow": 6, "pool_pre_ping": True}}
 WTF_CSRF_ENABLED = False
-FEATURE_FLAGS = {{"SSH_TUNNELING": True}}
+FEATURE_FLAGS = {{"SSH_TUNNELING": True, "ALERT_REPORTS": True}}
 SQLLAB_CTAS_NO_LIMIT = True
 RESULTS_BACKEND = RedisCache(host={REDIS_HOST!r}, port={REDIS_PORT}, db={self.redis_db},
                              key_prefix={self.queue + "_results_"!r})
@@ -405,6 +406,30 @@ CELERY_CONFIG = CeleryConfig
             celery_ready(process)
         return process
 
+    def send_task(self, name: str, args: list[Any]) -> str:
+        """Queue Celery task ``name`` for this site's worker, due now, as Superset's beat does
+        (with an ETA: ``reports.execute`` logs it as the scheduled time); returns its id.
+
+        Sent from ``.venv/superset`` by Celery's client alone: no Superset import, no app.
+        """
+        script = (
+            "import datetime, json, sys\n"
+            "from celery import Celery\n"
+            "app = Celery(broker=sys.argv[1])\n"
+            "due = datetime.datetime.now(datetime.timezone.utc)\n"
+            "sent = app.send_task(sys.argv[2], args=json.loads(sys.argv[3]), queue=sys.argv[4],"
+            " eta=due)\n"
+            "print(sent.id)\n"
+        )
+        broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.redis_db}"
+        done = subprocess.run(
+            [str(self.python), "-c", script, broker, name, json.dumps(args), self.queue],
+            capture_output=True, text=True, timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"sending {name} failed: {done.stderr[-800:]}")
+        return done.stdout.strip()
+
     def logs(self) -> dict[str, str]:
         """Every log this run wrote (servers, workers, CLI), by file name."""
         return {p.name: p.read_text(errors="replace") for p in self.workdir.glob("*.log")}
@@ -478,6 +503,14 @@ class Server:
                 return set(self.worker_pids()) <= served
 
             wait_for(every_worker_served, timeout, f"every worker of {self.process.name}")
+
+
+SERVED = re.compile(r'"POST /api/v1/sqllab/execute/ [^"]*" 200 (\d+)us')
+
+
+def served_times(log: Path) -> list[float]:
+    """Seconds gunicorn took for each successful SQL Lab execute in ``log``, in order."""
+    return [int(us) / 1e6 for us in SERVED.findall(log.read_text(errors="replace"))]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
@@ -604,6 +637,30 @@ class SupersetClient:
         key = query["resultsKey"]
         answer = self.http.get("/api/v1/sqllab/results/", params={"q": f"(key:'{key}')"})
         return dict(self._json("sqllab results", answer, 200))
+
+    # -- alerts and reports ------------------------------------------------------------
+
+    def create_alert(
+        self, name: str, database_id: int, sql: str, *, chart: int, op: str, threshold: float
+    ) -> int:
+        """An active SQL alert on ``database_id`` with an operator validator, about ``chart``
+        (what a triggered alert would send; no recipients: an alert that does not trigger
+        sends nothing); Superset schedules it daily."""
+        body = {
+            "type": "Alert", "name": name, "crontab": "0 0 * * *", "timezone": "UTC",
+            "database": database_id, "sql": sql, "active": True, "chart": chart,
+            "validator_type": "operator",
+            "validator_config_json": {"op": op, "threshold": threshold},
+            "recipients": [],
+        }
+        answer = self.http.post("/api/v1/report/", json=body)
+        return int(self._json("create alert", answer, 201)["id"])
+
+    def report_logs(self, report_id: int) -> list[dict[str, Any]]:
+        """The execution log of a report or alert (``state``, ``value``, ``error_message``...)."""
+        answer = self.http.get(f"/api/v1/report/{report_id}/log/",
+                               params={"q": "(page_size:100)"})
+        return list(self._json("report log", answer, 200)["result"])
 
     # -- datasets and charts ------------------------------------------------------------
 
