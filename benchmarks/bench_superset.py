@@ -4,8 +4,11 @@ One run, one venv (.venv/superset, scripts/superset-env.sh), one metadata databa
 servers (2 gthread workers, 4 threads each): ``stock`` (superset_config.py as shipped) and
 ``enginehouse`` (the same plus the two lines and ``ENGINE_MANAGER_MODE = "singleton"``).
 SQL Lab's synchronous ``SELECT 1`` through the REST API, sequential and with 8 concurrent
-clients, on PostgreSQL direct and behind a throwaway sshd (RSA key), in alternating blocks
-(server order shuffled per block, seeded) so load on this shared machine hits both alike.
+clients, on PostgreSQL direct and behind a throwaway sshd (RSA key), in blocks. Sequential
+queries alternate query by query (one per server per round, order shuffled per round, seeded),
+so load on this shared machine hits both alike; the ratio is reported as the ratio of p50s, as
+the median of per-pair ratios, and for gunicorn's own time per request (its access log), which
+leaves out the client and HTTP. The 8-client rounds run per server, in a shuffled order.
 
 Each server has its own target databases and its own bastion, so from outside Superset we count
 new PostgreSQL sessions (``pg_stat_database.sessions``, settled at the end) and SSH logins
@@ -25,6 +28,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +37,9 @@ from typing import Any
 from benchmarks.common import (
     PLOTS_DIR,
     ROOT,
+    interleave,
     machine_info,
+    paired_ratio,
     plotting_available,
     summary,
     utc_now,
@@ -49,9 +55,11 @@ from superset_e2e.harness import (
     Variant,
     create_database,
     drop_database,
+    served_times,
     sessions_opened,
     settled_sessions,
     superset_site,
+    wait_for,
 )
 
 VARIANTS = {
@@ -156,7 +164,7 @@ def measure(
 ) -> dict[str, Any]:
     clients = {name: [s.client() for _ in range(CONCURRENCY)] for name, s in servers.items()}
     samples: dict[str, list[float]] = {}
-    block_p50: dict[str, list[float]] = {}
+    served: dict[str, list[float]] = {}
     throughput: dict[str, list[float]] = {}
     counted: dict[str, int] = {}
     for target in targets:  # warm both servers (imports, first engines), then start counting
@@ -173,16 +181,22 @@ def measure(
     logins_before = {name: b.logins() for name, b in bastions_of(targets).items()}
     order = random.Random(seed)
     for block in range(scale.blocks):
+        for case in order.sample(CASES, len(CASES)):
+            pair = {t.variant: t for t in targets if t.case == case}
+            for name, (client, own) in sequential_pairs(
+                servers, clients, pair, scale, order
+            ).items():
+                samples.setdefault(f"{name} {case} sequential", []).extend(client)
+                served.setdefault(f"{name} {case} sequential", []).extend(own)
+                counted[f"{name} {case}"] = counted.get(f"{name} {case}", 0) + scale.sequential
         for target in order.sample(targets, len(targets)):
             key = f"{target.variant} {target.case}"
-            own = clients[target.variant]
-            sequential = timed_queries(own[0], target.database_id, scale.sequential)
-            samples.setdefault(f"{key} sequential", []).extend(sequential)
-            block_p50.setdefault(f"{key} sequential", []).append(statistics.median(sequential))
-            latencies, qps = concurrent_queries(own, target.database_id, scale.concurrent)
+            latencies, qps = concurrent_queries(
+                clients[target.variant], target.database_id, scale.concurrent
+            )
             samples.setdefault(f"{key} concurrent", []).extend(latencies)
             throughput.setdefault(f"{key} concurrent", []).append(qps)
-            counted[key] = counted.get(key, 0) + scale.sequential + CONCURRENCY * scale.concurrent
+            counted[key] = counted.get(key, 0) + CONCURRENCY * scale.concurrent
         print(f"block {block + 1}/{scale.blocks} done", file=sys.stderr, flush=True)
     for batch in clients.values():
         for client in batch:
@@ -192,7 +206,47 @@ def measure(
     whole_run = {f"{t.variant} {t.case}": settled[t.dbname] for t in targets}
     logins = {f"{name} ssh": b.logins() - logins_before[name]
               for name, b in bastions_of(targets).items()}
-    return report(samples, throughput, counted, sessions, logins, scale, block_p50, whole_run)
+    return report(samples, throughput, counted, sessions, logins, scale, served, whole_run)
+
+
+def sequential_pairs(
+    servers: dict[str, Server],
+    clients: dict[str, list[SupersetClient]],
+    pair: dict[str, Target],
+    scale: Scale,
+    order: random.Random,
+) -> dict[str, tuple[list[float], list[float]]]:
+    """``scale.sequential`` rounds of one query per server, in a shuffled order per round.
+
+    Query by query, so a load swing on this shared machine hits both servers alike (blocks of
+    40 queries per server let a swing between them decide the ratio). Per server: the client's
+    latencies and, from gunicorn's access log, the server's own time for the same requests
+    (the difference is HTTP and the client, equal for both).
+    """
+    logs = {name: servers[name].process.log for name in pair}
+    marks = {name: len(served_times(log)) for name, log in logs.items()}
+    latencies = interleave(
+        {name: _one_query(clients[name][0], target.database_id) for name, target in pair.items()},
+        rounds=scale.sequential, warmup=0, seed=order.randrange(1 << 30),
+    )
+    # gunicorn writes the access line after the response: wait for the last one.
+    for name, log in logs.items():
+        wanted = marks[name] + scale.sequential
+        wait_for(lambda log=log, wanted=wanted: len(served_times(log)) >= wanted,
+                 30, f"{name}'s access log")
+    return {
+        name: (latencies[name], served_times(log)[marks[name]:marks[name] + scale.sequential])
+        for name, log in logs.items()
+    }
+
+
+def _one_query(client: SupersetClient, database_id: int) -> Callable[[], None]:
+    def query() -> None:
+        rows = client.query_rows(database_id, SQL)
+        if rows != [{"one": 1}]:
+            raise RuntimeError(f"unexpected rows {rows!r}")
+
+    return query
 
 
 def bastions_of(targets: list[Target]) -> dict[str, LoggingSshd]:
@@ -206,10 +260,11 @@ def report(
     sessions: dict[str, int],
     logins: dict[str, int],
     scale: Scale,
-    block_p50: dict[str, list[float]],
+    served: dict[str, list[float]],
     whole_run: dict[str, int],
 ) -> dict[str, Any]:
     stats = {key: summary(values) for key, values in samples.items()}
+    server_stats = {key: summary(values) for key, values in served.items()}
     per_1000 = {
         key: {
             "queries": counted[key],
@@ -230,7 +285,7 @@ def report(
             ratio = ours["p50"] / stock["p50"]
             ratios[f"{case} {kind} p50"] = {
                 "enginehouse": ours["p50"], "stock": stock["p50"], "ratio": ratio,
-                "per_block": _per_block_ratios(block_p50, case) if kind == "sequential" else None,
+                "paired": _paired(samples, served, case) if kind == "sequential" else None,
                 "goal": goals[case] if kind == "sequential" else None,
                 "met": ratio <= goals[case] if kind == "sequential" else None,
             }
@@ -253,23 +308,33 @@ def report(
                      "mode": "singleton"},
         "machine": machine_info(),
         "latency": stats,
+        "server_time": server_stats,
         "throughput": qps,
         "per_1000_queries": per_1000,
         "ratios": ratios,
         "sessions_goal_met": sessions_goal,
         "samples": samples,
+        "server_samples": served,
     }
 
 
-def _per_block_ratios(block_p50: dict[str, list[float]], case: str) -> dict[str, Any] | None:
-    """Each block's p50 ratio (the two servers measured minutes apart at most) and their median:
-    a load swing between blocks moves both servers of a block alike."""
-    ours = block_p50.get(f"enginehouse {case} sequential", [])
-    stock = block_p50.get(f"stock {case} sequential", [])
-    if not ours or len(ours) != len(stock):
+def _paired(
+    samples: dict[str, list[float]], served: dict[str, list[float]], case: str
+) -> dict[str, Any] | None:
+    """Sequential queries ran in pairs (one per server, shuffled order): the median of the
+    per-pair ratios, of the client's latency and of gunicorn's own time (access log)."""
+    key = f"{case} sequential"
+    ours, stock = samples.get(f"enginehouse {key}", []), samples.get(f"stock {key}", [])
+    ours_served = served.get(f"enginehouse {key}", [])
+    stock_served = served.get(f"stock {key}", [])
+    if not ours or len(ours) != len(stock) or len(ours_served) != len(stock_served):
         return None
-    values = [o / s for o, s in zip(ours, stock, strict=True)]
-    return {"ratios": values, "median": statistics.median(values)}
+    return {
+        "median_ratio": paired_ratio(ours, stock),
+        "server_p50_ratio": (statistics.median(ours_served) / statistics.median(stock_served)
+                             if ours_served else None),
+        "server_median_ratio": paired_ratio(ours_served, stock_served) if ours_served else None,
+    }
 
 
 def _sessions(per: dict[str, Any]) -> str:
@@ -281,17 +346,19 @@ def _sessions(per: dict[str, Any]) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| case | server | p50 | p90 | p99 | q/s (8 clients) | new sessions / 1k | "
-             "SSH logins / 1k |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | server | p50 | p90 | p99 | gunicorn's p50 | q/s (8 clients) | "
+             "new sessions / 1k | SSH logins / 1k |", "|---|---|---|---|---|---|---|---|---|"]
     for case in CASES:
         for kind in ("sequential", "concurrent"):
             for variant in VARIANTS:
                 s = result["latency"][f"{variant} {case} {kind}"]
                 per = result["per_1000_queries"][f"{variant} {case}"]
                 qps = result["throughput"][f"{variant} {case} concurrent"]
+                served = result.get("server_time", {}).get(f"{variant} {case} {kind}")
+                own = "-" if served is None else f"{served['p50'] * 1e3:.0f} ms"
                 lines.append(
                     f"| {case}, {kind} | {variant} | {s['p50'] * 1e3:.0f} ms | "
-                    f"{s['p90'] * 1e3:.0f} ms | {s['p99'] * 1e3:.0f} ms | "
+                    f"{s['p90'] * 1e3:.0f} ms | {s['p99'] * 1e3:.0f} ms | {own} | "
                     f"{qps:.1f} | {per['new_sessions_per_1000']:.1f} ({_sessions(per)}) | "
                     f"{per['ssh_logins_per_1000']:.1f} |"
                 )
@@ -299,10 +366,13 @@ def table(result: dict[str, Any]) -> str:
     for label, r in result["ratios"].items():
         goal = "-" if r["goal"] is None else f"<= {r['goal']}x"
         met = {None: "-", True: "yes", False: "NO"}[r["met"]]
-        blocks = r.get("per_block")
+        paired = r.get("paired")
         value = f"{r['ratio']:.2f}x"
-        if blocks:
-            value += f" (per-block median {blocks['median']:.2f}x)"
+        if paired:
+            value += f" (median of paired ratios {paired['median_ratio']:.2f}x"
+            if paired.get("server_p50_ratio") is not None:
+                value += f"; server time p50 {paired['server_p50_ratio']:.2f}x"
+            value += ")"
         lines.append(f"| {label} | {value} | {goal} | {met} |")
     return "\n".join(lines)
 
