@@ -617,7 +617,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         # Permits on their way to us from the LeaseWaiter: Redis must keep them.
         renewal = self._call(
             self._store.renew, budget, "renew", budget.cap, self._ttl,
-            len(vouched), bool(budget.waiters), budget.in_flight,
+            len(vouched), bool(budget.waiters), budget.in_flight, _demand_of(budget.engines),
         )
         if renewal is None:
             return
@@ -632,7 +632,8 @@ class BudgetKeeper(pykka.ThreadingActor):
                 renewal.lost,
             )
         budget.lost.update(vouched[: renewal.lost])
-        # Contended (others wait, or we do while the fleet is full): each process its share.
+        # Contended (others wait, or we do while the fleet is full): each process its share,
+        # by the weighted demand of the sources it serves (connection_shares), fleet-wide.
         contended = renewal.others_waiting > 0 or bool(budget.waiters)
         budget.target = renewal.share(budget.cap) if contended else budget.cap
         # Give back what we hold beyond our share once per round: between rounds
@@ -835,6 +836,22 @@ class BudgetKeeper(pykka.ThreadingActor):
             handovers=budget.handovers,
             demand_news=budget.demand_news,
         )
+
+
+def _demand_of(engines: list[tuple[weakref.ref[Any], int]]) -> dict[str, float]:
+    """The request sources our pools of a budget serve now, and their weights.
+
+    Read from each pool's FairQueue (from our thread: plain reads of its
+    counters); empty when no pool has an active source (the fleet counts us
+    as serving ``"*"``).
+    """
+    demand: dict[str, float] = {}
+    for ref, _ in engines:
+        fair = getattr(getattr(ref(), "pool", None), "fair", None)
+        if fair is not None:
+            for source, weight in fair.demand().items():
+                demand[source] = max(weight, demand.get(source, 0.0))
+    return demand
 
 
 def _fail(waiter: _Waiter, exc: BaseException) -> None:

@@ -16,6 +16,10 @@ Per budget, keys that share one hash tag (Redis Cluster keeps them together):
   the TTL, and its permits become free again (waking a blocked waiter).
 - ``want``: processes that wait, by expiry: the others learn from it that
   they should give back what they hold beyond their fair share.
+- ``demand``: a hash, per process, of the request sources it serves now
+  (``connection_shares`` weights of its active sources, JSON; see
+  :func:`weighted_shares`): when processes contend, each one's share of the
+  cap follows the weighted demand of its sources, fleet-wide.
 - ``epoch``: a hash naming this incarnation of the budget's state (``id``)
   and the end of its rejoin window (``until``). Redis replicates
   asynchronously: a failover may lose the latest writes, and a restart
@@ -45,9 +49,11 @@ Only the BudgetKeeper actor and its LeaseWaiter actors call this module.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +62,7 @@ from enginehouse.errors import ConfigurationError
 
 log = logging.getLogger("enginehouse.budget")
 
-# KEYS: free, procs, want, my taken list, epoch.
+# KEYS: free, procs, want, my taken list, epoch, demand.
 # ARGV: taken-key base, cap, ttl, me, ..., the epoch we know ('' if none), rejoin window (s)
 _PRELUDE = """
 local t = redis.call('TIME')
@@ -77,6 +83,7 @@ for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
   redis.call('DEL', base .. p)
   redis.call('HDEL', KEYS[5], 'gave:' .. p)
   redis.call('ZREM', KEYS[2], p)
+  redis.call('HDEL', KEYS[6], p)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local function taken()
@@ -115,7 +122,7 @@ local function want(yes)
 end
 local function keep()
   local ms = math.ceil(ttl * 4000)
-  for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ms) end
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ms) end
 end
 """
 
@@ -160,8 +167,10 @@ return {taken(), others_waiting(), epoch}
 )
 
 # ARGV[5]: permits we hold, ARGV[6]: 1 if we wait, ARGV[7]: permits that may be on
-# their way to us (a BLMOVE answered but not yet handed to the keeper)
-#   -> {taken fleet-wide, others waiting, processes, our rank among them, lost, epoch}
+# their way to us (a BLMOVE answered but not yet handed to the keeper), ARGV[8]: our
+# demand (JSON: source -> weight, of the sources we serve now)
+#   -> {taken fleet-wide, others waiting, processes, our rank among them, lost, epoch,
+#       our weighted share of the cap (-1: we neither hold nor wait)}
 # Permits missing from our list (a failover lost our writes, Redis restarted empty, or
 # we were reaped while frozen) are taken back while free ones remain, or re-registered
 # while the budget's state rejoins after a loss; those that no longer fit are lost.
@@ -171,6 +180,11 @@ RENEW = (
 local held, slack = tonumber(ARGV[5]), tonumber(ARGV[7])
 redis.call('ZADD', KEYS[2], now + ttl, me)
 want(tonumber(ARGV[6]) > 0)
+if redis.call('HGET', KEYS[6], me) ~= ARGV[8] then
+  redis.call('HSET', KEYS[6], me, ARGV[8])
+  -- Our sources changed while someone waits: the weighted shares move, tell the others.
+  if redis.call('ZCARD', KEYS[3]) > 0 then redis.call('PUBLISH', KEYS[3], me) end
+end
 local extra = redis.call('LLEN', KEYS[4]) - held - slack
 if extra > 0 then redis.call('LPOP', KEYS[4], extra) end
 fit()
@@ -190,9 +204,44 @@ for _, p in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
 end
 table.sort(names)
 for i, p in ipairs(names) do if p == me then rank = i - 1 end end
+local share = -1
+if rank >= 0 then
+  -- Each source's weight is split evenly among the processes serving it; a process's
+  -- share of the cap is its sources' part of the total (largest remainder, ties in
+  -- name order). A process that names no source counts as serving "*" (weight 1).
+  local demands, serving = {}, {}
+  for _, p in ipairs(names) do
+    local ok, d = pcall(cjson.decode, redis.call('HGET', KEYS[6], p) or '')
+    if not ok or type(d) ~= 'table' or next(d) == nil then d = {['*'] = 1} end
+    demands[p] = d
+    for s, _ in pairs(d) do serving[s] = (serving[s] or 0) + 1 end
+  end
+  local weight, total = {}, 0
+  for _, p in ipairs(names) do
+    local w = 0
+    for s, ws in pairs(demands[p]) do w = w + (tonumber(ws) or 0) / serving[s] end
+    weight[p] = w
+    total = total + w
+  end
+  if total > 0 then
+    local parts, rest, given = {}, {}, 0
+    for i, p in ipairs(names) do
+      local quota = cap * weight[p] / total
+      parts[p] = math.floor(quota + 1e-9)
+      given = given + parts[p]
+      table.insert(rest, {quota - parts[p], i, p})
+    end
+    table.sort(rest, function(a, b)
+      if math.abs(a[1] - b[1]) > 1e-9 then return a[1] > b[1] end
+      return a[2] < b[2]
+    end)
+    for j = 1, math.min(#rest, cap - given) do parts[rest[j][3]] = parts[rest[j][3]] + 1 end
+    share = parts[me]
+  end
+end
 if rank < 0 then rank = #names end
 keep()
-return {taken(), others, #names, rank, lost, epoch}
+return {taken(), others, #names, rank, lost, epoch, share}
 """
 )
 
@@ -203,6 +252,7 @@ LEAVE = (
 redis.call('DEL', KEYS[4])
 redis.call('HDEL', KEYS[5], 'gave:' .. me)
 redis.call('ZREM', KEYS[2], me)
+redis.call('HDEL', KEYS[6], me)
 want(false)
 fit()
 return taken()
@@ -222,9 +272,13 @@ class Renewal:
     """Our place among the processes (sorted ids): the first ``cap % processes`` get one more."""
     lost: int
     """Permits we hold that no longer fit the cap (their connections must close)."""
+    weighted: int = -1
+    """Our share of the cap by the weighted demand of our sources (-1: none computed)."""
 
     def share(self, cap: int) -> int:
-        """Our fair share of ``cap`` (at least 1)."""
+        """Our fair share of ``cap`` (at least 1): by weighted demand, else cap / processes."""
+        if self.weighted >= 0:
+            return max(1, min(cap, self.weighted))
         if self.processes <= 0:
             return cap
         base, extra = divmod(cap, self.processes)
@@ -268,14 +322,14 @@ class LeaseStore:
         self._leave = self._client.register_script(LEAVE)
 
     def keys(self, budget: str) -> list[str]:
-        """free, procs, want, our taken list and the epoch (what the scripts get as KEYS).
+        """free, procs, want, our taken list, the epoch and demand (the scripts' KEYS).
 
         One hash tag (``{budget}``) for all of them: a Redis Cluster keeps a
         budget in one slot, so its scripts and blocking waits run on one node.
         """
         tag = f"{self._prefix}:{{{budget}}}"
         return [f"{tag}:free", f"{tag}:procs", f"{tag}:want", f"{tag}:taken:{self.process}",
-                f"{tag}:epoch"]
+                f"{tag}:epoch", f"{tag}:demand"]
 
     def _args(self, budget: str, cap: int, ttl: float, *more: object) -> list[object]:
         base = f"{self._prefix}:{{{budget}}}:taken:"
@@ -337,13 +391,27 @@ class LeaseStore:
         return int(held), int(waiting)
 
     def renew(
-        self, budget: str, cap: int, ttl: float, held: int, waiting: bool, in_flight: int
+        self,
+        budget: str,
+        cap: int,
+        ttl: float,
+        held: int,
+        waiting: bool,
+        in_flight: int,
+        demand: Mapping[str, float] | None = None,
     ) -> Renewal:
-        """Extend our registration, say whether we wait, and reconcile our permits."""
-        args = self._args(budget, cap, ttl, held, int(waiting), in_flight)
+        """Extend our registration, say whether we wait, and reconcile our permits.
+
+        ``demand``: the sources we serve now and their weights (None or empty:
+        ``{"*": 1}``); the renewal answers our weighted share of the cap.
+        """
+        sources = json.dumps(dict(sorted((demand or {"*": 1.0}).items())), separators=(",", ":"))
+        args = self._args(budget, cap, ttl, held, int(waiting), in_flight, sources)
         out: list[Any] = self._renew(keys=self.keys(budget), args=args)
         self._saw(budget, out[5])  # (this renewal itself re-registered what we hold)
-        return Renewal(int(out[0]), int(out[1]), int(out[2]), int(out[3]), int(out[4]))
+        return Renewal(
+            int(out[0]), int(out[1]), int(out[2]), int(out[3]), int(out[4]), int(out[6])
+        )
 
     def demand_channel(self) -> DemandChannel:
         """A connection of its own, subscribed to every budget's demand news (one per process)."""

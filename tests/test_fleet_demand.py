@@ -11,11 +11,14 @@ import threading
 from typing import Any
 
 import pykka
+import pytest
 from fleet_fixtures import SHARED_REDIS, PgSampler, budget_of, pg_spec_dict, unique, waiting_in
 from sqlalchemy import text
 
-from enginehouse import DatabaseSpec, EngineManager
+from enginehouse import DatabaseSpec, EngineManager, fleet
 from enginehouse.actors.demand_listener import DemandListener
+
+pytestmark = pytest.mark.services("postgres", "redis")
 
 SLOW_ROUNDS = {"cleanup_interval": 60, "fleet_lease_ttl": 120, "ask_timeout": 10}
 
@@ -68,3 +71,83 @@ def test_shutdown_ends_the_demand_listener_at_once(fleet_prefix: str, poll: Any)
         - threads_before,
         what="the DemandListener thread to end",
     )
+
+
+def test_shares_by_source_hold_across_the_fleet(fleet_prefix: str, poll: Any) -> None:
+    """SQL Lab in one manager, dashboards in another, one fleet cap of 4 (issue 15).
+
+    Each has its own keeper (a process of the fleet, to Redis). Split by
+    processes, the dashboards would get 2 of the 4; weighted by the sources
+    each process serves (DASHBOARD 3, SQL_LAB 1) they get 3.
+    """
+    app = unique("eh-fleet-shares")
+    params = pg_spec_dict(unique("db"), app, 4, pool_size=4, pool_timeout=60)
+    params["extra"]["connection_shares"] = {"DASHBOARD": 3, "SQL_LAB": 1}
+    database = DatabaseSpec(**params)
+    settings = {"fleet_url": SHARED_REDIS, "fleet_prefix": fleet_prefix, **SLOW_ROUNDS}
+    stop, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def sql_lab(manager: EngineManager) -> None:  # short queries back to back: check-ins
+        try:
+            while not stop.is_set():
+                with manager.connect(database, source="SQL_LAB") as connection:
+                    connection.execute(text("SELECT pg_sleep(0.02)"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    def dashboard(manager: EngineManager) -> None:  # holds its connection until released
+        try:
+            with manager.connect(database, source="DASHBOARD") as connection:
+                connection.execute(text("SELECT 1"))
+                release.wait(60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with EngineManager(**settings) as lab, EngineManager(**settings) as board, PgSampler(
+        app
+    ) as sampler:
+        threads = [threading.Thread(target=sql_lab, args=(lab,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        poll(lambda: budget_of(lab, database).held == 4, what="SQL Lab to hold the whole cap")
+        dashboards = [threading.Thread(target=dashboard, args=(board,)) for _ in range(4)]
+        for thread in dashboards:
+            thread.start()
+        fair = board.get(database).pool.fair
+        poll(lambda: fair.checked_out()["DASHBOARD"] == 3, what="dashboards to get 3 of 4")
+        poll(lambda: budget_of(lab, database).held <= 1, what="SQL Lab down to its share")
+        assert fair.waiting()["DASHBOARD"] == 1  # the fourth waits: 3 is the weighted share
+        release.set()
+        stop.set()
+        for thread in threads + dashboards:
+            thread.join(60)
+    assert errors == []
+    assert sampler.peak <= 4, sampler.peak
+
+
+def test_a_process_share_follows_the_weights_of_the_sources_it_serves(fleet_prefix: str) -> None:
+    """The renewal's arithmetic, on real Redis: each source's weight is split evenly
+    among the processes serving it; a process without sources serves "*" (weight 1)."""
+    stores = {
+        name: fleet.LeaseStore(SHARED_REDIS, prefix=fleet_prefix, process=name, timeout=1.0)
+        for name in ("a", "b", "c")
+    }
+    try:
+        def shares(cap: int, demands: dict[str, dict[str, float]]) -> dict[str, int]:
+            for name in demands:  # everyone waits: all count, the last renewals see all
+                stores[name].renew("db:w", cap, 30.0, 0, True, 0, demands[name])
+            return {
+                name: stores[name].renew("db:w", cap, 30.0, 0, True, 0, demands[name]).share(cap)
+                for name in demands
+            }
+
+        # SQL Lab in a, dashboards and SQL Lab in b: a gets half of SQL Lab's weight.
+        assert shares(8, {"a": {"SQL_LAB": 1}, "b": {"DASHBOARD": 3, "SQL_LAB": 1}}) == {
+            "a": 1, "b": 7}
+        assert shares(4, {"a": {"SQL_LAB": 1}, "b": {"DASHBOARD": 3}}) == {"a": 1, "b": 3}
+        # No shares anywhere: cap / processes, the first by name getting the remainder.
+        assert shares(8, {"a": {}, "b": {}, "c": {}}) == {"a": 3, "b": 3, "c": 2}
+    finally:
+        for store in stores.values():
+            store.close()
