@@ -28,8 +28,8 @@ next".
 ``fleet_prefix`` of the run's own, every other setting the default): one
 runs the 8 SQL Lab threads, the other the 8 dashboard threads, on one fleet
 cap of 4. Without shares the fleet splits the cap by process (2 + 2 while
-both wait); with shares too, for now (shares apply within each process's
-part; a fleet-wide weighting by source was reverted, see docs/fleet.md).
+both wait); with shares, by the weighted demand of the sources each process
+serves (DASHBOARD 3 : SQL_LAB 1, so 3 + 1; see docs/fleet.md).
 """
 
 from __future__ import annotations
