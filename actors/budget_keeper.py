@@ -171,6 +171,7 @@ class BudgetKeeper(pykka.ThreadingActor):
     # -- lifecycle -------------------------------------------------------------
 
     def on_start(self) -> None:
+        self._board.keeper = self.actor_ref  # before adopting: releases must reach us
         if self._url is not None:
             # Created here, in this process's keeper: never a client inherited over fork().
             self._store = fleet.LeaseStore(

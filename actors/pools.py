@@ -23,12 +23,16 @@ class ShareBoard:
     closes exactly one checked-in connection. The keeper replaces it whole.
     """
 
-    __slots__ = ("limits", "shed")
+    __slots__ = ("keeper", "limits", "shed")
 
     def __init__(self) -> None:
         self.shed: dict[str, Iterator[int]] = {}
         self.limits: dict[str, int] = {}
         """Per budget, how many connections each of its pools may keep (our share)."""
+        self.keeper: Any = None
+        """The keeper running now, set first thing in its ``on_start``: a restarted keeper
+        adopting permits may close connections at once, and their releases must reach it,
+        not the dead one (``start()`` may not have returned its reference yet)."""
 
 
 def close_idle(engines: Iterable[tuple[weakref.ref[Any], int]], wanted: int) -> int:

@@ -187,6 +187,7 @@ class Budgets:
         ref = self._ref
         if ref is None or lease.generation != forking.state.generation:
             return
+        ref = self._board.keeper or ref  # a restarted keeper, before start() returned it
         if self._holdings is not None:
             self._holdings.drop(lease.lease_id)  # first: a restarted keeper must not adopt it
         with contextlib.suppress(pykka.ActorDeadError):
