@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any, TypeVar
 
+from pydantic import SecretStr
 from sqlalchemy.engine import Connection, Engine
 
 from enginehouse.errors import ManagerShutDownError
@@ -65,21 +66,55 @@ class DefaultEngines:
                 raise
             return call(self.manager())
 
-    def get(self, database: DatabaseSpec, **request: Any) -> Engine:
+    def get(
+        self,
+        database: DatabaseSpec,
+        *,
+        catalog: str | None = None,
+        schema: str | None = None,
+        source: str | None = None,
+        user: str | None = None,
+        access_token: str | SecretStr | None = None,
+    ) -> Engine:
         manager = self._manager
-        if manager is not None:  # the hot path: no closure, no retry wrapper
+        if manager is not None:  # the hot path: no closure, no retry wrapper, no keywords
             try:
-                return manager.get(database, **request)
+                return manager._engine(database, catalog, schema, source, user, access_token)
             except ManagerShutDownError:
                 pass  # shut down or retired: _call starts (or finds) the next one
-        return self._call(lambda manager: manager.get(database, **request))
+        return self._call(
+            lambda manager: manager._engine(database, catalog, schema, source, user, access_token)
+        )
 
-    def connect(self, database: DatabaseSpec, **request: Any) -> AbstractContextManager[Connection]:
-        """The running manager's ``connect()``; with none running, one starts at ``__enter__``."""
+    def connect(
+        self,
+        database: DatabaseSpec,
+        *,
+        catalog: str | None = None,
+        schema: str | None = None,
+        source: str | None = None,
+        user: str | None = None,
+        access_token: str | SecretStr | None = None,
+    ) -> AbstractContextManager[Connection]:
+        """The running manager's checkout; with none running, one starts at ``__enter__``."""
         manager = self._manager
-        if manager is not None and not manager._closed:  # the hot path: its checkout itself
-            return manager.connect(database, **request) if request else manager.connect(database)
-        return _DefaultCheckout(self, database, request)
+        if manager is None or manager._closed:
+            request = {"catalog": catalog, "schema": schema, "source": source, "user": user}
+            return _DefaultCheckout(self, database, {**request, "access_token": access_token})
+        checkout = manager._checkout
+        if checkout is None:  # an engine_context to enter
+            return manager.connect(
+                database,
+                catalog=catalog,
+                schema=schema,
+                source=source,
+                user=user,
+                access_token=access_token,
+            )
+        # The hot path: the running manager's own checkout, built here (one call less).
+        if source is None and user is None and access_token is None:
+            return checkout((manager, database, catalog, schema, None))
+        return checkout((manager, database, catalog, schema, (source, user, access_token)))
 
     def dispose(self, database_id: int | str) -> int:
         return self._call(lambda manager: manager.dispose(database_id))

@@ -111,7 +111,14 @@ class EngineManager:
         self._new_mode = self.settings.mode is Mode.NEW
         self._mutated = self.settings.connection_mutator is not None  # user, source in keys
         self._hit_path = not self._new_mode  # SINGLETON: look up the snapshot first
-        self._plain_connect = self.settings.engine_context is None  # connect(): no scope
+        # What connect() returns: a Checkout, one that disposes its engine after (NEW),
+        # or None: the engine_context generator.
+        self._checkout: type[Checkout] | None = None
+        if self.settings.engine_context is None:
+            self._checkout = NewModeCheckout if self._new_mode else Checkout
+        # The hit path's gate: the running system's snapshot while a hit may be served
+        # (SINGLETON, not shut down, not a forked child that has not restarted yet).
+        self._hot: Snapshot | None = None
         self._hits = itertools.count()
         self._closed = False
         self._starts: SingleFlight[_System] = SingleFlight()
@@ -120,6 +127,9 @@ class EngineManager:
         self._budgets = Budgets(self.settings, self._live)
         threshold = self.settings.leak_detection_threshold
         self._leaks = LeakDetector(threshold) if threshold is not None else None
+        # Whether a checkout must publish its request's source (request_source): for the
+        # leak detector, and once any engine has a pool with connection_shares.
+        self._sourced = self._leaks is not None
         self._system = self._start()
         forking.track(self)
         _live_managers.add(self)
@@ -198,8 +208,11 @@ class EngineManager:
         around all of it (engine lookup included); what it raises reaches the
         caller unchanged. Nothing runs before the ``with`` block is entered.
         """
-        if self._plain_connect:
-            return _Checkout(self, database, catalog, schema, source, user, access_token)
+        checkout = self._checkout
+        if checkout is not None:
+            if source is None and user is None and access_token is None:
+                return checkout((self, database, catalog, schema, None))
+            return checkout((self, database, catalog, schema, (source, user, access_token)))
         request: dict[str, Any] = {
             "catalog": catalog,
             "schema": schema,
@@ -299,6 +312,7 @@ class EngineManager:
         if self._closed:
             return
         self._closed = True
+        self._hot = None
         forking.untrack(self)
         _live_managers.discard(self)
         system = self._system
@@ -332,6 +346,7 @@ class EngineManager:
 
     def after_fork_in_child(self) -> None:
         """Drop inherited pools without closing the parent's sockets."""
+        self._hot = None  # no hit before this process has its own actor system
         for entry in self._system.snapshot.entries.values():
             entry.engine.dispose(close=False)
 
@@ -403,10 +418,13 @@ class EngineManager:
         # Opens SSH sessions in the caller's thread, so a slow bastion never holds the registry.
         preparer.lookup = directory_lookup(supervisor, settings.ask_timeout)
         self._tunnels = preparer
+        self._hot = snapshot if self._hit_path and not self._closed else None
         return _System(forking.state.generation, snapshot, supervisor)
 
     def _on_engine_created(self, engine: Engine, plan: EnginePlan) -> None:
         """The registry's hook for each new engine: its budget, then leak detection."""
+        if getattr(engine.pool, "connection_shares", None) is not None:
+            self._sourced = True  # before the engine is published, so before any hit on it
         self._budgets.on_engine_created(engine, plan)
         if self._leaks is not None:
             self._leaks.on_engine_created(engine, plan)
@@ -454,6 +472,20 @@ class EngineManager:
         access_token: str | SecretStr | None,
     ) -> Engine:
         """:meth:`get` with positional arguments (``connect()`` calls it once per query)."""
+        hot = self._hot
+        if hot is not None and user is None and source is None and access_token is None:
+            # The common hit: request_key's tuple for no user, source or token (a
+            # NamedTuple key equals and hashes as its tuple), looked up directly.
+            try:
+                common = (database.id, database.fingerprint, catalog, schema, None, None)
+                cached = hot.entries[common]  # type: ignore[index]
+            except (KeyError, AttributeError, TypeError):  # a miss, or not a spec: see below
+                pass
+            else:
+                next(self._hits)
+                next(cached.hits)
+                cached.last_used = _monotonic()
+                return cached.engine
         system = self._system
         if self._closed or system.generation != _fork_state.generation:
             system = self._live()
@@ -581,53 +613,56 @@ def _policy(settings: ManagerSettings) -> RestartPolicy:
     )
 
 
-class _Checkout:
+class Checkout(list[Any]):
     """What :meth:`EngineManager.connect` returns when no ``engine_context`` is set.
 
     The same steps as the generator of ``_connect_in_context`` without a
-    scope, written out as a class: ``connect()`` runs once per query, and the
-    generator machinery cost a few percent of a pooled SELECT 1
-    (docs/benchmarks.md, Core). The request is kept field by field and
-    passed on positionally: no dict, no keywords, no argument unpacking.
+    scope, written out as a class: ``connect()`` runs once per query, and on
+    Python 3.10 each Python call and attribute lookup on this path was a
+    visible share of a pooled SELECT 1 (docs/benchmarks.md, Core). Hence:
+
+    - it is the list ``[manager, database, catalog, schema, request]``, built
+      by list's own C initialiser (a Python ``__init__`` cost ~1,800 CPU
+      instructions per query); ``request`` is ``(source, user, access_token)``,
+      or None when all three are None;
+    - that common request looks its hit up here, inline (the rule of
+      ``EngineManager._engine``); any other goes through ``_engine``;
+    - a hit is not stamped ``last_used``: the connection's checkin stamps it,
+      and an engine with a connection out is never evicted as idle;
+    - whether to publish the request's source is one flag of the manager's.
     """
 
-    __slots__ = (
-        "_catalog", "_connection", "_database", "_engine", "_manager", "_schema", "_source",
-        "_token", "_user",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        manager: EngineManager,
-        database: DatabaseSpec,
-        catalog: str | None,
-        schema: str | None,
-        source: str | None,
-        user: str | None,
-        token: str | SecretStr | None,
-    ) -> None:
-        self._manager = manager
-        self._database = database
-        self._catalog = catalog
-        self._schema = schema
-        self._source = source
-        self._user = user
-        self._token = token
+    __slots__ = ("_connection", "_engine")
 
     def __enter__(self) -> Connection:
-        manager, database = self._manager, self._database
-        engine = manager._engine(
-            database, self._catalog, self._schema, self._source, self._user, self._token
-        )
+        manager, database, catalog, schema, request = self
+        hot = manager._hot
+        entry = None
+        if hot is not None and request is None:
+            try:  # pydantic keeps a spec's fields, and its fingerprint once computed, here
+                fields = database.__dict__
+                hit = (fields["id"], fields["fingerprint"], catalog, schema, None, None)
+                entry = hot.entries[hit]
+            except (KeyError, AttributeError, TypeError):  # a miss, or not a spec: _engine says
+                pass
+        if entry is not None:
+            next(manager._hits)
+            next(entry.hits)
+            engine = entry.engine
+            plain = not manager._sourced
+        else:
+            source, user, token = request or (None, None, None)
+            self._engine = engine = manager._engine(database, catalog, schema, source, user, token)
+            plain = not manager._sourced and "connection_shares" not in database.extra
         try:
-            if manager._leaks is None and "connection_shares" not in database.extra:
+            if plain:
                 connection = engine.connect()
             else:  # the leak detector and the pool's shares by source read the request's source
-                token = request_source.set(self._source)
+                context = request_source.set(request[0] if request is not None else None)
                 try:
                     connection = engine.connect()
                 finally:
-                    request_source.reset(token)
+                    request_source.reset(context)
         except BaseException as exc:
             if manager._new_mode:
                 engine.dispose()
@@ -635,15 +670,23 @@ class _Checkout:
             if ours is not None:
                 raise ours from None
             raise
-        self._engine, self._connection = engine, connection
+        self._connection = connection
         return connection  # Connection.__enter__ returns the connection itself
 
     def __exit__(self, *exc_info: Any) -> None:
+        self._connection.close()  # what Connection.__exit__ does
+
+
+class NewModeCheckout(Checkout):
+    """A :class:`Checkout` in NEW mode: its engine (never a hit) is disposed after the block."""
+
+    __slots__ = ()
+
+    def __exit__(self, *exc_info: Any) -> None:
         try:
-            self._connection.close()  # what Connection.__exit__ does
+            self._connection.close()
         finally:
-            if self._manager._new_mode:
-                self._engine.dispose()
+            self._engine.dispose()
 
 
 def _checkout_error(database: DatabaseSpec, exc: BaseException) -> EngineManagerError | None:

@@ -159,13 +159,13 @@ def test_call_racing_a_configure_is_served_by_the_new_manager(
 ) -> None:
     default_engines.configure(cleanup_interval=60)
     old = default_engines.manager()
-    old_get = old.get
+    old_engine = old._engine  # what engines.get() calls on the running manager
 
-    def get_after_reconfigure(*args: Any, **kwargs: Any) -> Any:
+    def engine_after_reconfigure(*args: Any, **kwargs: Any) -> Any:
         default_engines.configure(mode="new", cleanup_interval=60)  # shuts `old` down
-        return old_get(*args, **kwargs)
+        return old_engine(*args, **kwargs)
 
-    old.get = get_after_reconfigure
+    old._engine = engine_after_reconfigure
     engine = default_engines.get(spec)
     assert engine is not None
     assert old.closed and default_engines.manager().settings.mode is Mode.NEW
