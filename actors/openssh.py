@@ -319,6 +319,36 @@ class OpenSSHMaster:
             check=False,
         )
 
+    def ask_nodelay(self, timeout: float) -> None:
+        """Have the bastion's sshd turn Nagle off on this connection: one ``true`` run through it.
+
+        sshd sets TCP_NODELAY on its end of the connection only when a session
+        runs a command (``ssh_packet_set_interactive``, called from session.c);
+        a forwarding-only connection keeps Nagle, so with several channels busy
+        a small reply waits for the client's delayed ACK: the 35-50 ms stalls of
+        issue 14 (docs/tunnels.md). Our end has it already (``ssh -N`` sets it).
+        Best effort: a bastion that refuses the session keeps Nagle, nothing else.
+        """
+        command = [
+            ssh_binary(), "-F", "/dev/null", "-o", "BatchMode=yes", "-T",
+            "-S", str(self.files.control), "--", "enginehouse-bastion", "true",
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            log.info("bastion %s: the TCP_NODELAY session did not end in time", self.bastion)
+            return
+        if done.returncode != 0:
+            reason = done.stderr.decode(errors="replace").strip()[-_REASON_LIMIT:]
+            log.info("bastion %s: the TCP_NODELAY session failed: %s", self.bastion, reason)
+
     def close(self) -> None:
         """End the master (its forwards and connections with it) and remove its folder."""
         if os.getpid() != self._pid:
@@ -435,6 +465,7 @@ class OpenSSHTransport(SSHTransport):
             master.close()
             raise
         master.up = True
+        master.ask_nodelay(self.settings.connect_timeout)
         self._master = master
         return master
 
@@ -512,8 +543,9 @@ class OpenSSHTransport(SSHTransport):
             if master.process.poll() is not None:
                 raise self._failure(master, plan)
             if time.monotonic() > deadline:
-                raise TunnelError(
-                    f"SSH session to bastion {self.bastion} did not come up within {3 * timeout:g}s"
+                raise TunnelError(  # ssh does not say which step hangs: name both
+                    f"SSH handshake and authentication with bastion {self.bastion} did not "
+                    f"complete within {3 * timeout:g}s"
                     + (f" ({master.files.reason()})" if master.files.reason() else "")
                 )
             time.sleep(_POLL)

@@ -15,6 +15,7 @@ A strategy instance belongs to one supervisor and is used from its actor thread 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from enginehouse.actors.ssh import connect, load_private_key
 from enginehouse.errors import TunnelError
 from enginehouse.specs import SSHTunnelSpec
 
+log = logging.getLogger("enginehouse.tunnel")
 _JOIN_TIMEOUT = 5.0
 
 
@@ -110,6 +112,27 @@ class SSHTransport:
         """In a forked child: drop the child's copies; never end the parent's session."""
 
 
+def ask_nodelay(transport: paramiko.Transport, bastion: str, timeout: float) -> None:
+    """Have the bastion's sshd turn Nagle off on this connection: one ``true`` run through it.
+
+    sshd sets TCP_NODELAY on its end of the connection only when a session
+    runs a command (``ssh_packet_set_interactive``, called from session.c); a
+    forwarding-only connection keeps Nagle, so with several channels busy a
+    small reply waits for our delayed ACK: the 35-50 ms stalls of issue 14
+    (docs/tunnels.md). sshd answers the request once the option is set; the
+    wait for that answer ends at the latest when a dead connection is closed
+    (keepalive). Best effort: a bastion that refuses the session keeps Nagle.
+    """
+    try:
+        channel = transport.open_session(timeout=timeout)
+        try:
+            channel.exec_command("true")
+        finally:
+            channel.close()
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        log.info("bastion %s: the TCP_NODELAY session failed: %s", bastion, exc)
+
+
 class ParamikoTransport(SSHTransport):
     """paramiko session + Heartbeat thread + Python relays (see the module docstring)."""
 
@@ -139,6 +162,7 @@ class ParamikoTransport(SSHTransport):
             timeout=settings.keepalive_timeout,
         )
         self._transport = transport
+        ask_nodelay(transport, self.bastion, settings.connect_timeout)
         return transport  # listeners outlive transports: ``forwards`` need nothing
 
     def close(self) -> None:
