@@ -22,10 +22,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
+import sqlalchemy.exc as sa_exc
 from secret_scan import register_secret
+from sqlalchemy import text
 
 from enginehouse.actors.host_keys import HOST_KEY_PINS
 
@@ -338,6 +341,27 @@ class BlackHoleRelay:
 
     def restore(self) -> None:
         self.dropping.clear()
+
+    def stalls_a_query(self, connection: Any, timeout: float) -> None:
+        """Black-hole, then a query on ``connection`` fails (a DBAPIError) within ``timeout``.
+
+        The query runs in a thread of its own: should it hang instead, the poll
+        times out and the test fails rather than hangs.
+        """
+        from conftest import wait_until  # lazily: benchmarks import this module too
+
+        self.black_hole()
+        outcome: list[BaseException] = []
+
+        def query() -> None:
+            try:
+                connection.execute(text("SELECT 2"))
+            except BaseException as exc:  # recorded for the assertion below
+                outcome.append(exc)
+
+        threading.Thread(target=query, name="test-stalled-query", daemon=True).start()
+        wait_until(lambda: outcome, timeout=timeout, what="the stuck query to fail")
+        assert isinstance(outcome[0], sa_exc.DBAPIError), outcome[0]
 
     def close(self) -> None:
         """Close every socket; shut each down first, which ends it on the wire at once.
