@@ -475,9 +475,11 @@ class EngineManager:
         hot = self._hot
         if hot is not None and user is None and source is None and access_token is None:
             # The common hit: request_key's tuple for no user, source or token (a
-            # NamedTuple key equals and hashes as its tuple), looked up directly.
+            # NamedTuple key equals and hashes as its tuple), looked up directly; the
+            # spec's fields (and fingerprint, once computed) read from its __dict__.
             try:
-                common = (database.id, database.fingerprint, catalog, schema, None, None)
+                fields = database.__dict__
+                common = (fields["id"], fields["fingerprint"], catalog, schema, None, None)
                 cached = hot.entries[common]  # type: ignore[index]
             except (KeyError, AttributeError, TypeError):  # a miss, or not a spec: see below
                 pass
