@@ -185,6 +185,73 @@ def known_keys(spec: SSHTunnelSpec, known_hosts: Path | None) -> tuple[KnownKeys
     return from_spec, from_file
 
 
+@dataclass(frozen=True)
+class HostKeyDecision:
+    """What ``host_key_policy`` decides for a bastion before any key is seen.
+
+    One decision with two mappings: :func:`verify_host_key` (paramiko, per key
+    presented) and the OpenSSH transport's known_hosts file and
+    ``StrictHostKeyChecking`` (``actors/openssh.HostKeyPlan``). ``mode`` is
+    ``accept`` (any key; a warning when it is not the listed one), ``listed``
+    (only ``expected.accepted``), ``refuse`` (``refusal`` says why) or ``pin``
+    (an unknown bastion under pin-first).
+    """
+
+    mode: str
+    revoked: list[paramiko.PKey]
+    expected: KnownKeys
+    from_spec: bool  # expected comes from the spec's host_key (else the shared file)
+    refusal: str = ""
+
+    def mismatch(self, spec: SSHTunnelSpec, known_hosts: Path | None, seen: str | None) -> str:
+        """Why a key other than the listed ones is refused (``seen``: the one presented)."""
+        wanted = ", ".join(key_fingerprint(k) for k in self.expected.accepted)
+        if self.from_spec:
+            presented = f"it presented {seen}, " if seen else ""
+            bastion = spec.bastion
+            return f"host key mismatch for bastion {bastion}: {presented}host_key expects {wanted}"
+        presented = f"it presented {seen}, but " if seen else ""
+        return (
+            f"host key of bastion {spec.bastion} changed: {presented}ssh_known_hosts_file "
+            f"({known_hosts}) lists {wanted} (host_key_policy {spec.host_key_policy})"
+        )
+
+
+def decide_host_keys(
+    spec: SSHTunnelSpec, known_hosts: Path | None, seen: str | None = None
+) -> HostKeyDecision:
+    """The policy's decision for ``spec``'s bastion (``seen`` only words a refusal)."""
+    from_spec, from_file = known_keys(spec, known_hosts)
+    revoked = [*from_spec.revoked, *from_file.revoked]
+    # The spec's own keys decide; the shared file is for bastions without them.
+    given = spec.host_key is not None
+    expected = from_spec if given else from_file
+
+    def decision(mode: str, refusal: str = "") -> HostKeyDecision:
+        return HostKeyDecision(mode, revoked, expected, given, refusal)
+
+    if spec.host_key_policy == "accept":
+        return decision("accept")
+    if expected.accepted:
+        return decision("listed")
+    if given:
+        others = ", ".join(sorted(from_spec.other_hosts)) or "none"
+        return decision(
+            "refuse",
+            f"host_key lists no key for bastion {spec.bastion} (it names other hosts: {others}; "
+            f"use {pin_name(spec)} as the host name, or a bare key)"
+            + (f"; it presented {seen}" if seen else ""),
+        )
+    if spec.host_key_policy == "strict":
+        return decision(
+            "refuse",
+            f"host key of bastion {spec.bastion} is unknown"
+            + (f" ({seen})" if seen else "")
+            + " and host_key_policy is strict: give host_key, or list it in ssh_known_hosts_file",
+        )
+    return decision("pin")
+
+
 def verify_host_key(spec: SSHTunnelSpec, key: paramiko.PKey, known_hosts: Path | None) -> bool:
     """Apply ``host_key_policy`` to the key the bastion presented, before authentication.
 
@@ -192,44 +259,23 @@ def verify_host_key(spec: SSHTunnelSpec, key: paramiko.PKey, known_hosts: Path |
     authentication succeeds (:func:`pin_host_key`); raises ``TunnelError`` to refuse it.
     """
     seen = key_fingerprint(key)
-    from_spec, from_file = known_keys(spec, known_hosts)
-    if from_spec.is_revoked(key) or from_file.is_revoked(key):
+    decided = decide_host_keys(spec, known_hosts, seen)
+    if any(same_key(key, known) for known in decided.revoked):
         raise TunnelError(f"host key of bastion {spec.bastion} ({seen}) is marked @revoked")
-    # The spec's own keys decide; the shared file is for bastions without them.
-    expected = from_spec if spec.host_key is not None else from_file
-    if spec.host_key_policy == "accept":
-        if not expected.has(key):
+    if decided.mode == "accept":
+        if not decided.expected.has(key):
             log.warning(
                 "host_key_policy=accept: not verifying bastion %s, which presented %s",
                 spec.bastion,
                 seen,
             )
         return False
-    if expected.accepted:
-        if not expected.has(key):
-            wanted = ", ".join(key_fingerprint(k) for k in expected.accepted)
-            if expected is from_spec:
-                raise TunnelError(
-                    f"host key mismatch for bastion {spec.bastion}: it presented {seen}, "
-                    f"host_key expects {wanted}"
-                )
-            raise TunnelError(
-                f"host key of bastion {spec.bastion} changed: it presented {seen}, but "
-                f"ssh_known_hosts_file ({known_hosts}) lists {wanted} "
-                f"(host_key_policy {spec.host_key_policy})"
-            )
+    if decided.mode == "listed":
+        if not decided.expected.has(key):
+            raise TunnelError(decided.mismatch(spec, known_hosts, seen))
         return False
-    if spec.host_key is not None:
-        others = ", ".join(sorted(from_spec.other_hosts)) or "none"
-        raise TunnelError(
-            f"host_key lists no key for bastion {spec.bastion} (it names other hosts: {others}; "
-            f"use {pin_name(spec)} as the host name, or a bare key); it presented {seen}"
-        )
-    if spec.host_key_policy == "strict":
-        raise TunnelError(
-            f"host key of bastion {spec.bastion} is unknown ({seen}) and host_key_policy is "
-            "strict: give host_key, or list it in ssh_known_hosts_file"
-        )
+    if decided.mode == "refuse":
+        raise TunnelError(decided.refusal)
     if known_hosts is None:
         return _check_memory_pin(spec, seen)
     return True

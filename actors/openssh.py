@@ -47,8 +47,7 @@ from cryptography.hazmat.primitives import serialization
 
 from enginehouse import forking
 from enginehouse.actors.host_keys import (
-    key_fingerprint,
-    known_keys,
+    decide_host_keys,
     parse_line,
     pin_host_key,
     pin_name,
@@ -195,39 +194,20 @@ class HostKeyPlan:
 
     @classmethod
     def for_spec(cls, spec: SSHTunnelSpec, known_hosts: Path | None) -> HostKeyPlan:
-        from_spec, from_file = known_keys(spec, known_hosts)
+        """:func:`~enginehouse.actors.host_keys.decide_host_keys`'s decision, mapped to OpenSSH."""
+        decided = decide_host_keys(spec, known_hosts)
         name = pin_name(spec)
-        revoked = [
-            f"@revoked {name} {key.get_name()} {key.get_base64()}"
-            for key in (*from_spec.revoked, *from_file.revoked)
-        ]
-        if spec.host_key_policy == "accept":
+        revoked = [f"@revoked {name} {k.get_name()} {k.get_base64()}" for k in decided.revoked]
+        if decided.mode == "accept":
             return cls("no", revoked, check_after=True)  # verify_host_key warns when unverified
-        expected = from_spec if spec.host_key is not None else from_file
-        accepted = [f"{name} {key.get_name()} {key.get_base64()}" for key in expected.accepted]
-        if accepted:
-            wanted = ", ".join(key_fingerprint(key) for key in expected.accepted)
-            if expected is from_spec:
-                mismatch = (
-                    f"host key mismatch for bastion {spec.bastion}: host_key expects {wanted}"
-                )
-            else:
-                mismatch = (
-                    f"host key of bastion {spec.bastion} changed: ssh_known_hosts_file "
-                    f"({known_hosts}) lists {wanted} (host_key_policy {spec.host_key_policy})"
-                )
+        if decided.mode == "listed":
+            accepted = [
+                f"{name} {key.get_name()} {key.get_base64()}" for key in decided.expected.accepted
+            ]
+            mismatch = decided.mismatch(spec, known_hosts, None)
             return cls("yes", revoked + accepted, check_after=False, mismatch=mismatch)
-        if spec.host_key is not None:
-            others = ", ".join(sorted(from_spec.other_hosts)) or "none"
-            raise TunnelError(
-                f"host_key lists no key for bastion {spec.bastion} (it names other hosts: "
-                f"{others}; use {name} as the host name, or a bare key)"
-            )
-        if spec.host_key_policy == "strict":
-            raise TunnelError(
-                f"host key of bastion {spec.bastion} is unknown and host_key_policy is "
-                "strict: give host_key, or list it in ssh_known_hosts_file"
-            )
+        if decided.mode == "refuse":
+            raise TunnelError(decided.refusal)
         return cls("accept-new", revoked, check_after=True)
 
     def options(self, files: SecretFiles) -> list[str]:
