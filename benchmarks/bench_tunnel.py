@@ -629,15 +629,29 @@ paramiko's transport thread all take turns on one GIL). Its own costs: a session
 runs `ssh` (and, for the first forward, two short `ssh -S` requests: `-W` to probe the
 database host, `-O forward`), so it starts slower; it stops faster.
 
-Where the ~45 ms stall came from (issue 14): sshd leaves Nagle's algorithm on for a
-session without a terminal, so when it sends two small packets in a row (the
-previous channel's close, then the next channel's open confirmation or first data)
-the second waits for our ACK of the first, and Linux delays that ACK up to 40 ms.
-`ssh -L` rarely hits it because its client answers at once; paramiko's did not. Our
-SSH socket now sets `TCP_QUICKACK` after every read for 0.25 s after a channel opens
-or closes (`actors/ssh.QuickAckSocket`; on every read it slowed pooled round trips),
-measured before the change on this machine: 34 of 300 back-to-back opens over 35 ms,
-p90 46.6 ms; after: 2 of 400, p90 16.5 ms.
+Where the ~45 ms stall came from (issue 14): sshd leaves Nagle's algorithm on for an
+SSH connection that only forwards. It sets `TCP_NODELAY` on its end only when a
+session runs a command (`ssh_packet_set_interactive`, called from session.c), and a
+forwarding-only connection never does (strace of sshd: `TCP_NODELAY` on the socket to
+PostgreSQL, never on the SSH socket; the client side, `ssh -N` or our paramiko socket,
+has it). So when sshd sends two small packets in a row (a channel's close, then the
+next channel's open confirmation or first data, or the replies of several busy
+channels) the second waits for our ACK of the first, and Linux delays that ACK up to
+40 ms. Both transports now run `true` once per session through the
+connection (one `exec` channel; a bastion that refuses it keeps Nagle), after which
+sshd sets `TCP_NODELAY` (and its IP_TOS) on the SSH socket. First run with it,
+2026-12-01 17:46 UTC (load
+0.8-2.1, a test run on the machine in its first minute: not final), against the quiet
+13:07 run before it: openssh transport, bursts of 8, 0 of 960 over 35 ms (was 70),
+p90 1.36x (1.34x); back to back 0 of 1000 (0), p90 1.29x (1.46x); paramiko, bursts,
+80 of 960 over 35 ms (795), p90 2.63x (2.46x), back to back 8 of 1000 (8). `ssh -L`
+and sshtunnel do not get the `true` and keep their stalls. The pooled ratios of that
+run (openssh 3.51x, `ssh -L` 3.45x) moved with direct's median (0.12 ms against 0.39
+ms at 13:07), not with the tunnel: a pooled query is one request and one reply. Before
+this, our paramiko socket already set `TCP_QUICKACK` after every read for 0.25 s after
+a channel opens or closes (`actors/ssh.QuickAckSocket`; on every read it slowed pooled
+round trips): 34 of 300 back-to-back opens over 35 ms, p90 46.6 ms, became 2 of 400,
+p90 16.5 ms.
 
 ![new connection latency](img/tunnel_new_connection.png)
 ![pooled latency](img/tunnel_pooled.png)
