@@ -130,7 +130,8 @@ def test_fifty_concurrent_queries_through_one_bastion(sshd: ThrowawaySshd) -> No
         assert sorted(pool.map(query, range(50))) == list(range(50))
         stats = only_tunnel(manager)
         assert stats.connects == 1
-        assert stats.forwards[0].channels_opened >= 10
+        if manager.settings.ssh_transport == "paramiko":  # OpenSSH's channels are not counted
+            assert stats.forwards[0].channels_opened >= 10
         assert stats.forwards[0].channel_failures == 0
 
 
