@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,10 +120,24 @@ def ask_nodelay(transport: paramiko.Transport, bastion: str, timeout: float) -> 
     runs a command (``ssh_packet_set_interactive``, called from session.c); a
     forwarding-only connection keeps Nagle, so with several channels busy a
     small reply waits for our delayed ACK: the 35-50 ms stalls of issue 14
-    (docs/tunnels.md). sshd answers the request once the option is set; the
-    wait for that answer ends at the latest when a dead connection is closed
-    (keepalive). Best effort: a bastion that refuses the session keeps Nagle.
+    (docs/tunnels.md). paramiko waits for sshd's answer to ``exec`` without a
+    timeout, so the request runs on a thread of its own and we wait for it at
+    most ``timeout`` seconds: a bastion that never answers costs the supervisor
+    no more than that (the thread ends when the transport closes). Best effort:
+    a bastion that refuses the session keeps Nagle, nothing else.
     """
+    asking = threading.Thread(
+        target=_run_true, args=(transport, bastion, timeout),
+        name=f"enginehouse-nodelay-{bastion}", daemon=True,
+    )  # fmt: skip
+    asking.start()
+    asking.join(timeout)
+    if asking.is_alive():
+        log.info("bastion %s: no answer to the TCP_NODELAY session within %gs", bastion, timeout)
+
+
+def _run_true(transport: paramiko.Transport, bastion: str, timeout: float) -> None:
+    """Open one session channel, exec ``true`` in it, close it (see :func:`ask_nodelay`)."""
     try:
         channel = transport.open_session(timeout=timeout)
         try:
