@@ -98,7 +98,7 @@ class _Budget:
         self.target = cap  # our fair share: cap, or cap / processes while others wait
         self.closing = 0  # idle connections we closed whose release is still on its way
         self.owed = 0  # permits to give back to the fleet, set once per Janitor round
-        self.lend = 0  # our connections to close for our own stuck waiters, set per round
+        self.lend = 0  # our connections to close for our own waiters while we are at our share
         self.refused = False  # Redis said "full" to our last acquire
         self.waiter: pykka.ActorRef[Any] | None = None  # our LeaseWaiter, once needed
         self.wanting = False  # the LeaseWaiter blocks in Redis for us
@@ -331,10 +331,16 @@ class BudgetKeeper(pykka.ThreadingActor):
             budget.refused = True  # nothing was free for a whole wait: the fleet is full
             self._settle(budget)
         else:
-            if not self._grant(budget, self._holdings.new_id()):
-                self._give_back(budget, 1)  # the caller gave up or got a permit of ours meanwhile
+            # At our share while others wait, a permit our waiter caught is not ours to keep:
+            # often it is the very one we gave back (our wait in Redis was the oldest), and
+            # the process that waits for it would wait until our next renewal (seen: 20 s).
+            over = self._at_share(budget)
+            if over or not self._grant(budget, self._holdings.new_id()):
+                self._give_back(budget, 1)  # (or: its caller gave up, or got one of ours)
             self._settle(budget)  # nobody waits any more: we stop waiting (it already has)
-            if budget.wanting:  # callers still wait: it caught the permit asked for, ask again
+            if budget.wanting and over:
+                self._serve(budget)  # our own connections serve our callers (see _try_take)
+            elif budget.wanting:  # callers still wait: it caught the permit asked for, ask again
                 self._want(budget)
         self._rebalance(budget)
 
@@ -450,6 +456,12 @@ class BudgetKeeper(pykka.ThreadingActor):
         if self._down_since is not None:
             self._reconnect()
         if self._down_since is None:
+            if self._at_share(budget):
+                # Others wait and we hold our share: waiting in Redis would race them for
+                # the permits we give back. Our own connections serve our callers instead.
+                self._stop_wanting(budget)
+                budget.lend = len(budget.waiters)
+                return None
             if budget.wanting and _alive(budget.waiter):
                 return None  # our LeaseWaiter brings the next permit the fleet frees
             if budget.announced:
@@ -505,6 +517,19 @@ class BudgetKeeper(pykka.ThreadingActor):
             budget.wanting = False
         else:
             budget.in_flight += 1
+
+    def _at_share(self, budget: _Budget) -> bool:
+        """Fleet: other processes wait and we hold our share (or more) already."""
+        if self._store is None or not budget.fleet_waiting:
+            return False
+        return len(budget.held) - len(budget.lost) >= min(budget.cap, budget.target)
+
+    def _stop_wanting(self, budget: _Budget) -> None:
+        """Our LeaseWaiter stops after its current wait (a permit it catches comes back)."""
+        if budget.wanting and budget.waiter is not None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                budget.waiter.tell(StopWaiting())
+        budget.wanting = False
 
     def _settle(self, budget: _Budget) -> None:
         """Nobody waits any more: stop waiting (and, embedded, tell the other managers)."""
@@ -588,7 +613,7 @@ class BudgetKeeper(pykka.ThreadingActor):
         elif self._down_since is not None:
             local = len(budget.waiters) if len(budget.held) >= self._local_share(budget) else 0
         else:
-            local = budget.lend
+            local = min(budget.lend, len(budget.waiters))  # (callers that left need none)
             # The fleet is full and a caller waits while a connection of ours sits idle.
             # (Idle connections go to other processes through the fair shares, once per
             # round: closing them whenever others wait measured as churn, no gain.)

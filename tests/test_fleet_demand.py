@@ -12,6 +12,7 @@ from typing import Any
 
 import pykka
 import pytest
+import redis
 from fleet_fixtures import SHARED_REDIS, PgSampler, budget_of, pg_spec_dict, unique, waiting_in
 from sqlalchemy import text
 
@@ -151,3 +152,69 @@ def test_a_process_share_follows_the_weights_of_the_sources_it_serves(fleet_pref
     finally:
         for store in stores.values():
             store.close()
+
+
+def _blocked_in_redis() -> int:
+    """Clients blocked in BLMOVE on the shared Redis (LeaseWaiters waiting for a permit)."""
+    client = redis.Redis.from_url(SHARED_REDIS)
+    try:
+        return sum(1 for c in client.client_list() if c.get("cmd") == "blmove")
+    finally:
+        client.close()
+
+
+def test_a_process_that_starts_waiting_gets_its_share_while_the_holder_stays_busy(
+    fleet_prefix: str, poll: Any
+) -> None:
+    """The holder's own wait in Redis must not catch back the permit it owes.
+
+    ``busy`` holds 3 of 4 and has a caller of its own waiting in Redis (its pool grew
+    while the cap was its own); then ``late`` starts waiting, so ``busy``'s share is 2.
+    The permit ``busy`` gives back when one of its connections comes in went to the
+    longest wait in Redis, its own: it kept 3 and ``late`` waited until ``busy``'s
+    next renewal (the Janitor's, 60 s here; 20 s waits in bench_shares --fleet).
+    """
+    app = unique("eh-demand")
+    database = DatabaseSpec(**pg_spec_dict(unique("db"), app, 4, pool_size=4, pool_timeout=20))
+    settings = {"fleet_url": SHARED_REDIS, "fleet_prefix": fleet_prefix, **SLOW_ROUNDS}
+    done = [threading.Event() for _ in range(5)]  # one per held connection: let it go
+    got: list[str] = []
+    errors: list[BaseException] = []
+
+    def hold(manager: EngineManager, name: str, until: threading.Event) -> None:
+        try:
+            with manager.connect(database) as connection:
+                connection.execute(text("SELECT 1"))
+                got.append(name)
+                until.wait(60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with EngineManager(**settings) as busy, EngineManager(**settings) as late, PgSampler(
+        app
+    ) as sampler:
+        threads = [threading.Thread(target=hold, args=(late, "late0", done[0]))]
+        threads += [
+            threading.Thread(target=hold, args=(busy, f"busy{i}", done[i])) for i in (1, 2, 3)
+        ]
+        for count, thread in enumerate(threads, 1):  # late first: busy then holds 3 of 4
+            thread.start()
+            poll(lambda n=count: len(got) == n, what="the connections to be held")
+        blocked = _blocked_in_redis()
+        threads.append(threading.Thread(target=hold, args=(busy, "busy4", done[4])))
+        threads[-1].start()  # the fleet is full: busy's own caller waits in Redis
+        poll(lambda: waiting_in(busy, database) == 1, what="busy's own caller to wait")
+        poll(lambda: _blocked_in_redis() > blocked, what="busy's wait in Redis")
+        threads.append(threading.Thread(target=hold, args=(late, "late1", done[0])))
+        threads[-1].start()  # late starts waiting: busy's share drops to 2
+        poll(lambda: budget_of(busy, database).fleet_waiting == 1, what="busy to hear of it")
+        done[1].set()  # one of busy's connections comes in: the one it owes
+        poll(lambda: "late1" in got or errors, timeout=40, what="late's second connection")
+        assert errors == []
+        assert threads[2].is_alive() and threads[3].is_alive()  # busy's threads still hold
+        for event in done:
+            event.set()
+        for thread in threads:
+            thread.join(60)
+    assert errors == []
+    assert sampler.peak <= 4, sampler.peak
