@@ -284,11 +284,13 @@ class OpenSSHMaster:
         # (pool checkouts call this), no system call.
         return self.process.returncode is None and os.getpid() == self._pid
 
-    def mux(self, *args: str, timeout: float) -> subprocess.CompletedProcess[bytes]:
-        """``ssh -S <control socket> <args> bastion``: a request to the running master."""
+    def mux(
+        self, *args: str, timeout: float, remote: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``ssh -S <control socket> <args> bastion [remote]``: a request to the running master."""
         command = [
             ssh_binary(), "-F", "/dev/null", "-o", "BatchMode=yes",
-            "-S", str(self.files.control), *args, "--", "enginehouse-bastion",
+            "-S", str(self.files.control), *args, "--", "enginehouse-bastion", *remote,
         ]  # fmt: skip
         return subprocess.run(
             command,
@@ -309,19 +311,8 @@ class OpenSSHMaster:
         issue 14 (docs/tunnels.md). Our end has it already (``ssh -N`` sets it).
         Best effort: a bastion that refuses the session keeps Nagle, nothing else.
         """
-        command = [
-            ssh_binary(), "-F", "/dev/null", "-o", "BatchMode=yes", "-T",
-            "-S", str(self.files.control), "--", "enginehouse-bastion", "true",
-        ]  # fmt: skip
         try:
-            done = subprocess.run(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                timeout=timeout,
-                check=False,
-            )
+            done = self.mux("-T", timeout=timeout, remote=("true",))
         except subprocess.TimeoutExpired:
             log.info("bastion %s: the TCP_NODELAY session did not end in time", self.bastion)
             return

@@ -99,8 +99,11 @@ class DefaultEngines:
         """The running manager's checkout; with none running, one starts at ``__enter__``."""
         manager = self._manager
         if manager is None or manager._closed:
-            request = {"catalog": catalog, "schema": schema, "source": source, "user": user}
-            return _DefaultCheckout(self, database, {**request, "access_token": access_token})
+            request = {
+                "catalog": catalog, "schema": schema, "source": source, "user": user,
+                "access_token": access_token,
+            }  # fmt: skip
+            return _DefaultCheckout(self, database, request)
         checkout = manager._checkout
         if checkout is None:  # an engine_context to enter
             return manager.connect(
